@@ -1,0 +1,182 @@
+"""LLaMA / Qwen2-style decoder with grouped-query attention, RoPE, SwiGLU, RMSNorm and a functional KV cache.
+
+With `causal=False` and a pooling rule the same module is the contrastive model's text tower.
+
+KV cache (a plain dict, so jit/scan/donation treat it as data):
+  k, v  [L, B, S, Hkv, hd]  keys/values in the compute dtype, written at slots [index, index + T)
+  mask  [B, S] bool         which slots hold real (non-pad) tokens
+  index int32 []            next slot to write (shared by the batch; left padding keeps rows aligned)
+  pos   [B] int32           next RoPE position of each row (counts real tokens only)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from internvl_jax.models import attention, layers, stack
+
+
+class DecoderOutput(NamedTuple):
+  logits: jax.Array | None  # [B, T, vocab] float32 (None when the model has no LM head output requested)
+  last_hidden_state: jax.Array  # [B, T, D] after the final norm
+  cache: dict | None
+
+
+def head_dim(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.get("head_dim") or cfg.hidden_size // cfg.num_heads
+
+
+def default_positions(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+  """RoPE positions that count real tokens only: left or right padding leaves real tokens' positions unchanged.
+  attention_mask [B, T] -> [B, T] int32."""
+  pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
+  return jnp.maximum(pos, 0) + jnp.asarray(start, jnp.int32).reshape(-1, 1)
+
+
+class DecoderAttention(nnx.Module):
+  """Grouped-query self-attention with RoPE; q/k/v biases optional (Qwen2), no output bias."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    d, hd, dtype = cfg.hidden_size, head_dim(cfg), layers.to_dtype(cfg.dtype)
+    if cfg.num_heads % cfg.num_kv_heads:
+      raise ValueError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    self.impl = cfg.attention_impl
+    kw = dict(dtype=dtype, init_std=cfg.init_std, rngs=rngs)
+    self.q = layers.dense(d, cfg.num_heads * hd, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+    self.k = layers.dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.v = layers.dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.o = layers.dense(cfg.num_heads * hd, d, ("heads", "embed"), use_bias=False, **kw)
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    """x [B, T, D]; cos/sin [B, T, hd]; mask bool [B, 1, T, S]; kv: this layer's cached (k, v) [B, S, Hkv, hd]
+    or None. Returns (out [B, T, D], (k, v) updated or None)."""
+    b, t, _ = x.shape
+    q = layers.apply_rope(self.q(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+    k = layers.apply_rope(self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+    v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if kv is not None:
+      k_cache, v_cache = kv
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      k, v, kv = k_cache, v_cache, (k_cache, v_cache)
+    out = attention.dot_product_attention(q, k, v, mask=mask, impl=self.impl)
+    return self.o(out.reshape(b, t, -1)), kv
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm: x + attn(norm(x)); x + swiglu(norm(x))."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    dtype = layers.to_dtype(cfg.dtype)
+    self.input_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
+    self.attn = DecoderAttention(cfg, rngs=rngs)
+    self.post_attention_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
+    self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.mlp_dim, dtype=dtype, init_std=cfg.init_std, rngs=rngs)
+
+  def self_attention(self, x, cos, sin, mask, kv=None, index=None):
+    h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+    return x + h, kv
+
+  def feed_forward(self, x):
+    return x + self.mlp(self.post_attention_norm(x))
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    x, kv = self.self_attention(x, cos, sin, mask, kv, index)
+    return self.feed_forward(x), kv
+
+
+class Decoder(nnx.Module):
+  """Token ids [B, T] (or embeddings [B, T, D]) -> DecoderOutput."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.config = cfg
+    dtype = layers.to_dtype(cfg.dtype)
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                           embedding_init=layers.logical(nnx.initializers.normal(cfg.init_std), ("vocab", "embed")))
+    self.layers = stack.stacked(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
+    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
+    separate_head = cfg.lm_head and not cfg.tie_embeddings
+    self.lm_head = layers.dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+                                init_std=cfg.init_std, rngs=rngs) if separate_head else None
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+    """An empty cache for `max_length` slots (prompt + new tokens)."""
+    cfg = self.config
+    dtype = layers.to_dtype(cfg.dtype) if dtype is None else dtype
+    shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, head_dim(cfg))
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "mask": jnp.zeros((batch_size, max_length), bool), "index": jnp.zeros((), jnp.int32),
+            "pos": jnp.zeros((batch_size,), jnp.int32)}
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Final hidden [B, T, D] -> logits [B, T, vocab] float32."""
+    if self.lm_head is not None:
+      return self.lm_head(hidden).astype(jnp.float32)
+    return self.embed.attend(hidden).astype(jnp.float32)
+
+  def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+               cache: dict | None = None, prefix_len: int | jax.Array | None = None,
+               return_logits: bool = True) -> DecoderOutput:
+    """attention_mask [B, T] (1 = real token); positions [B, T] int (default: counts real tokens);
+    prefix_len: bidirectional attention inside the first prefix_len positions (prefix-LM), causal after;
+    cache: from init_cache, for prefill and then one (or a few) tokens at a time."""
+    cfg = self.config
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(layers.to_dtype(cfg.dtype))
+    b, t, _ = x.shape
+    attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+
+    if cache is None:
+      if positions is None:
+        positions = default_positions(attention_mask)
+      order = None
+      if cfg.causal:
+        order = attention.causal_mask(t, t) if prefix_len is None else attention.prefix_causal_mask(t, prefix_len)
+      mask = attention.combine_masks(attention.padding_mask(None, attention_mask), order)
+      kv_xs, index = None, None
+    else:
+      if not cfg.causal:
+        raise ValueError("a KV cache needs a causal decoder (config.causal=True)")
+      index = cache["index"]
+      if positions is None:
+        positions = default_positions(attention_mask, cache["pos"])
+      key_valid = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, index))
+      s = key_valid.shape[1]
+      mask = attention.combine_masks(attention.padding_mask(None, key_valid), attention.causal_mask(t, s, index))
+      kv_xs = (cache["k"], cache["v"])
+
+    cos, sin = layers.rope_cos_sin(positions, head_dim(cfg), cfg.rope_theta)
+
+    def body(layer, h, kv):
+      h, kv = layer(h, cos, sin, mask, kv, index)
+      return h, kv
+
+    x, new_kv = stack.run_stacked(self.layers, body, x, kv_xs, scan=cfg.scan_layers, remat=cfg.remat)
+    x = self.norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": key_valid, "index": index + t,
+                   "pos": cache["pos"] + attention_mask.sum(axis=1).astype(jnp.int32)}
+    return DecoderOutput(self.logits(x) if (return_logits and cfg.lm_head) else None, x, new_cache)
+
+
+def pool_tokens(hidden: jax.Array, attention_mask: jax.Array | None, how: str) -> jax.Array:
+  """hidden [B, T, D] -> [B, D]. how: 'first' (CLS-style), 'mean' (over real tokens), 'last' (last real token,
+  i.e. the EOS of a right-padded caption)."""
+  b, t, _ = hidden.shape
+  mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+  if how == "first":
+    return hidden[:, 0]
+  if how == "mean":
+    w = mask.astype(jnp.float32)[..., None]
+    return (jnp.sum(hidden.astype(jnp.float32) * w, 1) / jnp.maximum(w.sum(1), 1.0)).astype(hidden.dtype)
+  if how == "last":
+    last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  raise ValueError(f"text pooling {how!r} is not one of 'first', 'mean', 'last'")

@@ -1,0 +1,141 @@
+"""Model presets as ml_collections ConfigDicts (DESIGN §4). `vision(name)`, `language(name)`, `qllama(name)`,
+`contrastive(name)` and `chat(name)` return fresh, mutable configs.
+
+Real presets match the released checkpoints; `seed_*` presets are the sizes of the seed description, kept under
+honest names (they are not released models)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+_COMMON = dict(dtype="float32", attention_impl="xla", scan_layers=True, remat="none")
+
+
+def vision_config(**overrides) -> ml_collections.ConfigDict:
+  """InternViT fields with their defaults (InternViT-300M-448px); overrides replace them."""
+  cfg = dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096, norm_type="layer_norm", norm_eps=1e-6,
+             qkv_bias=True, qk_norm=False, qkv_fused=True, layer_scale_init=1.0, drop_path_rate=0.0, dropout=0.0,
+             image_size=448, patch_size=14, num_channels=3, pooling="cls", pool_heads=16, pool_out_dim=768,
+             **_COMMON)
+  unknown = set(overrides) - set(cfg)
+  if unknown:
+    raise ValueError(f"unknown vision config fields {sorted(unknown)}")
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+def language_config(**overrides) -> ml_collections.ConfigDict:
+  """Decoder fields with their defaults (LLaMA-7B); overrides replace them."""
+  cfg = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=0,
+             mlp_dim=11008, norm_eps=1e-6, rope_theta=10000.0, qkv_bias=False, tie_embeddings=False, lm_head=True,
+             causal=True, init_std=0.02, **_COMMON)
+  unknown = set(overrides) - set(cfg)
+  if unknown:
+    raise ValueError(f"unknown language config fields {sorted(unknown)}")
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+_INTERNVIT_6B = dict(hidden_size=3200, num_heads=25, mlp_dim=12800, norm_type="rms_norm", qkv_bias=False,
+                     qk_norm=True, layer_scale_init=0.1)
+
+VISION = {
+    "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, image_size=56, qk_norm=True,
+                 layer_scale_init=0.5),
+    "internvit_300m": dict(),
+    "internvit_6b": dict(_INTERNVIT_6B, num_layers=48, image_size=224),
+    "internvit_6b_448": dict(_INTERNVIT_6B, num_layers=45, image_size=448),
+    "seed_300m": dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, image_size=224),
+    "seed_1b": dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096, image_size=224),
+    "seed_6b": dict(_INTERNVIT_6B, num_layers=48, image_size=224),
+}
+
+LANGUAGE = {
+    "tiny": dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
+    "llama_7b": dict(),
+    "llama_13b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, mlp_dim=13824),
+    "qwen2_0_5b": dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                       mlp_dim=4864, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True),
+    # BERT-base-sized bidirectional text tower of the seed_300m preset (our decoder blocks, causal=False).
+    "bert_base": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                      mlp_dim=3072, causal=False, lm_head=False),
+}
+
+
+def vision(name: str) -> ml_collections.ConfigDict:
+  """A vision preset: tiny | internvit_300m | internvit_6b | internvit_6b_448 | seed_300m | seed_1b | seed_6b."""
+  if name not in VISION:
+    raise ValueError(f"unknown vision preset {name!r}; choose from {sorted(VISION)}")
+  return vision_config(**VISION[name])
+
+
+def language(name: str) -> ml_collections.ConfigDict:
+  """A language preset: tiny | llama_7b | llama_13b | qwen2_0_5b | bert_base."""
+  if name not in LANGUAGE:
+    raise ValueError(f"unknown language preset {name!r}; choose from {sorted(LANGUAGE)}")
+  return language_config(**LANGUAGE[name])
+
+
+def qllama(name: str = "llama_7b", *, vision_width: int = 3200, num_query_tokens: int = 96,
+           cross_attention_frequency: int = 2, **overrides) -> ml_collections.ConfigDict:
+  """QLLaMA: a language preset plus its query tokens and cross-attention fields (InternVL-14B: llama_7b)."""
+  cfg = language(name)
+  cfg.update(overrides)
+  cfg.vision_width = vision_width
+  cfg.num_query_tokens = num_query_tokens
+  cfg.cross_attention_frequency = cross_attention_frequency
+  return cfg
+
+
+# Contrastive (stage 1/2) model presets: vision tower + text tower + heads.
+_CONTRASTIVE = {
+    "tiny": dict(vision="tiny", text="tiny", text_kind="decoder", variant="seed", embed_dim=16),
+    "seed_300m": dict(vision="seed_300m", text="bert_base", text_kind="decoder", variant="seed", embed_dim=768),
+    "seed_1b": dict(vision="seed_1b", text="llama_7b", text_kind="decoder", variant="seed", embed_dim=4096),
+    "seed_6b": dict(vision="seed_6b", text="llama_13b", text_kind="decoder", variant="seed", embed_dim=5120),
+    "tiny_internvl_c": dict(vision="tiny", text="tiny", text_kind="qllama", variant="c", embed_dim=16),
+    "tiny_internvl_g": dict(vision="tiny", text="tiny", text_kind="qllama", variant="g", embed_dim=16),
+    "internvl_c": dict(vision="internvit_6b", text="llama_7b", text_kind="qllama", variant="c", embed_dim=768),
+    "internvl_g": dict(vision="internvit_6b", text="llama_7b", text_kind="qllama", variant="g", embed_dim=768),
+}
+
+
+def contrastive(name: str) -> ml_collections.ConfigDict:
+  """A contrastive model preset. Fields: vision, text (configs), variant ('seed' | 'c' | 'g'), embed_dim,
+  vision_pooling, text_pooling, num_proj_layers, proj_dropout, text_prefix ('summarize:' for InternVL-C/G)."""
+  if name not in _CONTRASTIVE:
+    raise ValueError(f"unknown contrastive preset {name!r}; choose from {sorted(_CONTRASTIVE)}")
+  spec = _CONTRASTIVE[name]
+  v = vision(spec["vision"])
+  internvl = spec["variant"] in ("c", "g")
+  if spec["text_kind"] == "qllama":
+    small = spec["text"] == "tiny"
+    text = qllama(spec["text"], vision_width=v.hidden_size, num_query_tokens=4 if small else 96, causal=True)
+  else:
+    text = language(spec["text"])
+    text.causal, text.lm_head = False, False
+  if internvl:
+    v.pooling, v.pool_heads, v.pool_out_dim = "attention", 2 if spec["vision"] == "tiny" else 16, spec["embed_dim"]
+  return ml_collections.ConfigDict(dict(
+      vision=v, text=text, text_kind=spec["text_kind"], variant=spec["variant"], embed_dim=spec["embed_dim"],
+      text_pooling="last" if internvl else "mean", num_proj_layers=2, proj_dropout=0.0,
+      query_pool_heads=2 if spec["text"] == "tiny" else 16,
+      text_prefix="summarize:" if internvl else "", logit_scale_init=2.659260036932778))  # log(1 / 0.07)
+
+
+_CHAT = {
+    "tiny": dict(vision="tiny", language="tiny", image_token_id=127),
+    "seed_1b": dict(vision="seed_1b", language="llama_7b", image_token_id=31999),
+    "internvl2_1b_like": dict(vision="internvit_300m", language="qwen2_0_5b", image_token_id=151667),
+}
+
+
+def chat(name: str) -> ml_collections.ConfigDict:
+  """A chat model preset. Fields: vision, language, select_layer, downsample_ratio, ps_version,
+  image_token_id, mode ('replace' InternVL 1.5+ | 'prefix' seed), freeze_vision."""
+  if name not in _CHAT:
+    raise ValueError(f"unknown chat preset {name!r}; choose from {sorted(_CHAT)}")
+  spec = _CHAT[name]
+  return ml_collections.ConfigDict(dict(
+      vision=vision(spec["vision"]), language=language(spec["language"]), select_layer=-1, downsample_ratio=0.5,
+      ps_version="v2", image_token_id=spec["image_token_id"], mode="replace", freeze_vision=False))

@@ -1,0 +1,78 @@
+"""Stacked layers: build L copies of a layer with a leading 'layers' axis, and run them with scan (or a Python
+loop, for debugging and the scan == loop test), each step optionally rematerialised with a named policy.
+
+The layer modules hold parameters only; anything that changes per call (KV cache, rng keys, drop-path rates)
+flows through the scan as carry or as per-layer inputs, which keeps the step a pure function that jit, grad and
+remat handle without graph bookkeeping.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `num_layers` independent layers as one module whose parameters have a leading 'layers' axis."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(r):
+    return make_layer(r)
+
+  return make(rngs)
+
+
+def layer_at(layers: nnx.Module, index) -> nnx.Module:
+  """The `index`-th layer of a stacked module, as a plain module (a view on sliced parameters)."""
+  graphdef, state = nnx.split(layers)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
+
+def run_stacked(layers: nnx.Module | tuple, body: Callable, carry: Any, xs: Any = None, *, scan: bool = True,
+                remat: str = "none", length: int | None = None) -> tuple[Any, Any]:
+  """Runs body(layer, carry, x) -> (carry, y) over the leading axis of `layers` (and of `xs`).
+
+  `layers` may be a tuple of stacked modules that share the leading axis; body then gets a tuple of layers.
+  Returns (final carry, stacked ys) like jax.lax.scan. `length` runs only the first `length` layers.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)}")
+  is_tuple = isinstance(layers, tuple)
+  mods = layers if is_tuple else (layers,)
+  splits = [nnx.split(m) for m in mods]
+  graphdefs = [g for g, _ in splits]
+  states = [s for _, s in splits]
+  total = jax.tree.leaves(states[0])[0].shape[0]
+  n = total if length is None else length
+  if not 0 < n <= total:
+    raise ValueError(f"asked to run {n} layers of a stack of {total}")
+  if n != total:
+    states = jax.tree.map(lambda a: a[:n], states)
+    xs = jax.tree.map(lambda a: a[:n], xs)
+
+  def step(c, inputs):
+    layer_states, x = inputs
+    built = tuple(nnx.merge(g, s) for g, s in zip(graphdefs, layer_states))
+    return body(built if is_tuple else built[0], c, x)
+
+  if remat != "none":
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+  if scan:
+    return jax.lax.scan(step, carry, (states, xs))
+  ys = []
+  for i in range(n):
+    carry, y = step(carry, jax.tree.map(lambda a: a[i], (states, xs)))
+    ys.append(y)
+  stacked_ys = None if all(y is None for y in ys) else jax.tree.map(lambda *a: jax.numpy.stack(a), *ys)
+  return carry, stacked_ys
