@@ -76,3 +76,13 @@ def run_stacked(layers: nnx.Module | tuple, body: Callable, carry: Any, xs: Any 
     ys.append(y)
   stacked_ys = None if all(y is None for y in ys) else jax.tree.map(lambda *a: jax.numpy.stack(a), *ys)
   return carry, stacked_ys
+
+
+def regroup(layers: nnx.Module, group: int) -> nnx.Module:
+  """Views a stack of L layers as L/group steps of `group` layers each (leading axes [L/group, group]), so that a
+  scan step can hold layers that differ (e.g. QLLaMA's cross-attention every `group`-th layer)."""
+  graphdef, state = nnx.split(layers)
+  total = jax.tree.leaves(state)[0].shape[0]
+  if total % group:
+    raise ValueError(f"{total} layers cannot be grouped by {group}")
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a.reshape((total // group, group) + a.shape[1:]), state))

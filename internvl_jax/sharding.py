@@ -1,0 +1,93 @@
+"""Mesh construction and the one table that maps logical axis names to mesh axes (DESIGN §3).
+
+Parameters carry logical names (`out_sharding` metadata, set in models/); activations are constrained with
+`constrain(x, names)`. Mesh axes: 'data' (pure data parallel), 'fsdp' (data parallel with sharded parameters
+and optimizer state), 'tensor' (heads / MLP split).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated). First match wins.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("qkv", "tensor"),
+    ("norm", None),
+    ("seq", None),
+)
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh. shape maps axis -> size; one axis may be -1 to take the remaining devices
+  (default: everything on 'fsdp')."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {"data": 1, "fsdp": -1, "tensor": 1}
+  sizes.update(shape or {})
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+  fill = [a for a, s in sizes.items() if s == -1]
+  if len(fill) > 1:
+    raise ValueError(f"only one mesh axis may be -1, got {fill}")
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  if fill:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide into a mesh with fixed axes of size {known}")
+    sizes[fill[0]] = len(devices) // known
+  if int(np.prod(list(sizes.values()))) != len(devices):
+    raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {len(devices)}")
+  arr = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+  return Mesh(arr, MESH_AXES)
+
+
+def logical_to_mesh_spec(names: Sequence[str | None] | None, rules=LOGICAL_AXIS_RULES,
+                         mesh: Mesh | None = None) -> P:
+  """Maps a tuple of logical names to a PartitionSpec; a mesh axis is used at most once per spec and axes of size 1
+  in `mesh` are dropped (so tiny meshes give replicated specs)."""
+  if names is None:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name in names:
+    target = table.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def param_specs(state: nnx.State, rules=LOGICAL_AXIS_RULES, mesh: Mesh | None = None):
+  """Per-variable PartitionSpecs (mesh axes) for an nnx State whose Variables carry logical names."""
+  logical = nnx.get_partition_spec(state)
+  return jax.tree.map(lambda s: logical_to_mesh_spec(tuple(s) if s is not None else None, rules, mesh), logical,
+                      is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """NamedShardings for every Variable of `state` (for jit out_shardings / device_put)."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(state, rules, mesh),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.Array:
+  """with_sharding_constraint by logical names when a mesh is in context (jax.sharding.use_mesh); else identity."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(names, rules))
