@@ -1,0 +1,59 @@
+import jax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from internvl_jax import sharding
+from internvl_jax.models import internvl, presets, vit
+
+
+def _flat_specs(module):
+  specs = sharding.param_specs(nnx.state(module))
+  return {"/".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(specs)}
+
+
+def test_golden_partition_specs_of_the_tiny_vision_tower():
+  model = nnx.eval_shape(lambda: vit.InternViT(presets.vision("tiny"), rngs=nnx.Rngs(0)))
+  specs = _flat_specs(model)
+  assert specs["blocks/attn/qkv/kernel"] == P(None, "fsdp", "tensor")
+  assert specs["blocks/attn/proj/kernel"] == P(None, "tensor", "fsdp")
+  assert specs["blocks/mlp/fc1/kernel"] == P(None, "fsdp", "tensor")
+  assert specs["blocks/mlp/fc2/kernel"] == P(None, "tensor", "fsdp")
+  assert specs["blocks/norm1/scale"] == P(None, None)
+  assert specs["embeddings/patch/kernel"] == P(None, None, None, "fsdp")
+  assert specs["embeddings/position"] == P(None, None, "fsdp")
+
+
+def test_golden_partition_specs_of_the_tiny_chat_model():
+  model = nnx.eval_shape(lambda: internvl.InternVLChat(presets.chat("tiny"), rngs=nnx.Rngs(0)))
+  specs = _flat_specs(model)
+  assert specs["language/embed/embedding"] == P("tensor", "fsdp")
+  assert specs["language/layers/attn/q/kernel"] == P(None, "fsdp", "tensor")
+  assert specs["language/layers/attn/k/kernel"] == P(None, "fsdp", "tensor")
+  assert specs["language/layers/attn/o/kernel"] == P(None, "tensor", "fsdp")
+  assert specs["language/lm_head/kernel"] == P("fsdp", "tensor")
+  assert specs["projector/linear_1/kernel"] == P("fsdp", "tensor")
+
+
+def test_a_mesh_axis_is_used_once_and_size_one_axes_are_dropped():
+  assert sharding.logical_to_mesh_spec(("embed", "embed")) == P("fsdp", None)
+  assert sharding.logical_to_mesh_spec(("batch", None)) == P(("data", "fsdp"), None)
+  mesh = sharding.make_mesh({"fsdp": -1})
+  assert sharding.logical_to_mesh_spec(("embed", "mlp"), mesh=mesh) == (
+      P("fsdp", None) if jax.device_count() > 1 else P(None, None))
+
+
+def test_make_mesh_errors():
+  n = jax.device_count()
+  assert sharding.make_mesh().devices.size == n
+  with pytest.raises(ValueError, match="only one mesh axis"):
+    sharding.make_mesh({"data": -1, "fsdp": -1})
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    sharding.make_mesh({"model": 1})
+  with pytest.raises(ValueError, match="needs"):
+    sharding.make_mesh({"data": n + 1, "fsdp": 1})
+
+
+def test_constrain_is_identity_without_a_mesh():
+  x = jax.numpy.ones((2, 3))
+  assert sharding.constrain(x, ("batch", "embed")) is x
