@@ -77,7 +77,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
   """
   chosen = choose_impl(impl, q, k, mask)
   if chosen == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn")
   # The XLA path of jax.nn.dot_product_attention computes logits and softmax in float32 and masks with a
   # large finite negative, so fully-masked rows (padding queries) give finite values rather than NaN.
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="xla")
