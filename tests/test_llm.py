@@ -99,7 +99,7 @@ def test_tied_embeddings_and_qkv_bias():
 def test_scan_equals_loop_for_the_decoder_with_gradients():
   a, b = _decoder(scan_layers=True, remat="full"), _decoder(scan_layers=False)
   loss = lambda m: jnp.mean(m(IDS).logits ** 2)
-  (la, ga), (lb, gb) = nnx.value_and_grad(loss)(a), nnx.value_and_grad(loss)(b)
+  (la, ga), (lb, gb) = nnx.jit(nnx.value_and_grad(loss))(a), nnx.jit(nnx.value_and_grad(loss))(b)
   np.testing.assert_allclose(la, lb, rtol=1e-6)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * float(jnp.abs(x).max()))

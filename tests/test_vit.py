@@ -128,7 +128,7 @@ def test_scan_equals_loop_and_remat_keeps_outputs_and_gradients(rng, remat):
   ref = vit.InternViT(_tiny(scan_layers=False, drop_path_rate=0.2), rngs=nnx.Rngs(0))
   other = vit.InternViT(_tiny(scan_layers=True, remat=remat, drop_path_rate=0.2), rngs=nnx.Rngs(0))
   loss = lambda m: jnp.sum(m(x, dropout_key=key).last_hidden_state ** 2)
-  (l1, g1), (l2, g2) = nnx.value_and_grad(loss)(ref), nnx.value_and_grad(loss)(other)
+  (l1, g1), (l2, g2) = nnx.jit(nnx.value_and_grad(loss))(ref), nnx.jit(nnx.value_and_grad(loss))(other)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(a).max()))
