@@ -1,0 +1,80 @@
+"""save_pretrained: one of our models -> a transformers-native folder (config.json + safetensors) that
+`transformers` loads with from_pretrained, reporting no missing or unexpected keys.
+
+  InternViT     -> InternVLVisionModel (model_type internvl_vision)
+  Decoder       -> Qwen2ForCausalLM (q/k/v biases) or LlamaForCausalLM (none)
+  InternVLChat  -> InternVLForConditionalGeneration (model_type internvl)
+The key maps are the loader's (keymaps.py) run backwards, so a save -> load round trip is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from flax import nnx
+
+from internvl_jax.convert import configs, files, keymaps
+from internvl_jax.convert.configs import ConversionError
+from internvl_jax.models import internvl, layers, llm, vit
+
+
+def export_plan(model: nnx.Module) -> tuple[dict, list]:
+  """(config.json dict, rules) of the transformers-native layout for `model`."""
+  cfg = model.config
+  if isinstance(model, vit.InternViT):
+    hf = configs.vision_to_native(cfg)
+    hf["architectures"] = ["InternVLVisionModel"]
+    return hf, keymaps.internvit_native(cfg)
+  if isinstance(model, llm.Decoder):
+    return configs.language_to_hf(cfg), keymaps.decoder_hf(cfg, "model", "", None if cfg.tie_embeddings else "lm_head")
+  if isinstance(model, internvl.InternVLChat):
+    head = None if cfg.language.tie_embeddings else "language_model.lm_head"
+    rules = (keymaps.internvit_native(cfg.vision, "vision_tower", "vision") + keymaps.projector_native()
+             + keymaps.decoder_hf(cfg.language, "language_model.model", "language", head))
+    return configs.chat_to_native(cfg), rules
+  raise ConversionError(f"save_pretrained does not know how to export a {type(model).__name__} to transformers; "
+                        "supported: InternViT, Decoder, InternVLChat")
+
+
+def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
+                    max_shard_bytes: int = files.MAX_SHARD_BYTES) -> list[str]:
+  """Writes config.json and model.safetensors (or shards of at most max_shard_bytes with an index) to out_dir.
+
+  dtype: None keeps each parameter's dtype; 'float32' / 'bfloat16' / 'float16' (or a jnp dtype) casts every
+  tensor. Returns the safetensors files written."""
+  hf, rules = export_plan(model)
+  params = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  by_target = {r.target: r for r in rules}
+  if set(params) != set(by_target):  # a key-map bug, never a user error
+    raise AssertionError(f"export key map mismatch: {sorted(set(params) ^ set(by_target))[:5]}")
+  cast = None if dtype is None else np.dtype(layers.to_dtype(dtype))
+  entries = []
+  for target, value in params.items():
+    rule = by_target[target]
+    if rule.transform.save is None:
+      raise ConversionError(f"parameter {target} has no transformers layout to export to")
+    out_dtype = cast or np.dtype(value.dtype)
+    layer_shape = value.shape[1:] if rule.stacked else value.shape
+    shapes = rule.transform.source_shapes(layer_shape)
+    for i in (range(value.shape[0]) if rule.stacked else [None]):
+      names = tuple(s.format(i=i) for s in rule.sources) if i is not None else rule.sources
+      for j, (name, shape) in enumerate(zip(names, shapes)):
+        entries.append((name, tuple(shape), out_dtype, _maker(rule.transform, value, i, j, out_dtype)))
+  entries.sort(key=lambda e: e[0])
+  written = files.write_safetensors(out_dir, entries, max_shard_bytes)
+  dtypes = {np.dtype(e[2]).name for e in entries}
+  hf["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+  return written
+
+
+def _maker(transform, value, i, j, dtype):
+  """Produces source tensor j of layer i only when the writer asks for it (one layer in host memory)."""
+  def make():
+    x = np.asarray(value[i] if i is not None else value)
+    return np.asarray(transform.save(x)[j]).astype(dtype)
+  return make
+
