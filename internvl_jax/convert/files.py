@@ -90,8 +90,12 @@ class Checkpoint:
     return tuple(self._handles[path].get_slice(disk).get_shape())
 
   def read(self, name: str) -> np.ndarray:
+    # A fresh handle per tensor: safe_open memory-maps its file, and mapped pages that were read count as this
+    # process's resident memory until the handle goes away. Reopening (a header parse) keeps the peak near one
+    # tensor instead of growing to the whole checkpoint while a model loads.
     path, disk = self._where[name]
-    return self._handles[path].get_tensor(disk)
+    with safe_open(path, framework="numpy") as f:
+      return f.get_tensor(disk)
 
   def close(self) -> None:
     self._handles.clear()  # safe_open handles release their mmap when garbage collected
