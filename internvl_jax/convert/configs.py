@@ -210,3 +210,52 @@ def language_family(c: dict) -> str:
     if family in text:
       return family
   raise ConversionError(f"unknown language model {names}; supported: LLaMA, Qwen2, InternLM2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InternVL-14B (InternVL-C / G): OpenGVLab InternVLConfig with vision_config + qllama_config
+
+
+def contrastive_from_14b(c: dict, variant: str = "g") -> ml_collections.ConfigDict:
+  """OpenGVLab InternVL-14B config -> presets.contrastive-shaped config (variant 'c' or 'g'; one checkpoint
+  holds both: 'c' leaves clip_projector2 unused)."""
+  _require(variant in ("c", "g"), f"InternVL-14B variant {variant!r} is not 'c' or 'g'")
+  _require(not c.get("use_backbone_lora") and not c.get("use_qllama_lora"),
+           "checkpoints with unmerged LoRA weights (use_backbone_lora / use_qllama_lora) are not supported")
+  q = dict(c.get("qllama_config") or {})
+  embed_dim = int(c.get("clip_embed_dim", 768))
+  heads = int(c.get("attn_pool_num_heads", 16))
+  vision = vision_from_opengvlab(c.get("vision_config") or {})
+  if c.get("force_image_size"):
+    vision.image_size = int(c["force_image_size"])
+  vision.pooling, vision.pool_heads, vision.pool_out_dim = "attention", heads, embed_dim
+  text = language_from_hf(q, "llama")
+  text.vision_width = vision.hidden_size
+  text.num_query_tokens = int(c.get("num_query_token", q.get("num_query_token", 96)))
+  text.cross_attention_frequency = int(c.get("cross_attention_frequency", q.get("cross_attention_frequency", 2)))
+  return ml_collections.ConfigDict(dict(
+      vision=vision, text=text, text_kind="qllama", variant=variant, embed_dim=embed_dim, text_pooling="last",
+      num_proj_layers=2, proj_dropout=0.0, query_pool_heads=heads, text_prefix="summarize:",
+      logit_scale_init=2.659260036932778))
+
+
+def contrastive_to_14b(cfg: ml_collections.ConfigDict) -> dict:
+  """An InternVL-C/G-shaped contrastive config -> OpenGVLab InternVL-14B config.json fields."""
+  _require(cfg.variant in ("c", "g") and cfg.text_kind == "qllama" and cfg.vision.pooling == "attention",
+           "only InternVL-C/G-shaped contrastive models export to the InternVL-14B layout")
+  _require(cfg.query_pool_heads == cfg.vision.pool_heads and cfg.vision.pool_out_dim == cfg.embed_dim,
+           "the InternVL-14B layout has one attn_pool_num_heads and clip_embed_dim for both pooling blocks")
+  v, t = cfg.vision, cfg.text
+  _require(v.qkv_fused, "the InternVL-14B layout stores the ViT qkv fused")
+  vision = dict(model_type="intern_vit_6b", architectures=["InternVisionModel"], hidden_size=v.hidden_size,
+                num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, intermediate_size=v.mlp_dim,
+                qkv_bias=v.qkv_bias, qk_normalization=v.qk_norm, norm_type=v.norm_type, layer_norm_eps=v.norm_eps,
+                initializer_factor=v.layer_scale_init, image_size=v.image_size, patch_size=v.patch_size,
+                num_channels=v.num_channels, hidden_act="gelu", drop_path_rate=v.drop_path_rate)
+  qllama = language_to_hf(t)
+  _require(qllama["model_type"] == "llama", "QLLaMA is a LLaMA: no q/k/v biases")
+  qllama.update(num_query_token=t.num_query_tokens, cross_attention_frequency=t.cross_attention_frequency)
+  return dict(model_type="internvl", architectures=["InternVLModel"], vision_config=vision, qllama_config=qllama,
+              clip_embed_dim=cfg.embed_dim, attn_pool_num_heads=cfg.query_pool_heads,
+              num_query_token=t.num_query_tokens, cross_attention_frequency=t.cross_attention_frequency,
+              force_image_size=v.image_size, use_backbone_lora=0, use_qllama_lora=0)

@@ -7,6 +7,9 @@
   internvl_chat     OpenGVLab InternVLChatModel                     internvl.InternVLChat
   llama / qwen2     transformers *ForCausalLM                       llm.Decoder
   internlm2         OpenGVLab InternLM2ForCausalLM                  llm.Decoder
+  internvl_14b      OpenGVLab InternVLModel (InternVL-14B-224px)    internvl.InternVLContrastive (variant c / g)
+
+transformers' chat models and InternVL-14B share model_type 'internvl'; the 14B config has `qllama_config`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from internvl_jax.convert import configs, keymaps
 from internvl_jax.convert.configs import ConversionError
 from internvl_jax.models import internvl, llm, vit
 
-FAMILIES = ("internvl_vision", "intern_vit_6b", "internvl", "internvl_chat", "llama", "qwen2", "internlm2")
+FAMILIES = ("internvl_vision", "intern_vit_6b", "internvl", "internvl_chat", "llama", "qwen2", "internlm2",
+            "internvl_14b")
 
 
 @dataclasses.dataclass
@@ -39,8 +43,8 @@ def detect(hf: dict) -> str:
   """The family of a config.json (model_type first, architectures to tell same-named types apart)."""
   model_type = hf.get("model_type")
   archs = hf.get("architectures") or []
-  if model_type == "internvl" and ("qllama_config" in hf or "InternVLModel" in archs and "text_config" not in hf):
-    raise ConversionError("InternVL-14B (InternVL-C/G with QLLaMA) checkpoints are not supported yet")
+  if model_type == "internvl" and "qllama_config" in hf:
+    return "internvl_14b"
   if model_type in FAMILIES:
     return model_type
   if model_type == "internlm2" or any("InternLM2" in a for a in archs):
@@ -91,8 +95,9 @@ def _decoder_rules(family: str, cfg, src: str, dst: str, head: str | None) -> li
   return keymaps.decoder_hf(cfg, src, dst, head)
 
 
-def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None) -> Spec:
-  """Our config, model class and rules for a checkpoint of `family` whose tensors are in `ckpt`."""
+def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None, variant: str = "g") -> Spec:
+  """Our config, model class and rules for a checkpoint of `family` whose tensors are in `ckpt`.
+  image_token_id: overrides the tokenizer's <IMG_CONTEXT> (internvl_chat); variant: 'c' | 'g' (internvl_14b)."""
   if family == "internvl_vision":
     cfg = configs.vision_from_native(hf)
     return Spec(family, cfg, vit.InternViT, keymaps.internvit_native(cfg), set())
@@ -126,6 +131,14 @@ def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None) -> 
              + _decoder_rules(lm_family, cfg.language, "language_model.model", "language",
                               None if cfg.language.tie_embeddings else head))
     return Spec(family, cfg, internvl.InternVLChat, rules, ignored)
+  if family == "internvl_14b":
+    cfg = configs.contrastive_from_14b(hf, variant)
+    ignored = _settle_head(cfg.text, ckpt, "qllama.model.embed_tokens.weight", "qllama.lm_head.weight")
+    ignored |= {n for n in ckpt.names() if n.startswith("itm_head.")}  # image-text matching head: unused here
+    if variant == "c":
+      ignored |= {n for n in ckpt.names() if n.startswith("clip_projector2.")}
+    rules = keymaps.internvl_14b(cfg, None if cfg.text.tie_embeddings else "qllama.lm_head")
+    return Spec(family, cfg, internvl.InternVLContrastive, rules, ignored)
   raise ConversionError(f"unknown checkpoint family {family!r}")
 
 

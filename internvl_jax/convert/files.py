@@ -131,7 +131,7 @@ def write_safetensors(out_dir: str, tensors: Iterable[tuple[str, tuple[int, ...]
   for fname, shard in zip(names, shards):
     arrays = {}
     for name, shape, dtype, make in shard:
-      arr = np.ascontiguousarray(make())
+      arr = np.asarray(make(), order="C")  # not ascontiguousarray: it turns 0-d scalars into [1]
       if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
         raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, planned {shape} {dtype}")
       arrays[name] = arr

@@ -24,6 +24,11 @@ class Rule:
   target: str  # dotted path in our nnx state
   sources: tuple[str, ...]  # canonical source names, "{i}" = layer index
   transform: object
+  stride: int = 1  # our slot i reads source layer i * stride (QLLaMA cross-attention lives in every 2nd layer)
+
+  def names(self, slot: int | None = None) -> tuple[str, ...]:
+    """The source names for our stacked slot `slot` (None: an unstacked rule)."""
+    return self.sources if slot is None else tuple(s.format(i=slot * self.stride) for s in self.sources)
 
   @property
   def stacked(self) -> bool:
@@ -169,6 +174,40 @@ def projector_opengvlab(dst: str = "projector") -> list[Rule]:
   """`mlp1` is nn.Sequential(LayerNorm, Linear, GELU, Linear): indices 0, 1, 3."""
   return _norm(f"{dst}.norm", "mlp1.0", "layer_norm") + _linear(f"{dst}.linear_1", "mlp1.1") + _linear(
       f"{dst}.linear_2", "mlp1.3")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InternVL-14B (InternVL-C / InternVL-G, OpenGVLab remote code `InternVLModel`)
+
+
+def attention_pooling(dst: str, src: str) -> list[Rule]:
+  """OpenGVLab AttentionPoolingBlock: norm1_q/k/v LayerNorms, cross_attn.{q,k,v} Linears without bias plus
+  separate q_bias/k_bias/v_bias vectors, cross_attn.proj with bias."""
+  rules = []
+  for p in "qkv":
+    rules += _norm(f"{dst}.norm_{p}", f"{src}.norm1_{p}", "layer_norm")
+    rules += [Rule(f"{dst}.{p}.kernel", (f"{src}.cross_attn.{p}.weight",), T.Linear()),
+              _same(f"{dst}.{p}.bias", f"{src}.cross_attn.{p}_bias")]
+  return rules + _linear(f"{dst}.proj", f"{src}.cross_attn.proj")
+
+
+def internvl_14b(cfg: ml_collections.ConfigDict, head: str | None) -> list[Rule]:
+  """vision_model.* (InternViT-6B) + clip_projector (attention pooling), qllama.* (LLaMA with cross_attn in layers
+  0, f, 2f, ...), query_tokens, text_projection ([in, out] already), logit_scale, clip_projector2 (G only)."""
+  text = cfg.text
+  rules = internvit_opengvlab(cfg.vision, "vision_model", "vision")
+  rules += attention_pooling("vision.pool", "clip_projector")
+  rules += decoder_hf(text, "qllama.model", "text.decoder", head)
+  cross, f = "qllama.model.layers.{i}.cross_attn", text.cross_attention_frequency
+  for ours, theirs in (("norm_q", "norm1"), ("norm_kv", "norm2")):
+    rules.append(Rule(f"text.cross_attention.{ours}.scale", (f"{cross}.{theirs}.weight",), T.Identity(), f))
+  for p in "qkvo":
+    rules.append(Rule(f"text.cross_attention.{p}.kernel", (f"{cross}.{p}_proj.weight",), T.Linear(), f))
+  rules += [_same("text.query_tokens", "query_tokens"), _same("text_projection.kernel", "text_projection"),
+            _same("logit_scale", "logit_scale")]
+  if cfg.variant == "g":
+    rules += attention_pooling("query_pool", "clip_projector2")
+  return rules
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,10 +48,6 @@ def _layer_setter(sharding):
                  donate_argnums=0, out_shardings=sharding)
 
 
-def _expand(rule, i: int | None) -> tuple[str, ...]:
-  return tuple(s.format(i=i) for s in rule.sources) if i is not None else rule.sources
-
-
 def check(spec: families.Spec, targets: dict, ckpt: files.Checkpoint) -> None:
   """Every target covered once; no missing, unexpected or mis-shaped tensor (one message naming them)."""
   by_target = {r.target: r for r in spec.rules}
@@ -66,7 +62,7 @@ def check(spec: families.Spec, targets: dict, ckpt: files.Checkpoint) -> None:
     shape = tuple(var.shape[1:]) if rule.stacked else tuple(var.shape)
     expected = rule.transform.source_shapes(shape)
     for i in (range(var.shape[0]) if rule.stacked else [None]):
-      for name, exp in zip(_expand(rule, i), expected):
+      for name, exp in zip(rule.names(i), expected):
         needed[name] = tuple(exp)
   present = ckpt.names()
   missing = set(needed) - present
@@ -92,19 +88,21 @@ def _shardings(state: nnx.State, mesh: Mesh | None) -> dict:
   return {path: var.get_value() for path, var in flat}
 
 
-def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *, image_token_id: int | None = None):
+def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *, image_token_id: int | None = None,
+                    variant: str = "g"):
   """Loads a local checkpoint folder (config.json + *.safetensors, optionally sharded with an index).
 
-  Returns an nnx model (InternViT, Decoder or InternVLChat) whose parameters are `dtype` (default float32) and
-  whose config (model.config) computes in `dtype`; with `mesh`, parameters are placed with the shardings of
-  internvl_jax.sharding. image_token_id overrides the <IMG_CONTEXT> id of OpenGVLab chat checkpoints (read from
-  the tokenizer files otherwise).
+  Returns an nnx model (InternViT, Decoder, InternVLChat or InternVLContrastive) whose parameters are `dtype`
+  (default float32) and whose config (model.config) computes in `dtype`; with `mesh`, parameters are placed with
+  the shardings of internvl_jax.sharding. image_token_id overrides the <IMG_CONTEXT> id of OpenGVLab chat
+  checkpoints (read from the tokenizer files otherwise); variant picks InternVL-C ('c') or InternVL-G ('g', the
+  default) from an InternVL-14B checkpoint.
   """
   hf = files.read_config(path)
   family = families.detect(hf)
   dtype = layers.to_dtype(dtype)
   with files.Checkpoint(path, families.canonical(family)) as ckpt:
-    spec = families.build(family, hf, ckpt, image_token_id=image_token_id)
+    spec = families.build(family, hf, ckpt, image_token_id=image_token_id, variant=variant)
     cfg = spec.config
     set_dtype(cfg, dtype)
     abstract = nnx.eval_shape(lambda: spec.model_class(cfg, rngs=nnx.Rngs(0)))
@@ -122,7 +120,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *, i
         value = jnp.zeros(var.shape, dtype, device=sharding)
         setter = _layer_setter(sharding)
         for i in range(var.shape[0]):
-          x = rule.transform.load(*(ckpt.read(n) for n in _expand(rule, i)))
+          x = rule.transform.load(*(ckpt.read(n) for n in rule.names(i)))
           value = setter(value, np.asarray(x).astype(dtype), i)
       else:
         x = rule.transform.load(*(ckpt.read(n) for n in rule.sources))

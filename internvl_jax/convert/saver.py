@@ -4,6 +4,7 @@
   InternViT     -> InternVLVisionModel (model_type internvl_vision)
   Decoder       -> Qwen2ForCausalLM (q/k/v biases) or LlamaForCausalLM (none)
   InternVLChat  -> InternVLForConditionalGeneration (model_type internvl)
+  InternVLContrastive (variant c / g) -> OpenGVLab InternVL-14B layout (transformers has no InternVL-C/G class)
 The key maps are the loader's (keymaps.py) run backwards, so a save -> load round trip is exact.
 """
 
@@ -34,8 +35,11 @@ def export_plan(model: nnx.Module) -> tuple[dict, list]:
     rules = (keymaps.internvit_native(cfg.vision, "vision_tower", "vision") + keymaps.projector_native()
              + keymaps.decoder_hf(cfg.language, "language_model.model", "language", head))
     return configs.chat_to_native(cfg), rules
-  raise ConversionError(f"save_pretrained does not know how to export a {type(model).__name__} to transformers; "
-                        "supported: InternViT, Decoder, InternVLChat")
+  if isinstance(model, internvl.InternVLContrastive):
+    hf = configs.contrastive_to_14b(cfg)  # InternVL-C/G: no transformers class; OpenGVLab's InternVL-14B layout
+    return hf, keymaps.internvl_14b(cfg, None if cfg.text.tie_embeddings else "qllama.lm_head")
+  raise ConversionError(f"save_pretrained does not know how to export a {type(model).__name__}; "
+                        "supported: InternViT, Decoder, InternVLChat, InternVL-C/G contrastive models")
 
 
 def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
@@ -59,7 +63,7 @@ def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
     layer_shape = value.shape[1:] if rule.stacked else value.shape
     shapes = rule.transform.source_shapes(layer_shape)
     for i in (range(value.shape[0]) if rule.stacked else [None]):
-      names = tuple(s.format(i=i) for s in rule.sources) if i is not None else rule.sources
+      names = rule.names(i)
       for j, (name, shape) in enumerate(zip(names, shapes)):
         entries.append((name, tuple(shape), out_dtype, _maker(rule.transform, value, i, j, out_dtype)))
   entries.sort(key=lambda e: e[0])
