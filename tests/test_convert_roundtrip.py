@@ -130,3 +130,18 @@ def test_cli_import_then_export(chat, tmp_path, capsys):
                                 torch_chat_logits(ref, ids, pixels).numpy())
   assert cli.main(["import", str(tmp_path / "nowhere"), ckpt]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_seed_contrastive_exports_to_our_layout(tmp_path):
+  from internvl_jax.models import internvl, presets
+  model = internvl.InternVLContrastive(presets.contrastive("tiny"), rngs=nnx.Rngs(3))
+  out = str(tmp_path / "seed")
+  convert.save_pretrained(model, out)
+  with open(os.path.join(out, "config.json")) as f:
+    meta = json.load(f)
+  assert meta["model_type"] == "internvl_jax" and meta["kind"] == "contrastive"
+  with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
+    assert f.get_slice("vision.blocks.attn.qkv.kernel").get_shape() == [2, 32, 96]  # stacked, [in, out]
+  again = convert.load_pretrained(out)
+  assert type(again) is internvl.InternVLContrastive
+  assert_same_params(again, model)

@@ -8,6 +8,8 @@
   llama / qwen2     transformers *ForCausalLM                       llm.Decoder
   internlm2         OpenGVLab InternLM2ForCausalLM                  llm.Decoder
   internvl_14b      OpenGVLab InternVLModel (InternVL-14B-224px)    internvl.InternVLContrastive (variant c / g)
+  internvl_jax      our own layout (save_pretrained of a model with  any of ours (config.json names the kind)
+                    no PyTorch layout, e.g. a seed contrastive one)
 
 transformers' chat models and InternVL-14B share model_type 'internvl'; the 14B config has `qllama_config`.
 """
@@ -21,13 +23,31 @@ from typing import Callable
 
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from internvl_jax.convert import configs, keymaps
 from internvl_jax.convert.configs import ConversionError
 from internvl_jax.models import internvl, llm, vit
 
 FAMILIES = ("internvl_vision", "intern_vit_6b", "internvl", "internvl_chat", "llama", "qwen2", "internlm2",
-            "internvl_14b")
+            "internvl_14b", "internvl_jax")
+# Our model classes by the kind name stored in our own configs (orbax_io, the internvl_jax layout).
+KINDS = {"vision": vit.InternViT, "language": llm.Decoder, "chat": internvl.InternVLChat,
+         "contrastive": internvl.InternVLContrastive}
+
+
+def model_kind(model) -> str:
+  for kind, cls in KINDS.items():
+    if isinstance(model, cls):
+      return kind
+  raise ConversionError(f"no model kind for a {type(model).__name__}")
+
+
+def own_layout_rules(model_class, cfg) -> list:
+  """The internvl_jax layout: one tensor per parameter, named by its nnx path, stacked layers kept stacked."""
+  abstract = nnx.eval_shape(lambda: model_class(cfg, rngs=nnx.Rngs(0)))
+  paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+  return [keymaps.Rule(p, (p,), keymaps.T.Identity()) for p in paths]
 
 
 @dataclasses.dataclass
@@ -139,6 +159,11 @@ def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None, var
       ignored |= {n for n in ckpt.names() if n.startswith("clip_projector2.")}
     rules = keymaps.internvl_14b(cfg, None if cfg.text.tie_embeddings else "qllama.lm_head")
     return Spec(family, cfg, internvl.InternVLContrastive, rules, ignored)
+  if family == "internvl_jax":
+    if hf.get("kind") not in KINDS:
+      raise ConversionError(f"internvl_jax config.json names an unknown model kind {hf.get('kind')!r}")
+    cfg = ml_collections.ConfigDict(hf["config"])
+    return Spec(family, cfg, KINDS[hf["kind"]], own_layout_rules(KINDS[hf["kind"]], cfg), set())
   raise ConversionError(f"unknown checkpoint family {family!r}")
 
 

@@ -20,20 +20,12 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from internvl_jax import sharding as shd
+from internvl_jax.convert import families
 from internvl_jax.convert.configs import ConversionError
-from internvl_jax.models import internvl, llm, vit
 
 MODEL_CONFIG = "model_config.json"
-KINDS = {"vision": vit.InternViT, "language": llm.Decoder, "chat": internvl.InternVLChat,
-         "contrastive": internvl.InternVLContrastive}
 ITEMS = ("state", "data")
-
-
-def model_kind(model: nnx.Module) -> str:
-  for kind, cls in KINDS.items():
-    if isinstance(model, cls):
-      return kind
-  raise ConversionError(f"no checkpoint kind for a {type(model).__name__}")
+KINDS, model_kind = families.KINDS, families.model_kind
 
 
 def is_checkpoint(folder: str) -> bool:

@@ -5,6 +5,7 @@
   Decoder       -> Qwen2ForCausalLM (q/k/v biases) or LlamaForCausalLM (none)
   InternVLChat  -> InternVLForConditionalGeneration (model_type internvl)
   InternVLContrastive (variant c / g) -> OpenGVLab InternVL-14B layout (transformers has no InternVL-C/G class)
+  anything else (e.g. a seed contrastive model) -> our own documented layout (own_layout_plan)
 The key maps are the loader's (keymaps.py) run backwards, so a save -> load round trip is exact.
 """
 
@@ -16,7 +17,7 @@ import os
 import numpy as np
 from flax import nnx
 
-from internvl_jax.convert import configs, files, keymaps
+from internvl_jax.convert import configs, families, files, keymaps
 from internvl_jax.convert.configs import ConversionError
 from internvl_jax.models import internvl, layers, llm, vit
 
@@ -35,11 +36,20 @@ def export_plan(model: nnx.Module) -> tuple[dict, list]:
     rules = (keymaps.internvit_native(cfg.vision, "vision_tower", "vision") + keymaps.projector_native()
              + keymaps.decoder_hf(cfg.language, "language_model.model", "language", head))
     return configs.chat_to_native(cfg), rules
-  if isinstance(model, internvl.InternVLContrastive):
+  if isinstance(model, internvl.InternVLContrastive) and cfg.variant in ("c", "g"):
     hf = configs.contrastive_to_14b(cfg)  # InternVL-C/G: no transformers class; OpenGVLab's InternVL-14B layout
     return hf, keymaps.internvl_14b(cfg, None if cfg.text.tie_embeddings else "qllama.lm_head")
-  raise ConversionError(f"save_pretrained does not know how to export a {type(model).__name__}; "
-                        "supported: InternViT, Decoder, InternVLChat, InternVL-C/G contrastive models")
+  return own_layout_plan(model)
+
+
+def own_layout_plan(model: nnx.Module) -> tuple[dict, list]:
+  """The internvl_jax layout, for models no PyTorch codebase defines (e.g. the seed contrastive design):
+  config.json {"model_type": "internvl_jax", "kind": ..., "config": <our ConfigDict>}, and one safetensors
+  tensor per parameter named by its nnx path (e.g. "vision.blocks.attn.qkv.kernel", layers stacked on axis 0,
+  Linear kernels [in, out]). load_pretrained reads it back."""
+  kind = families.model_kind(model)
+  hf = {"model_type": "internvl_jax", "kind": kind, "config": json.loads(model.config.to_json())}
+  return hf, families.own_layout_rules(type(model), model.config)
 
 
 def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
