@@ -41,9 +41,14 @@ def _generate(model, input_ids, pixel_values, attention_mask, key, greedy, tempe
               max_new_tokens: int):
   # greedy / temperature / top_p / eos are traced values: greedy and sampled runs share one compiled program, and
   # lax.cond runs only the chosen branch. eos_token_id < 0 means "no EOS" (rows then pad with nothing: id 0).
-  lm = model.language if isinstance(model, internvl.InternVLChat) else model
+  chat = isinstance(model, internvl.InternVLChat)
+  lm = model.language if chat else model
   b, t = input_ids.shape
-  out = _forward(model, input_ids, attention_mask, lm.init_cache(b, t + max_new_tokens), pixel_values)
+  prefix = 0  # 'prefix'-mode chat models put the vision tokens in front of the prompt: they need cache slots too
+  if chat and model.config.mode == "prefix" and pixel_values is not None:
+    cell = model.config.vision.patch_size * round(1 / model.config.downsample_ratio)
+    prefix = (pixel_values.shape[1] // cell) * (pixel_values.shape[2] // cell)
+  out = _forward(model, input_ids, attention_mask, lm.init_cache(b, prefix + t + max_new_tokens), pixel_values)
   has_eos = eos_token_id >= 0
   pad = jnp.where(has_eos, eos_token_id, 0).astype(jnp.int32)
 

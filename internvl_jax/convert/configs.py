@@ -109,6 +109,7 @@ def language_from_hf(c: dict, family: str) -> ml_collections.ConfigDict:
     qkv_bias = False
   else:
     raise ConversionError(f"unknown language model family {family!r}")
+  _require("vocab_size" in c, f"the {family} config has no vocab_size")
   heads = c.get("num_attention_heads", 32)
   hidden = c.get("hidden_size", 4096)
   hd = c.get("head_dim") or hidden // heads
@@ -160,7 +161,6 @@ def chat_from_native(c: dict) -> ml_collections.ConfigDict:
   layer = c.get("vision_feature_layer", -1)
   _require(isinstance(layer, int), f"vision_feature_layer {layer!r} must be one integer")
   _require(c.get("projector_hidden_act", "gelu") == "gelu", "projector_hidden_act must be 'gelu'")
-  text.setdefault("tie_word_embeddings", c.get("tie_word_embeddings", True))
   text["tie_word_embeddings"] = c.get("tie_word_embeddings", True)  # the composite decides tying
   return chat_config(vision_from_native(c.get("vision_config") or {}), language_from_hf(text, family),
                      select_layer=layer, downsample_ratio=c.get("downsample_ratio", 0.5), ps_version="v2",

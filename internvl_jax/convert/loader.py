@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from internvl_jax import sharding as shd
-from internvl_jax.convert import families, files
+from internvl_jax.convert import families, files, keymaps
 from internvl_jax.convert.configs import ConversionError
 from internvl_jax.models import layers
 
@@ -69,7 +69,7 @@ def check(spec: families.Spec, targets: dict, ckpt: files.Checkpoint) -> None:
   if missing:
     raise ConversionError(f"checkpoint {ckpt.folder!r} ({spec.family}) is missing {len(missing)} tensor(s) the "
                           f"model needs: {_few(missing)}")
-  unexpected = {n for n in present - set(needed) - spec.ignored if not families.keymaps.is_ignored(n)}
+  unexpected = {n for n in present - set(needed) - spec.ignored if not keymaps.is_ignored(n)}
   if unexpected:
     raise ConversionError(f"checkpoint {ckpt.folder!r} ({spec.family}) has {len(unexpected)} unexpected tensor(s) "
                           f"that this model does not use: {_few(ckpt.disk_name(n) for n in unexpected)}")
