@@ -55,11 +55,14 @@ def test_unknown_model_type(tmp_path, vision_dir):
     convert.load_pretrained(bad)
 
 
-def test_internvl_14b_is_told_apart(tmp_path, vision_dir):
-  bad = rewrite(vision_dir, str(tmp_path / "c"), edit_config=lambda c: dict(
-      model_type="internvl", architectures=["InternVLModel"], qllama_config={}, vision_config={}))
-  with pytest.raises(convert.ConversionError, match="InternVL-14B"):
-    convert.load_pretrained(bad)
+def test_internvl_14b_is_told_apart_from_transformers_internvl():
+  from internvl_jax.convert import families
+  assert families.detect({"model_type": "internvl", "architectures": ["InternVLModel"], "qllama_config": {}}) == \
+      "internvl_14b"
+  assert families.detect({"model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"],
+                          "text_config": {}}) == "internvl"
+  assert families.detect({"model_type": "internvl", "architectures": ["InternVLModel"], "text_config": {}}) == \
+      "internvl"
 
 
 def test_pickles_are_refused_without_unpickling(tmp_path, vision_dir):
