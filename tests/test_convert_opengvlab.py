@@ -116,3 +116,18 @@ def test_internlm2_wqkv_split_follows_its_attention(heads, kv):
   q, k, v = (transforms.InternLM2QKV(p, heads, kv, hd).load(wqkv).T for p in "qkv")
   np.testing.assert_array_equal(transforms.fuse_internlm2_wqkv(q, k, v, heads, kv, hd), wqkv)
   np.testing.assert_array_equal(opengvlab_layout.internlm2_wqkv(q, k, v, heads, kv, hd), wqkv)
+
+
+def test_cli_exports_opengvlab_chat_to_transformers(refs, tmp_path):
+  """`export` of a remote-code folder gives a transformers folder with the reference's exact outputs."""
+  from transformers import InternVLForConditionalGeneration
+  from internvl_jax.convert import __main__ as cli
+  folder, ref = refs["llama"]
+  og, out = str(tmp_path / "og"), str(tmp_path / "hf")
+  opengvlab_layout.chat_to_opengvlab(folder, og, "internlm2")
+  assert cli.main(["export", og, out]) == 0
+  back, info = InternVLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  ids, pixels = chat_inputs()
+  np.testing.assert_array_equal(chat_logits_torch(back.eval(), ids, pixels).numpy(),
+                                chat_logits_torch(ref, ids, pixels).numpy())
