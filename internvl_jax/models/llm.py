@@ -123,11 +123,14 @@ class Decoder(nnx.Module):
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                cache: dict | None = None, prefix_len: int | jax.Array | None = None,
-               return_logits: bool = True) -> DecoderOutput:
+               return_logits: bool = True, pixel_values: None = None) -> DecoderOutput:
     """attention_mask [B, T] (1 = real token); positions [B, T] int (default: counts real tokens);
+    pixel_values: accepted (and must be None) so that a text-only LM has the chat model's call signature;
     prefix_len: bidirectional attention inside the first prefix_len positions (prefix-LM), causal after;
     cache: from init_cache, for prefill and then one (or a few) tokens at a time."""
     cfg = self.config
+    if pixel_values is not None:
+      raise ValueError("this is a text-only language model; pixel_values must be None")
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(layers.to_dtype(cfg.dtype))
     b, t, _ = x.shape
     attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)

@@ -1,0 +1,51 @@
+"""Command line:
+
+  python -m internvl_jax.convert import <hf_dir> <out_dir> [--dtype float32]
+      a Hugging Face folder (any family load_pretrained reads) -> our Orbax checkpoint (layout: orbax_io.py),
+      which train.py accepts as config.init.path and `export` turns back into a transformers folder.
+  python -m internvl_jax.convert export <our_checkpoint_or_hf_dir> <out_dir> [--dtype bfloat16]
+      our checkpoint, or any folder load_pretrained reads (e.g. an OpenGVLab remote-code one) -> a
+      transformers-native folder (config.json + safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from internvl_jax.convert import orbax_io
+from internvl_jax.convert.configs import ConversionError
+from internvl_jax.convert.loader import load_pretrained
+from internvl_jax.convert.saver import save_pretrained
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m internvl_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  imp = sub.add_parser("import", help="Hugging Face folder -> our Orbax checkpoint")
+  imp.add_argument("src")
+  imp.add_argument("out_dir")
+  imp.add_argument("--dtype", default="float32", help="parameter and compute dtype (default float32)")
+  exp = sub.add_parser("export", help="our checkpoint or a Hugging Face folder -> transformers-native folder")
+  exp.add_argument("src")
+  exp.add_argument("out_dir")
+  exp.add_argument("--dtype", default=None, help="cast tensors (float32 | bfloat16 | float16); default: as stored")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "import":
+      model = load_pretrained(args.src, dtype=args.dtype)
+      where = orbax_io.save_checkpoint(model, args.out_dir)
+      print(f"wrote {orbax_io.model_kind(model)} checkpoint {where}")
+    else:
+      model = orbax_io.load_checkpoint(args.src) if orbax_io.is_checkpoint(args.src) else load_pretrained(args.src)
+      written = save_pretrained(model, args.out_dir, dtype=args.dtype)
+      print(f"wrote {args.out_dir}: config.json + {len(written)} safetensors file(s)")
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,261 @@
+"""config.json (transformers or OpenGVLab remote code) <-> our ml_collections model configs.
+
+Only fields that change the computation are read; a field whose value our models cannot reproduce (an output
+bias, a sliding window, RoPE scaling, a final vision LayerNorm) raises a one-line error instead of loading a model
+that would silently compute something else.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ml_collections
+
+from internvl_jax.models import llm, presets
+
+
+class ConversionError(ValueError):
+  """A checkpoint or config that cannot be converted; the message says which key / field and why."""
+
+
+def _square(v, name: str) -> int:
+  if isinstance(v, (list, tuple)):
+    if len(set(v)) != 1:
+      raise ConversionError(f"{name}={list(v)} is not square; only square images/patches are supported")
+    v = v[0]
+  return int(v)
+
+
+def _require(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConversionError(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision
+
+
+def vision_from_native(c: dict) -> ml_collections.ConfigDict:
+  """transformers InternVLVisionConfig (model_type 'internvl_vision')."""
+  _require(c.get("hidden_act", "gelu") == "gelu", f"vision hidden_act {c.get('hidden_act')!r} is not 'gelu'")
+  _require(c.get("use_mean_pooling", True), "use_mean_pooling=False adds a final LayerNorm that InternViT does not have")
+  _require(c.get("use_absolute_position_embeddings", True), "vision models without position embeddings are unsupported")
+  eps = c.get("layer_norm_eps", 1e-6)
+  if c.get("use_qk_norm", False) and eps != 1e-6:
+    # transformers' QK-norm always uses eps 1e-6 while ours uses norm_eps; say so rather than differ silently.
+    logging.warning("vision layer_norm_eps %g differs from transformers' fixed QK-norm eps 1e-6", eps)
+  return presets.vision_config(
+      hidden_size=c.get("hidden_size", 1024), num_layers=c.get("num_hidden_layers", 24),
+      num_heads=c.get("num_attention_heads", 16), mlp_dim=c.get("intermediate_size", 4096),
+      norm_type=c.get("norm_type", "layer_norm"), norm_eps=eps, qkv_bias=c.get("attention_bias", False),
+      qk_norm=c.get("use_qk_norm", False), qkv_fused=True, layer_scale_init=c.get("layer_scale_init_value", 0.1),
+      image_size=_square(c.get("image_size", 448), "image_size"),
+      patch_size=_square(c.get("patch_size", 14), "patch_size"), num_channels=c.get("num_channels", 3))
+
+
+def vision_from_opengvlab(c: dict) -> ml_collections.ConfigDict:
+  """OpenGVLab InternVisionConfig (model_type 'intern_vit_6b'; also used for InternViT-300M)."""
+  _require(c.get("hidden_act", "gelu") == "gelu", f"vision hidden_act {c.get('hidden_act')!r} is not 'gelu'")
+  return presets.vision_config(
+      hidden_size=c.get("hidden_size", 3200), num_layers=c.get("num_hidden_layers", 48),
+      num_heads=c.get("num_attention_heads", 25), mlp_dim=c.get("intermediate_size", 12800),
+      norm_type=c.get("norm_type", "rms_norm"), norm_eps=c.get("layer_norm_eps", 1e-6),
+      qkv_bias=c.get("qkv_bias", False), qk_norm=c.get("qk_normalization", True), qkv_fused=True,
+      # InternVisionEncoderLayer initialises ls1/ls2 to config.initializer_factor.
+      layer_scale_init=c.get("initializer_factor", 0.1), drop_path_rate=c.get("drop_path_rate", 0.0),
+      image_size=_square(c.get("image_size", 224), "image_size"),
+      patch_size=_square(c.get("patch_size", 14), "patch_size"), num_channels=c.get("num_channels", 3))
+
+
+def vision_to_native(v: ml_collections.ConfigDict) -> dict:
+  """Our vision config -> transformers InternVLVisionConfig fields."""
+  return dict(model_type="internvl_vision", hidden_size=v.hidden_size, num_hidden_layers=v.num_layers,
+              num_attention_heads=v.num_heads, intermediate_size=v.mlp_dim, norm_type=v.norm_type,
+              layer_norm_eps=v.norm_eps, attention_bias=v.qkv_bias, use_qk_norm=v.qk_norm, hidden_act="gelu",
+              layer_scale_init_value=v.layer_scale_init, image_size=[v.image_size] * 2,
+              patch_size=[v.patch_size] * 2, num_channels=v.num_channels, use_mean_pooling=True,
+              use_absolute_position_embeddings=True, use_mask_token=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Language models
+
+
+def _rope_theta(c: dict) -> float:
+  params = c.get("rope_parameters") or {}
+  scaling = c.get("rope_scaling") or {}
+  kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+  if kind == "dynamic":
+    # Dynamic NTK only changes RoPE beyond max_position_embeddings; below it, it is the default rotation.
+    logging.warning("RoPE scaling 'dynamic' is treated as plain RoPE (exact up to max_position_embeddings)")
+  elif kind != "default":
+    raise ConversionError(f"RoPE scaling {kind!r} is not supported (only plain RoPE)")
+  return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+
+
+def language_from_hf(c: dict, family: str) -> ml_collections.ConfigDict:
+  """transformers LlamaConfig / Qwen2Config, or OpenGVLab InternLM2Config -> our decoder config.
+  tie_embeddings is settled later by the loader (it depends on which tensors the files hold)."""
+  _require(c.get("hidden_act", "silu") == "silu", f"language hidden_act {c.get('hidden_act')!r} is not 'silu'")
+  _require(not c.get("mlp_bias", False), "mlp_bias=True is not supported (our SwiGLU has no biases)")
+  if family == "llama":
+    _require(not c.get("attention_bias", False), "LLaMA attention_bias=True (with an output bias) is not supported")
+    qkv_bias = False
+  elif family == "qwen2":
+    _require(not c.get("use_sliding_window", False), "Qwen2 use_sliding_window=True is not supported")
+    qkv_bias = True
+  elif family == "internlm2":
+    _require(not c.get("bias", False), "InternLM2 bias=True (with an output bias) is not supported")
+    qkv_bias = False
+  else:
+    raise ConversionError(f"unknown language model family {family!r}")
+  _require("vocab_size" in c, f"the {family} config has no vocab_size")
+  heads = c.get("num_attention_heads", 32)
+  hidden = c.get("hidden_size", 4096)
+  hd = c.get("head_dim") or hidden // heads
+  return presets.language_config(
+      vocab_size=c["vocab_size"], hidden_size=hidden, num_layers=c.get("num_hidden_layers", 32), num_heads=heads,
+      num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=0 if hd * heads == hidden else hd,
+      mlp_dim=c.get("intermediate_size", 11008), norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(c),
+      qkv_bias=qkv_bias, tie_embeddings=bool(c.get("tie_word_embeddings", False)), lm_head=True, causal=True)
+
+
+def language_to_hf(cfg: ml_collections.ConfigDict) -> dict:
+  """Our decoder config -> a transformers Qwen2Config (q/k/v biases) or LlamaConfig (no biases)."""
+  _require(cfg.causal and cfg.lm_head, "only causal decoders with an LM head export to transformers")
+  out = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+             num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+             head_dim=llm.head_dim(cfg), intermediate_size=cfg.mlp_dim, rms_norm_eps=cfg.norm_eps,
+             hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+             tie_word_embeddings=bool(cfg.tie_embeddings))
+  if cfg.qkv_bias:
+    out.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
+    if llm.head_dim(cfg) * cfg.num_heads != cfg.hidden_size:
+      raise ConversionError("Qwen2 in transformers derives head_dim from hidden_size / num_heads; this model's "
+                            f"head_dim {llm.head_dim(cfg)} differs")
+  else:
+    out.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat models
+
+
+def chat_config(vision: ml_collections.ConfigDict, language: ml_collections.ConfigDict, *, select_layer: int,
+                downsample_ratio: float, ps_version: str, image_token_id: int) -> ml_collections.ConfigDict:
+  """The same fields as presets.chat()."""
+  _require(ps_version in ("v1", "v2"), f"ps_version {ps_version!r} is not 'v1' or 'v2'")
+  return ml_collections.ConfigDict(dict(
+      vision=vision, language=language, select_layer=int(select_layer), downsample_ratio=float(downsample_ratio),
+      ps_version=ps_version, image_token_id=int(image_token_id), mode="replace", freeze_vision=False))
+
+
+def chat_from_native(c: dict) -> ml_collections.ConfigDict:
+  """transformers InternVLConfig (model_type 'internvl')."""
+  text = dict(c.get("text_config") or {})
+  family = text.get("model_type", "qwen2")
+  _require(family in ("qwen2", "llama"), f"InternVL text model_type {family!r} is not 'qwen2' or 'llama'")
+  _require(c.get("vision_feature_select_strategy", "default") == "default",
+           "vision_feature_select_strategy 'full' (keeping the CLS token) is not supported")
+  layer = c.get("vision_feature_layer", -1)
+  _require(isinstance(layer, int), f"vision_feature_layer {layer!r} must be one integer")
+  _require(c.get("projector_hidden_act", "gelu") == "gelu", "projector_hidden_act must be 'gelu'")
+  text["tie_word_embeddings"] = c.get("tie_word_embeddings", True)  # the composite decides tying
+  return chat_config(vision_from_native(c.get("vision_config") or {}), language_from_hf(text, family),
+                     select_layer=layer, downsample_ratio=c.get("downsample_ratio", 0.5), ps_version="v2",
+                     image_token_id=c.get("image_token_id", 151667))
+
+
+def chat_to_native(cfg: ml_collections.ConfigDict) -> dict:
+  _require(cfg.mode == "replace", "only 'replace'-mode chat models (InternVL 1.5+) export to transformers")
+  _require(cfg.ps_version == "v2", "transformers' InternVL implements pixel shuffle v2 only")
+  v = cfg.vision
+  text = language_to_hf(cfg.language)
+  text.pop("architectures")
+  tokens = int((v.image_size // v.patch_size * cfg.downsample_ratio) ** 2)
+  return dict(model_type="internvl", architectures=["InternVLForConditionalGeneration"],
+              vision_config=vision_to_native(v), text_config=text, image_token_id=cfg.image_token_id,
+              image_seq_length=tokens, downsample_ratio=cfg.downsample_ratio, projector_hidden_act="gelu",
+              vision_feature_layer=cfg.select_layer, vision_feature_select_strategy="default",
+              tie_word_embeddings=bool(cfg.language.tie_embeddings))
+
+
+# Fallback IMG_CONTEXT ids when the folder has no tokenizer files (DESIGN §5).
+DEFAULT_IMAGE_TOKEN = {"qwen2": 151667, "internlm2": 92546}
+
+
+def chat_from_opengvlab(c: dict, image_token_id: int | None) -> ml_collections.ConfigDict:
+  """OpenGVLab InternVLChatConfig (model_type 'internvl_chat')."""
+  _require(not c.get("use_backbone_lora") and not c.get("use_llm_lora"),
+           "checkpoints with unmerged LoRA weights (use_backbone_lora / use_llm_lora) are not supported; merge first")
+  llm_cfg = c.get("llm_config") or {}
+  family = language_family(llm_cfg)
+  if image_token_id is None:
+    if family not in DEFAULT_IMAGE_TOKEN:
+      raise ConversionError("no <IMG_CONTEXT> token id found (no tokenizer files) and no default for a "
+                            f"{family} language model; pass image_token_id=")
+    image_token_id = DEFAULT_IMAGE_TOKEN[family]
+    logging.warning("no tokenizer files: using the %s default IMG_CONTEXT id %d", family, image_token_id)
+  return chat_config(vision_from_opengvlab(c.get("vision_config") or {}), language_from_hf(llm_cfg, family),
+                     select_layer=c.get("select_layer", -1), downsample_ratio=c.get("downsample_ratio", 0.5),
+                     ps_version=c.get("ps_version", "v1"), image_token_id=image_token_id)
+
+
+def language_family(c: dict) -> str:
+  """'llama' | 'qwen2' | 'internlm2' from a language config's model_type / architectures."""
+  names = [c.get("model_type") or ""] + list(c.get("architectures") or [])
+  text = " ".join(names).lower()
+  for family in ("internlm2", "qwen2", "llama"):
+    if family in text:
+      return family
+  raise ConversionError(f"unknown language model {names}; supported: LLaMA, Qwen2, InternLM2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InternVL-14B (InternVL-C / G): OpenGVLab InternVLConfig with vision_config + qllama_config
+
+
+def contrastive_from_14b(c: dict, variant: str = "g") -> ml_collections.ConfigDict:
+  """OpenGVLab InternVL-14B config -> presets.contrastive-shaped config (variant 'c' or 'g'; one checkpoint
+  holds both: 'c' leaves clip_projector2 unused)."""
+  _require(variant in ("c", "g"), f"InternVL-14B variant {variant!r} is not 'c' or 'g'")
+  _require(not c.get("use_backbone_lora") and not c.get("use_qllama_lora"),
+           "checkpoints with unmerged LoRA weights (use_backbone_lora / use_qllama_lora) are not supported")
+  q = dict(c.get("qllama_config") or {})
+  embed_dim = int(c.get("clip_embed_dim", 768))
+  heads = int(c.get("attn_pool_num_heads", 16))
+  vision = vision_from_opengvlab(c.get("vision_config") or {})
+  if c.get("force_image_size"):
+    vision.image_size = int(c["force_image_size"])
+  vision.pooling, vision.pool_heads, vision.pool_out_dim = "attention", heads, embed_dim
+  text = language_from_hf(q, "llama")
+  text.vision_width = vision.hidden_size
+  text.num_query_tokens = int(c.get("num_query_token", q.get("num_query_token", 96)))
+  text.cross_attention_frequency = int(c.get("cross_attention_frequency", q.get("cross_attention_frequency", 2)))
+  return ml_collections.ConfigDict(dict(
+      vision=vision, text=text, text_kind="qllama", variant=variant, embed_dim=embed_dim, text_pooling="last",
+      num_proj_layers=2, proj_dropout=0.0, query_pool_heads=heads, text_prefix="summarize:",
+      logit_scale_init=2.659260036932778))
+
+
+def contrastive_to_14b(cfg: ml_collections.ConfigDict) -> dict:
+  """An InternVL-C/G-shaped contrastive config -> OpenGVLab InternVL-14B config.json fields."""
+  _require(cfg.variant in ("c", "g") and cfg.text_kind == "qllama" and cfg.vision.pooling == "attention",
+           "only InternVL-C/G-shaped contrastive models export to the InternVL-14B layout")
+  _require(cfg.query_pool_heads == cfg.vision.pool_heads and cfg.vision.pool_out_dim == cfg.embed_dim,
+           "the InternVL-14B layout has one attn_pool_num_heads and clip_embed_dim for both pooling blocks")
+  v, t = cfg.vision, cfg.text
+  _require(v.qkv_fused, "the InternVL-14B layout stores the ViT qkv fused")
+  vision = dict(model_type="intern_vit_6b", architectures=["InternVisionModel"], hidden_size=v.hidden_size,
+                num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, intermediate_size=v.mlp_dim,
+                qkv_bias=v.qkv_bias, qk_normalization=v.qk_norm, norm_type=v.norm_type, layer_norm_eps=v.norm_eps,
+                initializer_factor=v.layer_scale_init, image_size=v.image_size, patch_size=v.patch_size,
+                num_channels=v.num_channels, hidden_act="gelu", drop_path_rate=v.drop_path_rate)
+  qllama = language_to_hf(t)
+  _require(qllama["model_type"] == "llama", "QLLaMA is a LLaMA: no q/k/v biases")
+  qllama.update(num_query_token=t.num_query_tokens, cross_attention_frequency=t.cross_attention_frequency)
+  return dict(model_type="internvl", architectures=["InternVLModel"], vision_config=vision, qllama_config=qllama,
+              clip_embed_dim=cfg.embed_dim, attn_pool_num_heads=cfg.query_pool_heads,
+              num_query_token=t.num_query_tokens, cross_attention_frequency=t.cross_attention_frequency,
+              force_image_size=v.image_size, use_backbone_lora=0, use_qllama_lora=0)

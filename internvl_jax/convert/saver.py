@@ -1,0 +1,94 @@
+"""save_pretrained: one of our models -> a transformers-native folder (config.json + safetensors) that
+`transformers` loads with from_pretrained, reporting no missing or unexpected keys.
+
+  InternViT     -> InternVLVisionModel (model_type internvl_vision)
+  Decoder       -> Qwen2ForCausalLM (q/k/v biases) or LlamaForCausalLM (none)
+  InternVLChat  -> InternVLForConditionalGeneration (model_type internvl)
+  InternVLContrastive (variant c / g) -> OpenGVLab InternVL-14B layout (transformers has no InternVL-C/G class)
+  anything else (e.g. a seed contrastive model) -> our own documented layout (own_layout_plan)
+The key maps are the loader's (keymaps.py) run backwards, so a save -> load round trip is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from flax import nnx
+
+from internvl_jax.convert import configs, families, files, keymaps
+from internvl_jax.convert.configs import ConversionError
+from internvl_jax.models import internvl, layers, llm, vit
+
+
+def export_plan(model: nnx.Module) -> tuple[dict, list]:
+  """(config.json dict, rules) of the transformers-native layout for `model`."""
+  cfg = model.config
+  if isinstance(model, vit.InternViT):
+    hf = configs.vision_to_native(cfg)
+    hf["architectures"] = ["InternVLVisionModel"]
+    return hf, keymaps.internvit_native(cfg)
+  if isinstance(model, llm.Decoder):
+    return configs.language_to_hf(cfg), keymaps.decoder_hf(cfg, "model", "", None if cfg.tie_embeddings else "lm_head")
+  if isinstance(model, internvl.InternVLChat):
+    head = None if cfg.language.tie_embeddings else "language_model.lm_head"
+    rules = (keymaps.internvit_native(cfg.vision, "vision_tower", "vision") + keymaps.projector_native()
+             + keymaps.decoder_hf(cfg.language, "language_model.model", "language", head))
+    return configs.chat_to_native(cfg), rules
+  if isinstance(model, internvl.InternVLContrastive) and cfg.variant in ("c", "g"):
+    hf = configs.contrastive_to_14b(cfg)  # InternVL-C/G: no transformers class; OpenGVLab's InternVL-14B layout
+    return hf, keymaps.internvl_14b(cfg, None if cfg.text.tie_embeddings else "qllama.lm_head")
+  return own_layout_plan(model)
+
+
+def own_layout_plan(model: nnx.Module) -> tuple[dict, list]:
+  """The internvl_jax layout, for models no PyTorch codebase defines (e.g. the seed contrastive design):
+  config.json {"model_type": "internvl_jax", "kind": ..., "config": <our ConfigDict>}, and one safetensors
+  tensor per parameter named by its nnx path (e.g. "vision.blocks.attn.qkv.kernel", layers stacked on axis 0,
+  Linear kernels [in, out]). load_pretrained reads it back."""
+  kind = families.model_kind(model)
+  hf = {"model_type": "internvl_jax", "kind": kind, "config": json.loads(model.config.to_json())}
+  return hf, families.own_layout_rules(type(model), model.config)
+
+
+def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
+                    max_shard_bytes: int = files.MAX_SHARD_BYTES) -> list[str]:
+  """Writes config.json and model.safetensors (or shards of at most max_shard_bytes with an index) to out_dir.
+
+  dtype: None keeps each parameter's dtype; 'float32' / 'bfloat16' / 'float16' (or a jnp dtype) casts every
+  tensor. Returns the safetensors files written."""
+  hf, rules = export_plan(model)
+  params = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  by_target = {r.target: r for r in rules}
+  if set(params) != set(by_target):  # a key-map bug, never a user error
+    raise AssertionError(f"export key map mismatch: {sorted(set(params) ^ set(by_target))[:5]}")
+  cast = None if dtype is None else np.dtype(layers.to_dtype(dtype))
+  entries = []
+  for target, value in params.items():
+    rule = by_target[target]
+    if rule.transform.save is None:
+      raise ConversionError(f"parameter {target} has no transformers layout to export to")
+    out_dtype = cast or np.dtype(value.dtype)
+    layer_shape = value.shape[1:] if rule.stacked else value.shape
+    shapes = rule.transform.source_shapes(layer_shape)
+    for i in (range(value.shape[0]) if rule.stacked else [None]):
+      names = rule.names(i)
+      for j, (name, shape) in enumerate(zip(names, shapes)):
+        entries.append((name, tuple(shape), out_dtype, _maker(rule.transform, value, i, j, out_dtype)))
+  entries.sort(key=lambda e: e[0])
+  written = files.write_safetensors(out_dir, entries, max_shard_bytes)
+  dtypes = {np.dtype(e[2]).name for e in entries}
+  hf["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+  return written
+
+
+def _maker(transform, value, i, j, dtype):
+  """Produces source tensor j of layer i only when the writer asks for it (one layer in host memory)."""
+  def make():
+    x = np.asarray(value[i] if i is not None else value)
+    return np.asarray(transform.save(x)[j]).astype(dtype)
+  return make
+

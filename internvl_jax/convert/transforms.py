@@ -1,0 +1,148 @@
+"""Tensor transforms between PyTorch checkpoint layouts and ours, one small object per kind of change.
+
+Each transform knows three things, so that one definition serves loading, saving and error messages:
+  load(*sources) -> ours        source tensors (PyTorch layout, numpy) -> our array (one layer)
+  save(ours) -> tuple(sources)  the inverse (None where a layout is read-only, e.g. InternLM2's wqkv)
+  source_shapes(ours_shape)     the shapes the checkpoint must hold for a given target shape
+All functions work on numpy arrays of any dtype (including ml_dtypes.bfloat16) and never copy more than needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Identity:
+  """Same layout (norm scales, biases, layer scales, embeddings)."""
+  arity = 1
+
+  def load(self, x):
+    return x
+
+  def save(self, y):
+    return (y,)
+
+  def source_shapes(self, shape):
+    return (tuple(shape),)
+
+
+class Linear:
+  """torch Linear weight [out, in] <-> our kernel [in, out]."""
+  arity = 1
+
+  def load(self, w):
+    return np.ascontiguousarray(w.T)
+
+  def save(self, k):
+    return (np.ascontiguousarray(k.T),)
+
+  def source_shapes(self, shape):
+    return (tuple(shape[::-1]),)
+
+
+class Conv:
+  """torch Conv2d weight [out, in, kh, kw] <-> our kernel [kh, kw, in, out]."""
+  arity = 1
+
+  def load(self, w):
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+  def save(self, k):
+    return (np.ascontiguousarray(k.transpose(3, 2, 0, 1)),)
+
+  def source_shapes(self, shape):
+    kh, kw, cin, cout = shape
+    return ((cout, cin, kh, kw),)
+
+
+class FuseLinear:
+  """n equal torch Linear weights [out/n, in] (e.g. q, k, v) <-> one fused kernel [in, out] (q, k, v columns)."""
+
+  def __init__(self, n: int):
+    self.arity = n
+
+  def load(self, *ws):
+    return np.ascontiguousarray(np.concatenate(ws, axis=0).T)
+
+  def save(self, k):
+    return tuple(np.ascontiguousarray(p.T) for p in np.split(k, self.arity, axis=1))
+
+  def source_shapes(self, shape):
+    d_in, d_out = shape
+    return ((d_out // self.arity, d_in),) * self.arity
+
+
+class FuseBias:
+  """n equal bias vectors [out/n] <-> one fused bias [out]."""
+
+  def __init__(self, n: int):
+    self.arity = n
+
+  def load(self, *bs):
+    return np.concatenate(bs, axis=0)
+
+  def save(self, b):
+    return tuple(np.split(b, self.arity, axis=0))
+
+  def source_shapes(self, shape):
+    return ((shape[0] // self.arity,),) * self.arity
+
+
+class SliceRows:
+  """One part of a fused torch Linear weight [n*out, in] -> our kernel [in, out] (read only).
+
+  Used for OpenGVLab InternViT's fused `qkv` when our model keeps q, k, v apart (qkv_fused=False)."""
+  arity = 1
+
+  def __init__(self, part: int, parts: int, bias: bool = False):
+    self.part, self.parts, self.bias = part, parts, bias
+    self.save = None
+
+  def load(self, w):
+    piece = np.split(w, self.parts, axis=0)[self.part]
+    return piece if self.bias else np.ascontiguousarray(piece.T)
+
+  def source_shapes(self, shape):
+    if self.bias:
+      return ((shape[0] * self.parts,),)
+    return ((shape[1] * self.parts, shape[0]),)
+
+
+class InternLM2QKV:
+  """InternLM2's fused `wqkv` -> our q, k or v kernel (read only).
+
+  wqkv is [num_kv * (g + 2) * hd, D] with rows grouped per KV head: for KV head j, the g query heads
+  j*g .. j*g+g-1, then k_j, then v_j (g = num_heads / num_kv). Query head h = j*g + i therefore sits in group j,
+  slot i, which is also the head order our grouped-query attention expects (head h reads KV head h // g).
+  """
+  arity = 1
+
+  def __init__(self, part: str, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False):
+    if part not in ("q", "k", "v"):
+      raise ValueError(f"InternLM2 wqkv part {part!r} is not 'q', 'k' or 'v'")
+    self.part, self.num_heads, self.num_kv, self.hd, self.bias = part, num_heads, num_kv_heads, head_dim, bias
+    self.groups = num_heads // num_kv_heads
+    self.save = None
+
+  def load(self, w):
+    g = self.groups
+    grouped = w.reshape((self.num_kv, g + 2, self.hd) + w.shape[1:])
+    piece = {"q": grouped[:, :g], "k": grouped[:, g], "v": grouped[:, g + 1]}[self.part]
+    piece = piece.reshape((-1,) + w.shape[1:])  # [heads * hd, D] or [heads * hd]
+    return piece if self.bias else np.ascontiguousarray(piece.T)
+
+  def source_shapes(self, shape):
+    rows = self.num_kv * (self.groups + 2) * self.hd
+    return ((rows,),) if self.bias else ((rows, shape[0]),)
+
+
+def fuse_internlm2_wqkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int, num_kv_heads: int,
+                        head_dim: int) -> np.ndarray:
+  """torch q [H*hd, D], k, v [Hkv*hd, D] -> InternLM2 `wqkv` [Hkv*(g+2)*hd, D]; the inverse of InternLM2QKV.
+  Used by tests (and anyone writing an InternLM2 checkpoint) to build the interleaved layout."""
+  g = num_heads // num_kv_heads
+  rest = q.shape[1:]
+  qs = q.reshape((num_kv_heads, g, head_dim) + rest)
+  ks = k.reshape((num_kv_heads, 1, head_dim) + rest)
+  vs = v.reshape((num_kv_heads, 1, head_dim) + rest)
+  return np.concatenate([qs, ks, vs], axis=1).reshape((-1,) + rest)

@@ -1,0 +1,70 @@
+"""Tiny transformers reference models with random weights, saved to temp folders, for the parity tests.
+
+Every parameter gets noise on top of transformers' init (which zeroes position embeddings and sets norms to 1),
+so a swapped, transposed or skipped tensor shows up in the outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56,
+              patch_size=14, layer_scale_init_value=0.5)
+VISION_VARIANTS = {
+    "layer_norm": dict(VISION, norm_type="layer_norm", attention_bias=True, use_qk_norm=False),  # 300M-style
+    "rms_qk_norm": dict(VISION, norm_type="rms_norm", attention_bias=False, use_qk_norm=True),  # 6B-style
+}
+QWEN2 = dict(model_type="qwen2", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+             rope_parameters={"rope_type": "default", "rope_theta": 500.0}, head_dim=16)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+  """Adds N(0, scale) noise to every parameter (deterministic)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for _, p in sorted(model.named_parameters()):
+      p.add_(torch.randn(p.shape, generator=g) * scale)
+  return model.eval()
+
+
+def errors(ours, ref) -> tuple[float, float]:
+  """(max abs error, max abs error / max |ref|) in float64."""
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  err = float(np.max(np.abs(ours - ref)))
+  return err, err / float(np.max(np.abs(ref)))
+
+
+def vision_model(variant: str, folder: str, seed: int = 0):
+  from transformers import InternVLVisionConfig, InternVLVisionModel
+  torch.manual_seed(seed)
+  model = randomize(InternVLVisionModel(InternVLVisionConfig(**VISION_VARIANTS[variant])), seed)
+  model.save_pretrained(folder)
+  return model
+
+
+def causal_lm(text: dict, folder: str, seed: int = 0):
+  from transformers import AutoConfig, AutoModelForCausalLM
+  torch.manual_seed(seed)
+  cfg = AutoConfig.for_model(**text)
+  cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = None
+  model = randomize(AutoModelForCausalLM.from_config(cfg), seed, scale=0.1)
+  model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
+  model.save_pretrained(folder)
+  return model
+
+
+def chat_model(text: dict, folder: str, seed: int = 0, image_token_id: int = 95, vision_variant: str = "layer_norm",
+               **extra):
+  from transformers import InternVLConfig, InternVLForConditionalGeneration
+  torch.manual_seed(seed)
+  text = dict(text, tie_word_embeddings=extra.pop("tie_word_embeddings", False))
+  cfg = InternVLConfig(vision_config=VISION_VARIANTS[vision_variant], text_config=text, image_token_id=image_token_id,
+                       tie_word_embeddings=text["tie_word_embeddings"], **extra)
+  model = randomize(InternVLForConditionalGeneration(cfg), seed, scale=0.1)
+  model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
+  model.save_pretrained(folder)
+  return model
