@@ -84,6 +84,12 @@ def build(spec: cases.Spec, compile_model: bool) -> Program:
           "chat_prefill": _chat_prefill, "chat_decode": _chat_decode}[spec.kind](spec, compile_model)
 
 
+def checkpointing(model: nn.Module) -> None:
+  """Activation checkpointing per layer (renamed in transformers 5.2x; older 5.x only has the old name)."""
+  enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+  enable()
+
+
 def _maybe_compile(model: nn.Module, compile_model: bool) -> Callable:
   return torch.compile(model) if compile_model else model
 
@@ -106,7 +112,7 @@ def _vit_fwdbwd(spec: cases.Spec, compile_model: bool) -> Program:
   from transformers import InternVLVisionModel
   model = _on_device(lambda: InternVLVisionModel(vision_config(spec.vision, spec.image_size))).train()
   if spec.vision.remat != "none":
-    model.gradient_checkpointing_enable()  # the JAX side rematerialises too (policy in the config)
+    checkpointing(model)  # the JAX side rematerialises too (policy in the config)
   run = _maybe_compile(model, compile_model)
   x = pixels(spec)
 
@@ -152,7 +158,7 @@ class Contrastive(nn.Module):
 def _vit_train(spec: cases.Spec, compile_model: bool) -> Program:
   model = _on_device(lambda: Contrastive(spec)).train()
   if spec.vision.remat != "none":
-    model.vision.gradient_checkpointing_enable()
+    checkpointing(model.vision)
   run = _maybe_compile(model, compile_model)
   # Same hyper-parameters as train_step.optimizer(); fused kernels where PyTorch has them (its fastest AdamW).
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05,
