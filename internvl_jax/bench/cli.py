@@ -91,7 +91,7 @@ def measure_machine(dry_run: bool) -> dict:
     source = "dense bf16 table (flops.py)" if peak else "unknown device: no peak, MFU not reported"
   return {"device": device, "platform": plat, "device_kind": dev.device_kind, "peak_tflops": peak,
           "peak_source": source, "matmul_tflops": rate, "matmul_desc": desc, "threads": threads,
-          "versions": _versions()}
+          "versions": _versions(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def _settings(args, platform: str) -> cases.Settings:

@@ -71,7 +71,7 @@ def _side_cells(side: Any) -> list[str]:
   if "items_per_s" not in side:
     why = side.get("error") or side.get("skipped") or "?"
     return [("error: " if "error" in side else "skipped: ") + why.splitlines()[0][:60]] + ["-"] * 3
-  return [_fmt(side["items_per_s"], ".2f"), _fmt(side["tflops"], ".3f"), _fmt(side["mfu"], ".1%"),
+  return [_fmt(side["items_per_s"], ".4g"), _fmt(side["tflops"], ".3g"), _fmt(side["mfu"], ".1%"),
           _fmt(side["compile_s"], ".1f")]
 
 
