@@ -194,7 +194,12 @@ def _in_worker(args, target: str, timeout: float | None, machine: dict | None = 
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "worker.json")
     try:
-      proc = subprocess.run(_worker_cmd(args, target, out, machine), timeout=timeout, stdout=sys.stderr)
+      # Worker progress goes to our stderr (stdout is for the table); inherit when stderr is not a real file.
+      try:
+        sink = sys.stderr.fileno()
+      except (AttributeError, OSError, ValueError):
+        sink = None
+      proc = subprocess.run(_worker_cmd(args, target, out, machine), timeout=timeout, stdout=sink)
     except subprocess.TimeoutExpired:
       return {"error": f"worker timed out after {timeout:.0f} s (deadline)"}
     if proc.returncode != 0 or not os.path.exists(out):
