@@ -1,0 +1,113 @@
+"""The benchmark tool: FLOP formulas against hand computations, case resolution, and the whole CLI (and the GPU
+script's argument handling) end to end on CPU with --dry-run. Timings themselves are never asserted: numbers
+come from the benchmark run, not from tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from internvl_jax.bench import cases, cli, flops, report
+from internvl_jax.models import presets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIDE_KEYS = {"items_per_s", "tflops", "mfu", "compile_s", "peak_bytes", "peak_kind", "frac_of_matmul"}
+
+
+def test_vit_flops_match_design_formula():
+  # DESIGN §8: per layer 24 N D^2 + 4 N^2 D for MLP ratio 4; InternViT-300M at 448 px ~0.72 TFLOP per image.
+  v = presets.vision("internvit_300m")
+  n, d = 1 + 32 * 32, 1024
+  hand = 24 * (24 * n * d**2 + 4 * n**2 * d) + 2 * 1024 * (14 * 14 * 3) * d  # 24 layers + patch conv
+  assert flops.vit_forward_flops(v, 448) == pytest.approx(hand, rel=1e-12)
+  assert flops.vit_forward_flops(v, 448) == pytest.approx(0.72e12, rel=0.01)
+  # InternViT-6B at 224 px, 48 layers: ~3.1 TFLOP.
+  assert flops.vit_forward_flops(presets.vision("internvit_6b"), 224) == pytest.approx(3.1e12, rel=0.02)
+
+
+def test_vit_flops_generalise_to_other_mlp_widths():
+  v = presets.vision("tiny")  # D 32, MLP 64 (ratio 2), 2 layers, 56 px -> 16 patches + CLS
+  v.mlp_dim = 96
+  n, d, m = 17, 32, 96
+  hand = 2 * (8 * n * d * d + 4 * n * d * m + 4 * n * n * d) + 2 * 16 * 588 * d
+  assert flops.vit_forward_flops(v, 56) == pytest.approx(hand, rel=1e-12)
+
+
+def test_decoder_flops_by_hand():
+  lm = presets.language("tiny")  # vocab 128, D 32, 2 layers, 4 heads of 8, 2 kv heads, MLP 64
+  per_layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64
+  assert flops.decoder_matmul_params(lm) == 2 * per_layer + 32 * 128
+  # 3 new tokens after a 10-token prompt attend to 11, 12, 13 keys.
+  expected = 2 * (2 * per_layer + 32 * 128) * 3 + 4 * 2 * 4 * 8 * (11 + 12 + 13)
+  assert flops.decode_flops(lm, 10, 3) == pytest.approx(expected, rel=1e-12)
+  # A causal 4-token prefill with logits for the last position only: keys 1 + 2 + 3 + 4.
+  expected = 2 * (2 * per_layer) * 4 + 2 * 32 * 128 + 4 * 2 * 4 * 8 * 10
+  assert flops.decoder_sequence_flops(lm, 4, causal=True, logits_positions=1) == pytest.approx(expected)
+
+
+def test_training_cases_count_three_forwards():
+  s = cases.Settings(dry_run=True)
+  fb = cases.build_spec("internvit_6b_fwdbwd_224", s)
+  assert fb.flops_per_call == pytest.approx(3 * fb.batch * flops.vit_forward_flops(fb.vision, fb.image_size))
+  tr = cases.build_spec("internvit_300m_train_224", s)
+  one = flops.contrastive_forward_flops(tr.vision, tr.image_size, tr.text, tr.text_len, tr.embed_dim)
+  assert tr.flops_per_call == pytest.approx(3 * tr.batch * one)
+
+
+def test_peak_table_and_case_resolution():
+  assert flops.table_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+  assert flops.table_peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert flops.table_peak_tflops("TPU v5 lite") == 197.0
+  assert flops.table_peak_tflops("cpu") is None
+  assert "internvit_6b_fwdbwd_224" not in cases.resolve_names(None, "cpu", dry_run=False)
+  assert cases.resolve_names(None, "gpu", dry_run=False)[0] == "internvit_300m_train_448"
+  assert cases.resolve_names(["chat_tiny_decode,internvit_300m_fwd_224"], "cpu", False) == [
+      "chat_tiny_decode", "internvit_300m_fwd_224"]
+  with pytest.raises(ValueError, match="unknown case"):
+    cases.resolve_names(["nope"], "cpu", False)
+
+
+def test_ratio_uses_faster_torch_variant():
+  rec = report.add_ratios({"jax": {"items_per_s": 12.0}, "torch": {"items_per_s": 4.0},
+                           "torch_compile": {"items_per_s": 6.0}})
+  assert (rec["ratio"], rec["ratio_eager"], rec["ratio_compile"]) == (2.0, 3.0, 2.0)
+  assert report.add_ratios({"jax": {"items_per_s": 1.0}, "torch": {"error": "x"}})["ratio"] is None
+
+
+def _check_result(result: dict, names: list[str]) -> None:
+  assert isinstance(result["device"], str) and result["platform"] == "cpu"
+  assert result["peak_tflops"] > 0 and result["matmul_tflops"] > 0
+  assert [c["name"] for c in result["cases"]] == names
+  for c in result["cases"]:
+    assert SIDE_KEYS <= set(c["jax"]), (c["name"], c["jax"])
+    assert c["jax"]["finite"], c["name"]
+    assert c["jax"]["items_per_s"] > 0 and c["jax"]["compile_s"] > 0 and c["jax"]["peak_bytes"] > 0
+    assert SIDE_KEYS <= set(c["torch"]), (c["name"], c["torch"])
+    assert c["ratio"] == pytest.approx(c["jax"]["items_per_s"] / c["torch"]["items_per_s"])
+    assert c["flops_per_call"] > 0 and c["unit"] in ("images", "tokens")
+
+
+@pytest.mark.slow
+def test_dry_run_every_case_end_to_end(tmp_path, capsys):
+  out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+  result = cli.main(["--dry-run", "--out", str(out), "--markdown", str(md)])
+  _check_result(json.loads(out.read_text()), list(cases.CASES))
+  assert result["dry_run"] and "| internvit_300m_fwd_224 |" in md.read_text()
+  assert "JAX / PT" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_script_arguments_on_cpu(tmp_path):
+  # The GPU script's own options (--cases gpu --isolate --torch-compile both --deadline-s ... --out ...) with one
+  # cheap case overriding the case list: parses, spawns a worker per case, writes JSON and markdown.
+  env = dict(os.environ, PYTHON=sys.executable, BENCH_OUT_DIR=str(tmp_path))
+  env.pop("OUT", None)
+  proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--dry-run", "--cases",
+                         "internvit_6b_fwdbwd_224"], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "bench_gpu.json").read_text())
+  _check_result(result, ["internvit_6b_fwdbwd_224"])
+  assert result["cases"][0]["torch_compile"] == {"skipped": "torch.compile is benchmarked on GPU only"}
+  assert (tmp_path / "bench_gpu.md").exists()
