@@ -16,7 +16,7 @@ IMAGE = 56  # 4 x 4 patches of 14 px; one shape per 2 x 2 patch cell
 
 
 def _vision(v):
-  v.hidden_size, v.num_layers, v.num_heads, v.mlp_dim, v.image_size = 64, 2, 4, 128, IMAGE
+  v.hidden_size, v.num_layers, v.num_heads, v.mlp_dim, v.image_size = 96, 3, 4, 192, IMAGE
   return v
 
 
@@ -24,12 +24,12 @@ def stage1():
   c = defaults.base_config("contrastive", "tiny")
   _vision(c.model.vision)
   t = c.model.text
-  t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.mlp_dim = 64, 2, 4, 4, 128
+  t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.mlp_dim = 96, 2, 4, 4, 192
   c.model.embed_dim = 64
   c.data.train.size, c.data.eval.size = 8000, 500
   c.data.max_text_len = 12
   c.batch_size, c.eval_batch_size = 64, 100
-  c.total_steps, c.warmup_steps, c.lr, c.weight_decay = 1500, 100, 2e-3, 0.01
+  c.total_steps, c.warmup_steps, c.lr, c.weight_decay = 2000, 100, 2e-3, 0.01
   c.log_every, c.eval_every, c.checkpoint_every = 50, 500, 500
   return c
 
@@ -43,7 +43,7 @@ def stage3():
   c.data.train.size, c.data.eval.size = 8000, 500
   c.data.max_text_len = 20
   c.batch_size, c.eval_batch_size = 64, 100
-  c.total_steps, c.warmup_steps, c.lr, c.weight_decay = 1000, 50, 2e-3, 0.01
+  c.total_steps, c.warmup_steps, c.lr, c.weight_decay = 800, 50, 2e-3, 0.01
   c.log_every, c.eval_every, c.checkpoint_every = 50, 500, 500
   return c
 

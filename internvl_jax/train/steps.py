@@ -71,7 +71,7 @@ def make_train_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict)
       return loss_fn(model, batch, key, cfg)
 
     (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
