@@ -45,6 +45,7 @@ def test_other_stages_run(tmp_path, config):
   assert out.returncode == 0, out.stderr[-3000:]
 
 
+@pytest.mark.slow  # two subprocesses, each compiling the model: minutes on a busy 2-core machine
 def test_one_and_eight_devices_give_the_same_step(tmp_path):
   res = {}
   for n in (1, 8):
