@@ -136,8 +136,7 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
       add(answer + tok.encode(end), train=True)
     else:
       raise BadRecord(f"turn {i} has role {role!r}, expected 'human' or 'gpt'")
-  image_end = len(ids)
-  if image_end > spec.max_text_len and sum(loss[:spec.max_text_len]) == 0:
+  if len(ids) > spec.max_text_len and sum(loss[:spec.max_text_len]) == 0:  # truncation left nothing to learn
     raise ValueError(f"max_text_len {spec.max_text_len} leaves no answer token after the prompt and "
                      f"{k * spec.tokens_per_tile} image tokens; raise --config.data.max_text_len")
   t = spec.max_text_len
