@@ -25,7 +25,10 @@ def _run(args, devices=1, timeout=240):
 @pytest.mark.parametrize("devices", [1, 8])
 def test_contrastive_tiny_runs(tmp_path, devices):
   wd = str(tmp_path / "run")
-  out = _run(["--config", "configs/contrastive.py:model=tiny", "--workdir", wd] + TINY, devices)
+  # on 8 devices also: bfloat16 compute (float32 parameters) on an fsdp x tensor mesh
+  extra = ([] if devices == 1 else ["--config.mesh.tensor=2", "--config.model.vision.dtype=bfloat16",
+                                    "--config.model.text.dtype=bfloat16"])
+  out = _run(["--config", "configs/contrastive.py:model=tiny", "--workdir", wd] + TINY + extra, devices)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"{devices} device(s)" in out.stdout
   records = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
@@ -68,3 +71,15 @@ def test_config_error_is_one_line(tmp_path):
               "--config.model.vision.num_heads=3"] + TINY)
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1].startswith("error: model.vision.num_heads=3")
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+  wd = str(tmp_path / "run")
+  out = _run(["--config", "configs/contrastive.py:model=tiny", "--workdir", wd] + TINY, 1)
+  assert out.returncode == 0, out.stderr[-3000:]
+  more = [a for a in TINY if not a.startswith("--config.total_steps")] + ["--config.total_steps=5"]
+  out = _run(["--config", "configs/contrastive.py:model=tiny", "--workdir", wd, "--config.mesh.tensor=2"] + more, 8)
+  assert out.returncode == 0, out.stderr[-3000:]
+  steps = [json.loads(l)["step"] for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert steps == [1, 2, 3, 4, 5]  # resumed at 3 on the 4 x 2 mesh, not restarted
