@@ -46,7 +46,12 @@ class InternVLContrastive(nnx.Module):
   def encode_image(self, pixel_values: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """pixel_values [B, H, W, 3] (normalised) -> unit-norm [B, embed_dim] float32."""
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-    out = self.vision(pixel_values, dropout_key=keys[0])
+    return self.image_features(self.vision(pixel_values, dropout_key=keys[0]), dropout_key=keys[1])
+
+  def image_features(self, out: vit.VisionOutput, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    """The image embedding from an InternViT output (so a caller that also needs the vision tokens, e.g. the
+    stage-2 caption loss, runs the tower once). -> unit-norm [B, embed_dim] float32."""
+    keys = (None, dropout_key)
     if self.config.variant == "seed":
       return l2_normalize(self.image_projection(out.pooler_output, keys[1]))
     feature = l2_normalize(out.pooler_output)

@@ -1,0 +1,114 @@
+"""grain pipelines: sharded per host, deterministic for a seed, resumable, with bad-record accounting.
+
+Training: source -> global shuffle (seed, reshuffled each epoch) -> repeat forever -> this host's slice
+(process_index::process_count) -> features (a per-example rng from grain's random_map, so augmentation is
+deterministic) -> drop bad records -> batch of batch_size / process_count. The iterator's state (a small dict)
+goes into every checkpoint, so a resumed run sees exactly the batches an uninterrupted run would.
+
+Evaluation: the whole eval split in order, in fixed-size batches (the last one padded, with a `valid` mask).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grain
+import jax
+import numpy as np
+
+from internvl_jax.data.transforms import BadRecord
+
+
+class DataError(RuntimeError):
+  """Too many bad records: training stops with this message."""
+
+
+class BadRecordTracker:
+  """Counts records seen and skipped; raises DataError once the skipped share exceeds max_fraction (after
+  min_seen records, so one early bad file does not stop a run). Thread-safe (grain reads with threads)."""
+
+  def __init__(self, max_fraction: float = 0.05, min_seen: int = 50, name: str = "train"):
+    self.max_fraction, self.min_seen, self.name = max_fraction, min_seen, name
+    self.seen = self.bad = 0
+    self.examples: list[str] = []
+    self._lock = threading.Lock()
+
+  def ok(self) -> None:
+    with self._lock:
+      self.seen += 1
+
+  def skip(self, record_id: str, reason: str) -> None:
+    with self._lock:
+      self.seen += 1
+      self.bad += 1
+      if len(self.examples) < 5:
+        self.examples.append(f"{record_id}: {reason}")
+      if self.bad <= 3:
+        logging.warning("skipping bad %s record %s: %s", self.name, record_id, reason)
+      if self.seen >= self.min_seen and self.bad > self.max_fraction * self.seen:
+        raise DataError(f"{self.bad} of {self.seen} {self.name} records are bad (more than "
+                        f"{self.max_fraction:.0%}; config.data.max_bad_fraction), e.g. {'; '.join(self.examples)}")
+
+  def summary(self) -> dict:
+    return {"records_seen": self.seen, "records_bad": self.bad}
+
+
+def _guarded(feature_fn, tracker: BadRecordTracker):
+  def fn(record, rng):
+    try:
+      out = feature_fn(record, rng)
+    except BadRecord as e:
+      tracker.skip(record.get("id", "?"), str(e))
+      return None
+    tracker.ok()
+    return out
+  return fn
+
+
+def train_dataset(source, feature_fn, *, global_batch: int, seed: int, tracker: BadRecordTracker,
+                  num_threads: int = 2) -> grain.IterDataset:
+  """An endless, host-sharded IterDataset of batches (dicts of numpy arrays, leading dim global_batch / hosts)."""
+  hosts, host = jax.process_count(), jax.process_index()
+  if global_batch % hosts:
+    raise ValueError(f"batch_size {global_batch} is not divisible by the {hosts} hosts; change --config.batch_size")
+  guarded = _guarded(feature_fn, tracker)
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  ds = ds[host::hosts]
+  ds = ds.random_map(lambda rec, rng: guarded(rec, rng), seed=seed + 1)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
+  return it.batch(global_batch // hosts, drop_remainder=True)
+
+
+def eval_batches(source, feature_fn, *, batch_size: int, limit: int | None = None,
+                 tracker: BadRecordTracker | None = None):
+  """Yields (batch, records) over the split in order: batch of exactly batch_size (zero-padded, with a bool
+  `valid` [batch_size]), records the source records used (for keys). Every host yields the whole split."""
+  n = len(source) if limit is None else min(limit, len(source))
+  tracker = tracker or BadRecordTracker(1.0, name="eval")
+  guarded = _guarded(feature_fn, tracker)
+  feats, recs = [], []
+  for i in range(n):
+    rec = source[i]
+    out = guarded(rec, None)
+    if out is None:
+      continue
+    feats.append(out)
+    recs.append(rec)
+    if len(feats) == batch_size:
+      yield _stack(feats, batch_size), recs
+      feats, recs = [], []
+  if feats:
+    yield _stack(feats, batch_size), recs
+
+
+def _stack(feats: list[dict], batch_size: int) -> dict:
+  out = {}
+  for k in feats[0]:
+    arr = np.stack([f[k] for f in feats])
+    pad = np.zeros((batch_size - len(feats),) + arr.shape[1:], arr.dtype)
+    out[k] = np.concatenate([arr, pad]) if len(pad) else arr
+  valid = np.zeros((batch_size,), bool)
+  valid[:len(feats)] = True
+  out["valid"] = valid
+  return out

@@ -1,0 +1,68 @@
+"""Training losses: symmetric InfoNCE with a learnable temperature, and a masked language-model loss.
+
+Both compute in float32 whatever the activation dtype. Under jit with a batch sharded over the mesh, the
+similarity matrix is formed over the *global* batch (XLA gathers the other shards' embeddings), so the
+negatives of every example are all other examples of the global batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array) -> tuple[jax.Array, dict]:
+  """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropies over the batch.
+
+  image_emb, text_emb: [B, E] (unit-norm, as the models return them); scale: [] the multiplier exp(s)
+  (already exponentiated). Row i of the logits [B, B] = scale * <image_i, text_j>; the target is j = i.
+  Returns (loss [], metrics with per-direction losses and in-batch top-1 accuracies).
+  """
+  img = image_emb.astype(jnp.float32)
+  txt = text_emb.astype(jnp.float32)
+  logits = jnp.asarray(scale, jnp.float32) * img @ txt.T  # [B, B]
+  labels = jnp.arange(logits.shape[0])
+  i2t = _cross_entropy(logits, labels)
+  t2i = _cross_entropy(logits.T, labels)
+  loss = 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
+  metrics = {
+      "loss_i2t": jnp.mean(i2t), "loss_t2i": jnp.mean(t2i),
+      "acc_i2t": jnp.mean(jnp.argmax(logits, axis=1) == labels), "acc_t2i": jnp.mean(jnp.argmax(logits, axis=0) == labels),
+      "logit_scale": jnp.asarray(scale, jnp.float32),
+  }
+  return loss, metrics
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """[N, C] float32 logits, [N] int labels -> [N] per-row cross-entropy (logsumexp form, stable)."""
+  picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def shift_for_next_token(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Targets for next-token prediction. input_ids, loss_mask [B, T] -> targets, mask [B, T] where position t
+  holds token t + 1 (and whether it counts); the last position never counts. Pair with logits [B, T, V]."""
+  targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+  mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+  return targets, mask.astype(bool)
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Token-mean cross-entropy over the positions where mask is true.
+
+  logits [B, T, V] (any float dtype, computed in float32), targets [B, T] int, mask [B, T] bool.
+  Returns (loss [], metrics: token accuracy, number of counted tokens, and per-example exact match, i.e. the
+  share of examples whose every counted token is the argmax; an example with no counted token counts as a match).
+  """
+  logits = logits.astype(jnp.float32)
+  mask = mask.astype(bool)
+  ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  n = jnp.sum(mask)
+  loss = jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(n, 1)
+  correct = jnp.argmax(logits, axis=-1) == targets
+  metrics = {
+      "token_acc": jnp.sum(correct & mask) / jnp.maximum(n, 1),
+      "exact_match": jnp.mean(jnp.all(correct | ~mask, axis=1)),
+      "tokens": n.astype(jnp.float32),
+  }
+  return loss, metrics

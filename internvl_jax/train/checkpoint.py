@@ -1,0 +1,80 @@
+"""Checkpoints with Orbax CheckpointManager: the train state plus the data iterator's state, saved together.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data}. Saves are asynchronous (training continues while arrays are
+written); the last `keep` are kept. Restoring takes the target's shardings, so a checkpoint written on one mesh
+restores onto another. Reading only the parameters of a checkpoint (to initialise another run) goes through
+numpy on the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ITEMS = ("state", "data")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """save / restore / latest_step over WORKDIR/checkpoints."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    """Starts an (async) save of state + data_state at `step`; returns whether a save started."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, target) -> tuple[dict, dict]:
+    """target: the state's ShapeDtypeStructs with shardings. Returns (state, data_state)."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+    out = self.manager.restore(step, args=args)
+    return out["state"], out["data"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def read_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """The model variables (params and frozen, merged into one nested dict of numpy arrays) of a workdir's
+  checkpoint (the latest unless `step`), with the step read. For initialising another run from it."""
+  root = checkpoint_dir(workdir)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"{workdir} holds no checkpoints/ folder; config.init.path must be a workdir of "
+                            "train.py (or a Hugging Face folder)")
+  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{root} holds no finished checkpoint; train longer or pick another config.init.path")
+  path = os.path.join(root, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta = checkpointer.metadata(path)
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+  wanted = {k: tree[k] for k in ("params", "frozen") if k in tree}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                               partial_restore=True))
+  manager.close()
+  return _deep_merge(out.get("params", {}), out.get("frozen", {})), step
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out

@@ -1,0 +1,101 @@
+"""Checks that turn config mistakes into one-line errors before anything compiles, and the small derivations of
+the model config from the data (vocabulary size, image token id, input size)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from internvl_jax import sharding
+from internvl_jax.train.state import TASKS
+
+
+class ConfigError(ValueError):
+  """A user-facing config mistake; the message names the field and the fix."""
+
+
+def input_size(cfg: ml_collections.ConfigDict) -> int:
+  """The image size fed to the model: config.model.image_size if set, else the vision preset's."""
+  return int(cfg.model.get("image_size", 0) or cfg.model.vision.image_size)
+
+
+def text_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  return cfg.model.language if cfg.task == "instruct" else cfg.model.text
+
+
+def tokens_per_tile(cfg: ml_collections.ConfigDict) -> int:
+  """Vision tokens a chat model makes of one tile: (S / patch * downsample_ratio)^2."""
+  grid = input_size(cfg) // cfg.model.vision.patch_size
+  return int(round(grid * cfg.model.downsample_ratio)) ** 2
+
+
+def adapt_model_to_tokenizer(cfg: ml_collections.ConfigDict, tok, *, built: bool) -> None:
+  """A tokenizer built for this run sets the text vocabulary (rounded up to a multiple of 8); a given one must fit
+  the model's. The chat model's image token id always comes from the tokenizer."""
+  text = text_config(cfg)
+  with cfg.unlocked():
+    if built:
+      text.vocab_size = int(math.ceil(tok.vocab_size / 8) * 8)
+      if cfg.task == "alignment" and cfg.model.get("caption_decoder"):
+        cfg.model.caption_decoder.vocab_size = text.vocab_size
+    elif tok.vocab_size > text.vocab_size:
+      raise ConfigError(f"tokenizer {tok.source} has {tok.vocab_size} tokens but model vocab_size is "
+                        f"{text.vocab_size}; use the model's own tokenizer (config.tokenizer)")
+    if cfg.task == "instruct":
+      cfg.model.image_token_id = tok.image_token_id
+
+
+def _heads(name: str, c: ml_collections.ConfigDict) -> None:
+  if c.hidden_size % c.num_heads:
+    raise ConfigError(f"model.{name}.num_heads={c.num_heads} does not divide model.{name}.hidden_size="
+                      f"{c.hidden_size}; pick a divisor")
+  if c.get("num_kv_heads") and c.num_heads % c.num_kv_heads:
+    raise ConfigError(f"model.{name}.num_kv_heads={c.num_kv_heads} does not divide model.{name}.num_heads="
+                      f"{c.num_heads}")
+
+
+def make_checked_mesh(cfg: ml_collections.ConfigDict):
+  try:
+    return sharding.make_mesh(dict(cfg.mesh))
+  except ValueError as e:
+    raise ConfigError(f"config.mesh {dict(cfg.mesh)} does not fit the {jax.device_count()} devices ({e}); "
+                      "set one axis to -1 or change the sizes") from None
+
+
+def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
+  """Raises ConfigError naming the first bad field."""
+  if cfg.task not in TASKS:
+    raise ConfigError(f"config.task={cfg.task!r} is not one of {TASKS}")
+  m = cfg.model
+  _heads("vision", m.vision)
+  _heads("language" if cfg.task == "instruct" else "text", text_config(cfg))
+  size, patch = input_size(cfg), m.vision.patch_size
+  if size % patch:
+    raise ConfigError(f"model.image_size={size} is not a multiple of the patch size {patch}; use a multiple")
+  if cfg.task == "instruct":
+    if m.mode != "replace":
+      raise ConfigError("model.mode must be 'replace' for instruct training (image tokens in the prompt)")
+    f = round(1 / m.downsample_ratio)
+    if (size // patch) % f:
+      raise ConfigError(f"model.image_size={size} gives a {size // patch}-patch grid that pixel shuffle "
+                        f"(downsample_ratio {m.downsample_ratio}) cannot halve; use a multiple of {patch * f}")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for field in ("batch_size", "eval_batch_size"):
+    if cfg[field] <= 0 or cfg[field] % shards:
+      raise ConfigError(f"config.{field}={cfg[field]} is not a positive multiple of the {shards} batch shards "
+                        f"(mesh data x fsdp); change it or config.mesh")
+  if cfg.batch_size % jax.process_count():
+    raise ConfigError(f"config.batch_size={cfg.batch_size} is not divisible by the {jax.process_count()} hosts")
+  if cfg.total_steps <= 0:
+    raise ConfigError(f"config.total_steps={cfg.total_steps} must be positive")
+  if cfg.grad_accum_steps < 1:
+    raise ConfigError(f"config.grad_accum_steps={cfg.grad_accum_steps} must be >= 1")
+  for field in ("log_every", "checkpoint_every", "eval_every"):
+    if cfg[field] < 0:
+      raise ConfigError(f"config.{field}={cfg[field]} must be >= 0 (0 = only at the end)")
+  for split in ("train", "eval"):
+    src = cfg.data[split].source
+    if src not in ("demo", "jsonl", "tfds", ""):
+      raise ConfigError(f"config.data.{split}.source={src!r} is not one of demo, jsonl, tfds")

@@ -1,0 +1,88 @@
+"""Default run configs shared by configs/*.py: every field train.py reads, with its default, in one place."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from internvl_jax.models import captioning, presets
+
+# stage -> (default learning rate, default warmup)
+_STAGE_LR = {"contrastive": (1e-3, 200), "alignment": (5e-4, 200), "instruct": (2e-4, 100)}
+
+# vision-tower names accepted as :model= for the image-text stages, mapped to a contrastive preset
+_VISION_ALIASES = {"internvit_300m": ("seed_300m", "internvit_300m"), "internvit_6b": ("internvl_c", None)}
+
+
+def parse_arg(arg: str | None) -> dict:
+  """'model=tiny,foo=bar' -> {'model': 'tiny', 'foo': 'bar'}."""
+  out = {}
+  for part in filter(None, (arg or "").split(",")):
+    if "=" not in part:
+      raise ValueError(f"config argument {part!r} is not key=value (e.g. configs/contrastive.py:model=tiny)")
+    k, v = part.split("=", 1)
+    out[k.strip()] = v.strip()
+  return out
+
+
+def model_config(task: str, name: str) -> ml_collections.ConfigDict:
+  """The model preset of a stage. Image-text stages: presets.contrastive names, plus internvit_300m / internvit_6b
+  (the vision tower with its usual text tower). Instruct: presets.chat names."""
+  if task == "instruct":
+    cfg = presets.chat(name)
+    cfg.freeze_vision = True
+  else:
+    preset, vision = _VISION_ALIASES.get(name, (name, None))
+    cfg = presets.contrastive(preset)
+    if vision:
+      cfg.vision = presets.vision(vision)
+    if task == "alignment" and cfg.variant == "seed":
+      cfg.caption_decoder = captioning.caption_decoder_config(cfg)
+  cfg.image_size = 0  # input size; 0 = the vision preset's (position embeddings are resized otherwise)
+  return cfg
+
+
+def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
+  lr, warmup = _STAGE_LR[task]
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.model_name = model
+  c.model = model_config(task, model)
+  c.tokenizer = ""  # a tokenizer.json; empty: build one from the training texts (saved in the workdir)
+  c.init = ml_collections.ConfigDict(dict(path="", partial=False))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ml_collections.ConfigDict(dict(source="demo", split="train", size=20000, path="", name="",
+                                                image_key="image", caption_key="captions.text"))
+  c.data.eval = ml_collections.ConfigDict(dict(source="demo", split="eval", size=512, path="", name="",
+                                               image_key="image", caption_key="captions.text"))
+  c.data.max_text_len = 64 if task == "instruct" else 32
+  c.data.max_tiles = 1  # instruct: tile slots per example (dynamic tiling when > 1)
+  c.data.template = "plain"  # 'plain' (our tokenizer's markers) | 'chatml' (Qwen2-style tokenizers)
+  c.data.augment = False  # random-resized-crop for training images
+  c.data.max_bad_fraction = 0.05
+  c.data.num_threads = 2
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.batch_size = 32  # global
+  c.eval_batch_size = 64
+  c.total_steps = 1000
+  c.grad_accum_steps = 1
+  c.lr = lr
+  c.warmup_steps = warmup
+  c.min_lr_ratio = 0.0
+  c.weight_decay = 0.05
+  c.b1, c.b2, c.eps = 0.9, 0.98, 1e-6
+  c.grad_clip = 1.0
+  c.caption_weight = 1.0  # alignment: loss = contrastive + caption_weight * caption LM loss
+  c.dropout_rng = True
+
+  c.seed = 0
+  c.log_every = 50
+  c.eval_every = 0  # 0 = at the end only
+  c.eval_limit = 0  # 0 = the whole eval split
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.max_bad_steps = 10  # non-finite steps in a row before training stops
+  c.progress = True
+  return c

@@ -1,0 +1,109 @@
+"""Initialising a run from another one (config.init): a workdir of train.py or a Hugging Face folder.
+
+Every parameter of the new model is looked up by its path (e.g. vision/blocks/attn/qkv/kernel):
+  copied   same path, same shape: the value is copied
+  partial  same path and rank, different shape, and init.partial=True: the overlapping leading block
+           [:min(a, b) per axis] is copied, the rest keeps its fresh initialisation (progressive scaling: a wider
+           or deeper model starts from a smaller one; with scanned layers the 'layers' axis is the first, so extra
+           layers stay fresh)
+  fresh    no such path in the source: freshly initialised
+With init.partial=False a shape mismatch is an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+
+from internvl_jax.train import checkpoint as checkpoint_lib
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, dict):
+      out.update(_flatten(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+def load_source(path: str) -> dict:
+  """Nested dict of numpy arrays from a train.py workdir or a Hugging Face folder."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.init.path={path} does not exist; give a train.py workdir or a HF folder")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    params, step = checkpoint_lib.read_params(path)
+    logging.info("init: read step %d of %s", step, path)
+    return params
+  if os.path.exists(os.path.join(path, "config.json")):
+    try:
+      from internvl_jax.convert import load_pretrained  # lands with the converters issue
+    except ImportError:
+      raise ImportError(f"config.init.path={path} is a Hugging Face folder, but this build has no "
+                        "internvl_jax.convert yet; initialise from a train.py workdir instead") from None
+    return load_pretrained(path)
+  raise FileNotFoundError(f"config.init.path={path} has neither checkpoints/ (a train.py workdir) nor "
+                          "config.json (a Hugging Face folder)")
+
+
+def merge_into(target: dict, source: dict, *, partial: bool) -> tuple[dict, list[tuple[str, str, str]]]:
+  """target: nested dict of arrays (the fresh model variables); source: nested dict of numpy arrays.
+  Returns (new nested dict of numpy arrays, table rows (path, status, detail))."""
+  flat_t, flat_s = _flatten(target), _flatten(source)
+  rows, out = [], {}
+  for path, fresh in flat_t.items():
+    src = flat_s.get(path)
+    if src is None:
+      rows.append((path, "fresh", str(tuple(fresh.shape))))
+      out[path] = fresh
+      continue
+    src = np.asarray(src)
+    if tuple(src.shape) == tuple(fresh.shape):
+      rows.append((path, "copied", str(tuple(fresh.shape))))
+      out[path] = src.astype(fresh.dtype)
+    elif partial and src.ndim == len(fresh.shape):
+      block = tuple(slice(0, min(a, b)) for a, b in zip(src.shape, fresh.shape))
+      value = np.array(fresh, copy=True)
+      value[block] = src[block].astype(value.dtype)
+      rows.append((path, "partial", f"{tuple(src.shape)} -> {tuple(fresh.shape)}"))
+      out[path] = value
+    else:
+      raise ValueError(f"init: parameter {path} has shape {tuple(src.shape)} in config.init.path but "
+                       f"{tuple(fresh.shape)} here; set config.init.partial=True to copy the overlap")
+  return _unflatten(out, target), rows
+
+
+def _unflatten(flat: dict, like: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in like.items():
+    path = f"{prefix}/{k}" if prefix else str(k)
+    out[k] = _unflatten(flat, v, path) if isinstance(v, dict) else flat[path]
+  return out
+
+
+def format_table(rows: list[tuple[str, str, str]]) -> str:
+  """The copied / partial / fresh table with a count line."""
+  width = max((len(r[0]) for r in rows), default=10)
+  lines = [f"{'parameter':<{width}}  {'status':<8}  shape"]
+  lines += [f"{p:<{width}}  {s:<8}  {d}" for p, s, d in rows]
+  counts = {s: sum(1 for r in rows if r[1] == s) for s in ("copied", "partial", "fresh")}
+  lines.append(f"init: {counts['copied']} copied, {counts['partial']} partial, {counts['fresh']} fresh")
+  return "\n".join(lines)
+
+
+def initialize(state: dict, setup, init_cfg) -> tuple[dict, list]:
+  """Replaces the state's params / frozen by values from init_cfg.path; returns (state, table rows)."""
+  source = load_source(init_cfg.path)
+  model_vars = {"params": state["params"], "frozen": state["frozen"]}
+  host = {k: jax.tree.map(np.asarray, v) for k, v in model_vars.items()}
+  new, rows = {}, []
+  for k in ("params", "frozen"):
+    new[k], r = merge_into(host[k], source, partial=init_cfg.get("partial", False))
+    rows += r
+  placed = jax.device_put(new, {"params": setup.shardings["params"], "frozen": setup.shardings["frozen"]})
+  return dict(state, **placed), rows

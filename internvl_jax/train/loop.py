@@ -1,0 +1,197 @@
+"""The training loop of one stage: setup, resume, steps, metrics, evaluation, checkpoints, preemption.
+
+run(cfg, workdir) -> final metrics. Rerunning with the same workdir resumes from the latest checkpoint, with the
+data iterator where it was, so the losses continue exactly as in an uninterrupted run. SIGTERM makes the loop
+save a checkpoint at the current step and return (train.py then exits 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from internvl_jax.data import features as features_lib
+from internvl_jax.data import pipeline, sources
+from internvl_jax.data import tokenizer as tokenizer_lib
+from internvl_jax.train import checkpoint as checkpoint_lib
+from internvl_jax.train import config_checks, evaluation, init_from, metrics as metrics_lib, state as state_lib
+from internvl_jax.train import steps as steps_lib
+
+
+class TrainingStopped(RuntimeError):
+  """Training cannot go on (too many non-finite steps); the last good checkpoint is kept."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. under some test runners): no handler
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def feature_spec(cfg: ml_collections.ConfigDict, *, train: bool) -> features_lib.FeatureSpec:
+  return features_lib.FeatureSpec(
+      task=cfg.task, image_size=config_checks.input_size(cfg), max_text_len=cfg.data.max_text_len,
+      tokens_per_tile=config_checks.tokens_per_tile(cfg) if cfg.task == "instruct" else 0,
+      max_tiles=cfg.data.get("max_tiles", 1), template=cfg.data.get("template", "plain"),
+      augment=train and cfg.data.get("augment", False))
+
+
+def _tokenizer(cfg, workdir: str, train_source):
+  """config.tokenizer if set; else the workdir's (a resumed run); else the init workdir's (a later stage); else
+  one built from the training texts. Returns (tokenizer, whether it sizes the model's vocabulary): a tokenizer
+  named in the config belongs to a pretrained model whose vocabulary is fixed; any other is ours and sets it."""
+  named = cfg.get("tokenizer", "")
+  init_tok = os.path.join(cfg.init.get("path", "") or "", "tokenizer.json")
+  path = named or ("" if os.path.exists(os.path.join(workdir, "tokenizer.json")) or not os.path.exists(init_tok)
+                   else init_tok)
+  tok = tokenizer_lib.load_or_build(path, workdir, train_source.texts)
+  if path and jax.process_index() == 0:  # eval.py looks for the tokenizer in the workdir
+    tok.save(os.path.join(workdir, "tokenizer.json"))
+  return tok, not named
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains one stage in workdir. Returns the last logged metrics (with the final evaluation)."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())  # a private, mutable copy
+  os.makedirs(workdir, exist_ok=True)
+  mesh = config_checks.make_checked_mesh(cfg)
+  image_size = config_checks.input_size(cfg)
+  train_source = sources.make_source(cfg.data.train, image_size)
+  tok, from_scratch = _tokenizer(cfg, workdir, train_source)
+  config_checks.adapt_model_to_tokenizer(cfg, tok, built=from_scratch)
+  config_checks.validate(cfg, mesh)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+
+  setup = state_lib.setup_state(cfg, cfg.model, mesh)
+  tracker = pipeline.BadRecordTracker(cfg.data.get("max_bad_fraction", 0.05), name="train")
+  train_features = features_lib.make_feature_fn(feature_spec(cfg, train=True), tok)
+  dataset = pipeline.train_dataset(train_source, train_features, global_batch=cfg.batch_size, seed=cfg.seed,
+                                   tracker=tracker, num_threads=cfg.data.get("num_threads", 2))
+  data_iter = iter(dataset)
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, setup.abstract_with_shardings())
+    data_iter.set_state(data_state)
+    logging.info("resumed from step %d of %s", latest, workdir)
+  else:
+    state = setup.create()
+    if cfg.init.get("path"):
+      state, rows = init_from.initialize(state, setup, cfg.init)
+      table = init_from.format_table(rows)
+      print(table, flush=True)
+      with open(os.path.join(workdir, "init_table.txt"), "w") as f:
+        f.write(table + "\n")
+
+  final_path = os.path.join(workdir, "final_metrics.json")
+  if int(state["step"]) >= cfg.total_steps and os.path.exists(final_path):
+    ckpt.close()
+    print(f"{workdir} already finished {int(state['step'])} steps; raise config.total_steps to train on")
+    with open(final_path) as f:
+      return dict(json.load(f), step=int(state["step"]), preempted=0.0)
+
+  train_step = steps_lib.make_train_step(setup, cfg)
+  evaluate = _make_evaluator(cfg, setup, tok, mesh)
+  log = metrics_lib.MetricsLog(workdir)
+  batch_sh = steps_lib.batch_sharding(mesh)
+  step = int(state["step"])
+  total = cfg.total_steps
+  last: dict = {}
+  t_last, n_last = time.time(), step
+  bar = tqdm(total=total, initial=step, desc=os.path.basename(os.path.normpath(workdir)) or "train",
+             disable=jax.process_index() != 0 or not cfg.get("progress", True), dynamic_ncols=True)
+  with _Preemption() as preempt:
+    while step < total:
+      batch = next(data_iter)
+      batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+      state, m = train_step(state, batch)
+      step += 1
+      bar.update(1)
+      log_now = (cfg.log_every and step % cfg.log_every == 0) or step == total
+      eval_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == total
+      if log_now or eval_now:
+        record = {k: float(v) for k, v in jax.device_get(m).items()}
+        now = time.time()
+        record["images_per_s"] = (step - n_last) * cfg.batch_size / max(now - t_last, 1e-9)
+        record["skipped_steps"] = float(state["skipped"])
+        record.update(tracker.summary())
+        t_last, n_last = now, step
+        if eval_now:
+          record.update(evaluate(state))
+        log.write(step, record)
+        last = record
+        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr", "images_per_s", "i2t_r1", "t2i_r1",
+                                                          "exact_match") if k in record}, refresh=False)
+        if int(state["bad_steps"]) >= cfg.max_bad_steps:
+          bar.close()
+          ckpt.close()
+          raise TrainingStopped(f"{int(state['bad_steps'])} steps in a row had a non-finite loss or gradient "
+                                f"(config.max_bad_steps={cfg.max_bad_steps}); lower config.lr or check the data. "
+                                f"The last good checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} is kept")
+      if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total or preempt.requested:
+        ckpt.save(step, state, data_iter.get_state(), force=True)
+      if preempt.requested:
+        logging.warning("SIGTERM: saved step %d, stopping", step)
+        print(f"preempted: checkpoint saved at step {step} in {workdir}; rerun the same command to resume",
+              flush=True)
+        break
+  bar.close()
+  ckpt.close()
+  log.close()
+  if jax.process_index() == 0 and log.history:
+    metrics_lib.plot_curves(log.history, os.path.join(workdir, "curves.png"))
+  if step >= total and jax.process_index() == 0:
+    with open(final_path, "w") as f:
+      json.dump(last, f, indent=2)
+  return dict(last, step=step, preempted=float(step < total))
+
+
+def _make_evaluator(cfg, setup, tok, mesh):
+  """state -> eval metrics dict ({} when there is no eval split)."""
+  if not cfg.data.eval.get("source"):
+    return lambda state: {}
+  source = sources.make_source(cfg.data.eval, config_checks.input_size(cfg))
+  feats = features_lib.make_feature_fn(feature_spec(cfg, train=False), tok)
+  kw = dict(batch_size=cfg.eval_batch_size, mesh=mesh, limit=cfg.get("eval_limit", None) or None)
+  if cfg.task == "instruct":
+    eval_step = steps_lib.make_lm_eval_step(setup, cfg)
+    return lambda state: evaluation.evaluate_lm(eval_step, state, source, feats, **kw)
+  embed_step = steps_lib.make_embed_step(setup)
+  return lambda state: evaluation.evaluate_retrieval(embed_step, state, source, feats, **kw)
+
+
+def summarize(name: str, result: dict, seconds: float) -> str:
+  keys = ("loss", "i2t_r1", "t2i_r1", "exact_match", "eval_loss")
+  cells = "  ".join(f"{k}={result[k]:.4f}" for k in keys if k in result)
+  return f"{name:<10} steps={int(result.get('step', 0)):<6} time={seconds:6.1f}s  {cells}"
+
+
+def np_tree_equal(a, b) -> bool:
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -1,0 +1,118 @@
+"""Loss functions of the three stages and the jitted train / eval steps.
+
+A loss function takes (model, batch, dropout_key, cfg) and returns (loss, metrics). The train step
+differentiates it with respect to the trainable parameters only, applies the optimizer, and skips the update
+(keeping parameters and optimizer state) when the loss or the gradient norm is not finite.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from internvl_jax import losses
+from internvl_jax.train import state as state_lib
+
+
+def contrastive_loss_fn(model, batch: dict, key, cfg):
+  """Stage 1. batch: pixel_values [B, S, S, 3], input_ids / attention_mask [B, T]."""
+  img, txt, scale = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], dropout_key=key)
+  return losses.contrastive_loss(img, txt, scale)
+
+
+def alignment_loss_fn(model, batch: dict, key, cfg):
+  """Stage 2: contrastive + caption_weight * caption LM loss on the same batch (one pass of the vision tower)."""
+  k1, k2 = (None, None) if key is None else tuple(jax.random.split(key))
+  out = model.vision(batch["pixel_values"], dropout_key=k1)
+  img = model.image_features(out, dropout_key=k2)
+  txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+  c_loss, metrics = losses.contrastive_loss(img, txt, jnp.exp(model.logit_scale[...]))
+  logits = model.caption_logits(out, batch["input_ids"], batch["attention_mask"])
+  targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["attention_mask"])
+  g_loss, g_metrics = losses.lm_loss(logits, targets, mask)
+  metrics.update({"loss_contrastive": c_loss, "loss_caption": g_loss, "caption_token_acc": g_metrics["token_acc"]})
+  return c_loss + cfg.caption_weight * g_loss, metrics
+
+
+def instruct_loss_fn(model, batch: dict, key, cfg):
+  """Stage 3: LM loss on answer tokens only. batch: pixel_values [B, K, S, S, 3] (K tile slots), input_ids /
+  attention_mask / loss_mask [B, T]."""
+  px = batch["pixel_values"]
+  out = model(batch["input_ids"], px.reshape((-1,) + px.shape[2:]), batch["attention_mask"])
+  targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+  return losses.lm_loss(out.logits, targets, mask)
+
+
+LOSS_FNS = {"contrastive": contrastive_loss_fn, "alignment": alignment_loss_fn, "instruct": instruct_loss_fn}
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over ('data', 'fsdp'); the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def make_train_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict) -> Callable:
+  """jit(state, batch) -> (state, metrics); the state is donated."""
+  loss_fn = LOSS_FNS[cfg.task]
+  graphdef = setup.graphdef
+  base_key = jax.random.key(cfg.seed)
+  accum = cfg.get("grad_accum_steps", 1)
+
+  def step(state, batch):
+    key = jax.random.fold_in(base_key, state["step"]) if cfg.get("dropout_rng", True) else None
+
+    def compute(params):
+      model = state_lib.merge_model(graphdef, {"params": params, "frozen": state["frozen"]})
+      return loss_fn(model, batch, key, cfg)
+
+    (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = dict(state, step=state["step"] + 1, params=keep(params, state["params"]),
+                     opt_state=keep(opt_state, state["opt_state"]),
+                     bad_steps=jnp.where(finite, 0, state["bad_steps"] + 1),
+                     skipped=state["skipped"] + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=setup.schedule(state["step"] // accum),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(setup.shardings, batch_sharding(setup.mesh)),
+                 out_shardings=(setup.shardings, None), donate_argnums=0)
+
+
+def make_embed_step(setup: state_lib.StateSetup) -> Callable:
+  """jit(params, frozen, batch) -> (image embeddings [B, E], text embeddings [B, E]) for contrastive models."""
+
+  def embed(params, frozen, batch):
+    model = state_lib.merge_model(setup.graphdef, {"params": params, "frozen": frozen})
+    return model.encode_image(batch["pixel_values"]), model.encode_text(batch["input_ids"], batch["attention_mask"])
+
+  return jax.jit(embed, in_shardings=(setup.shardings["params"], setup.shardings["frozen"],
+                                      batch_sharding(setup.mesh)))
+
+
+def make_lm_eval_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict) -> Callable:
+  """jit(params, frozen, batch) -> per-example (loss sum [B], counted tokens [B], exact match [B] bool).
+  Exact match is teacher-forced: every answer token (and the end-of-turn token) is the argmax given the true
+  prefix, which for greedy decoding is the same as generating exactly the answer."""
+
+  def evaluate(params, frozen, batch):
+    model = state_lib.merge_model(setup.graphdef, {"params": params, "frozen": frozen})
+    px = batch["pixel_values"]
+    out = model(batch["input_ids"], px.reshape((-1,) + px.shape[2:]), batch["attention_mask"])
+    targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+    logits = out.logits.astype(jnp.float32)
+    ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    correct = (jnp.argmax(logits, -1) == targets) | ~mask
+    return jnp.sum(jnp.where(mask, ce, 0.0), 1), jnp.sum(mask, 1), jnp.all(correct, 1) & jnp.any(mask, 1)
+
+  return jax.jit(evaluate, in_shardings=(setup.shardings["params"], setup.shardings["frozen"],
+                                         batch_sharding(setup.mesh)))
