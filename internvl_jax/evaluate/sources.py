@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from internvl_jax.data import transforms
+from internvl_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (one definition, re-exported)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FLICKR30K_LIST = "flickr30k_test_karpathy.txt"
 COCO_KARPATHY_JSON = "coco_test_karpathy.json"
@@ -254,8 +255,8 @@ def load_image(path: str, size: int | tuple[int, int]) -> np.ndarray:
       img = img.convert("RGB")  # decodes fully, so a truncated file fails here, not later
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise ValueError(f"cannot decode image {path}: {e}") from e
-  img = img.resize((w, h), Image.Resampling.BICUBIC)
-  return ((np.asarray(img, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+  # The training pipeline's resize and normalisation, so a model is evaluated on exactly the pixels it trained on.
+  return transforms.normalize(transforms.resize(img, (h, w))).astype(np.float32)
 
 
 def load_images(paths: Sequence[str], size: int | tuple[int, int], num_threads: int = 4) -> np.ndarray:
