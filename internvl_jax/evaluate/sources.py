@@ -32,10 +32,12 @@ COCO_KARPATHY_JSON = "coco_test_karpathy.json"
 
 @dataclass
 class ImageTextSet:
-  """Images with one or more captions each: image_paths [N], texts [M] (raw, unprocessed), txt2img [M] indices."""
+  """Images with one or more captions each: image_paths [N], texts [M] (raw, unprocessed), txt2img [M] indices,
+  groups: optional [N] ids of interchangeable images (retrieval.recall_from_topk's image_groups; the demo)."""
   image_paths: list[str]
   texts: list[str]
   txt2img: list[int]
+  groups: list | None = None
 
   def references(self) -> list[list[str]]:
     """The captions of each image, [N] lists (captioning references)."""
