@@ -88,3 +88,24 @@ def test_hf_chat_checkpoint_captions(tmp_path):
   result = json.load(open(out))
   report.validate_result(result)
   assert result["model"].startswith("hf:") and result["num_images"] == 4
+
+
+def test_hf_internvl_g_checkpoint_retrieves_with_the_summarize_prefix(tmp_path):
+  # InternVL-14B has no transformers class: the tiny OpenGVLab-layout checkpoint of the converter's tests.
+  import numpy as np
+  from safetensors.numpy import save_file
+  from test_convert_internvl14b import CONFIG, official_shapes
+  folder = tmp_path / "internvl_g"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  save_file({k: np.asarray(rng.standard_normal(v) * 0.3, np.float32) for k, v in official_shapes().items()},
+            str(folder / "model.safetensors"))
+  (folder / "config.json").write_text(json.dumps(CONFIG))
+  _tiny_tokenizer(str(folder / "tokenizer.json"), 95)
+  out = str(tmp_path / "retrieval.json")
+  res = _eval(["--task", "retrieval", "--hf", str(folder), "--data", "demo:4", "--out", out, "--batch_size", "4",
+               "--cache_dir", str(tmp_path / "cache")])
+  assert res.returncode == 0, res.stderr[-3000:]
+  result = json.load(open(out))
+  report.validate_result(result)
+  assert result["text_prefix"] == "summarize:" and result["num_texts"] == 8
