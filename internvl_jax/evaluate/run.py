@@ -144,7 +144,8 @@ def run_task(task: str, model: EvalModel, data_spec: str, *, out: str | None = N
   if task == "retrieval":
     result, res, texts = run_retrieval(model, data, data_spec, batch_size=batch_size, progress=progress)
     if gallery:
-      report.retrieval_gallery(gallery, data.image_paths, texts, data.txt2img, res.i2t_topk, res.t2i_topk)
+      report.retrieval_gallery(gallery, data.image_paths, texts, data.txt2img, res.i2t_topk, res.t2i_topk,
+                               image_groups=data.groups)
   elif task == "zeroshot":
     # the demo's classes are its captions: the model never saw photo-style templates, so the bare name is its prompt
     tmpl = zeroshot.load_templates(templates) if templates else (["{}"] if is_demo else None)
