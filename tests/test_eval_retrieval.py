@@ -130,3 +130,23 @@ def test_compute_embeddings_pads_last_batch_and_trims(rng):
   np.testing.assert_allclose(out, data * 2.0)
   with pytest.raises(ValueError, match="empty"):
     retrieval.compute_embeddings(embed_fn, [], progress=False)
+
+
+def test_image_groups_make_interchangeable_images_hits():
+  # Images 0 and 1 show the same scene (group "a"); image 2 is alone. One caption per image.
+  txt2img = [0, 1, 2]
+  # Image 0's best caption is caption 1 (image 1's): a miss per image, a hit per group.
+  # Caption 0's best image is image 1: likewise. Image 2 and caption 2 are right either way.
+  sims = np.array([[0.5, 0.9, 0.0],
+                   [0.9, 0.95, 0.0],
+                   [0.0, 0.1, 1.0]])
+  strict = retrieval.recall_from_similarity(sims, txt2img, ks=(1,))
+  grouped = retrieval.recall_from_similarity(sims, txt2img, ks=(1,), image_groups=["a", "a", "b"])
+  assert strict["image_to_text"]["R@1"] == pytest.approx(200 / 3)  # images 1, 2
+  assert strict["text_to_image"]["R@1"] == pytest.approx(200 / 3)  # captions 1, 2
+  assert grouped["image_to_text"]["R@1"] == 100.0 and grouped["text_to_image"]["R@1"] == 100.0
+  # groups equal to the image indices are the published protocol
+  same = retrieval.recall_from_similarity(sims, txt2img, ks=(1,), image_groups=[0, 1, 2])
+  assert same == strict
+  with pytest.raises(ValueError, match="one id per image"):
+    retrieval.recall_from_similarity(sims, txt2img, ks=(1,), image_groups=[0, 1])

@@ -7,5 +7,9 @@
   report      JSON result schemas, markdown tables, PNG galleries
   sources     readers for Flickr30K / COCO Karpathy test sets, class folders and JSONL records; image loading
 
-Model and file wiring (eval.py, training-time evaluation) only calls into these.
+Wiring (eval.py; train.py's in-loop retrieval calls retrieval directly):
+
+  models      load a train.py workdir or an HF folder; jitted embeddings, greedy chat answers
+  datasets    eval.py's --data strings (demo, jsonl, tfds, flickr30k, coco, class folders) -> the sets above
+  run         the four tasks end to end: result JSON, markdown table, galleries
 """

@@ -168,24 +168,27 @@ def _text_cell(ax, lines: Sequence[tuple[str, bool]], width: int = 60) -> None:
 
 def retrieval_gallery(path: str, image_paths: Sequence[str], texts: Sequence[str], txt2img: Sequence[int],
                       i2t_topk: np.ndarray, t2i_topk: np.ndarray, num_queries: int = 4, top: int = 5,
-                      load_image: Callable[[str], np.ndarray] = _thumbnail) -> None:
+                      load_image: Callable[[str], np.ndarray] = _thumbnail,
+                      image_groups: Sequence | None = None) -> None:
   """PNG with image->text queries (an image and its top captions; correct ones green) above text->image queries
   (a caption and its top images; green frame = the caption's image). i2t_topk int [N, >= top] caption indices,
-  t2i_topk int [M, >= top] image indices, as kept by retrieval.evaluate_retrieval."""
+  t2i_topk int [M, >= top] image indices, as kept by retrieval.evaluate_retrieval. image_groups [N]: images with
+  equal ids count as correct for each other (retrieval.recall_from_topk's rule)."""
   from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
-  txt2img = np.asarray(txt2img)
+  groups = np.arange(len(image_paths)) if image_groups is None else np.asarray(image_groups)
+  txt2img = groups[np.asarray(txt2img)]  # from here on: the group of each caption's image
   img_q, txt_q = query_indices(len(image_paths), num_queries), query_indices(len(texts), num_queries)
   rows = len(img_q) + len(txt_q)
   fig = Figure(figsize=(2.0 * (top + 1), 2.2 * rows))
   grid = fig.add_gridspec(rows, top + 1)
   for r, i in enumerate(img_q):
     _image_cell(fig.add_subplot(grid[r, 0]), load_image(image_paths[i]), title=f"image {i}")
-    hits = [(f"{n + 1}. {texts[j]}", txt2img[j] == i) for n, j in enumerate(i2t_topk[i][:top])]
+    hits = [(f"{n + 1}. {texts[j]}", txt2img[j] == groups[i]) for n, j in enumerate(i2t_topk[i][:top])]
     _text_cell(fig.add_subplot(grid[r, 1:]), hits)
   for r, j in enumerate(txt_q, start=len(img_q)):
     _text_cell(fig.add_subplot(grid[r, 0]), [(f"caption {j}: {texts[j]}", False)], width=28)
     for c, i in enumerate(t2i_topk[j][:top]):
-      _image_cell(fig.add_subplot(grid[r, c + 1]), load_image(image_paths[i]), ok=bool(i == txt2img[j]),
+      _image_cell(fig.add_subplot(grid[r, c + 1]), load_image(image_paths[i]), ok=bool(groups[i] == txt2img[j]),
                   title=f"{c + 1}. image {i}")
   fig.suptitle("retrieval: image->text (top rows), text->image (bottom rows)", fontsize=9)
   fig.tight_layout()

@@ -89,13 +89,26 @@ def blocked_topk(queries: jax.Array | np.ndarray, keys: jax.Array | np.ndarray, 
   return np.concatenate(values), np.concatenate(indices).astype(np.int32)
 
 
+def _check_groups(image_groups, num_images: int) -> np.ndarray:
+  if image_groups is None:
+    return np.arange(num_images)
+  groups = np.asarray(image_groups)
+  if groups.shape != (num_images,):
+    raise ValueError(f"image_groups must hold one id per image ({num_images}), got shape {groups.shape}")
+  return groups
+
+
 def recall_from_topk(i2t_topk: np.ndarray, t2i_topk: np.ndarray, txt2img: Sequence[int] | np.ndarray,
-                     ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[str, float]]:
+                     ks: Sequence[int] = DEFAULT_KS,
+                     image_groups: Sequence | np.ndarray | None = None) -> dict[str, dict[str, float]]:
   """Recall@k in percent from ranked index lists.
 
   i2t_topk: int [N, >= max(ks)] caption indices per image, best first; t2i_topk: int [M, >= max(ks)] image indices
   per caption; txt2img: int [M]. Image->text: a hit if ANY of the image's captions is in its top k, averaged over
   images. Text->image: a hit if the caption's image is in its top k, averaged over captions.
+  image_groups: optional [N] ids (ints or strings); images with equal ids are interchangeable, so a retrieved
+  image (or a caption of it) of the query's group counts as a hit. None = every image its own group (the
+  published protocol). The demo world needs it: different images of one scene share the same captions.
   """
   txt2img = np.asarray(txt2img, np.int64)
   i2t_topk, t2i_topk = np.asarray(i2t_topk), np.asarray(t2i_topk)
@@ -103,8 +116,10 @@ def recall_from_topk(i2t_topk: np.ndarray, t2i_topk: np.ndarray, txt2img: Sequen
   img2txt_from_txt2img(txt2img, num_images)  # validates: indices in range, every image has a caption
   if t2i_topk.shape[0] != txt2img.shape[0]:
     raise ValueError(f"t2i_topk has {t2i_topk.shape[0]} rows but txt2img has {txt2img.shape[0]} captions")
-  i2t_hits = txt2img[i2t_topk] == np.arange(num_images)[:, None]  # [N, k]: retrieved caption belongs to the image
-  t2i_hits = t2i_topk == txt2img[:, None]  # [M, k]: retrieved image is the caption's image
+  groups = _check_groups(image_groups, num_images)
+  text_groups = groups[txt2img]  # [M]: the group of each caption's image
+  i2t_hits = text_groups[i2t_topk] == groups[:, None]  # [N, k]: retrieved caption describes the image's group
+  t2i_hits = groups[t2i_topk] == text_groups[:, None]  # [M, k]: retrieved image is of the caption's group
   out = {"image_to_text": {}, "text_to_image": {}}
   for k in ks:
     # A top-k list shorter than k (fewer candidates than k) holds every candidate, so recall@k is its recall.
@@ -114,13 +129,14 @@ def recall_from_topk(i2t_topk: np.ndarray, t2i_topk: np.ndarray, txt2img: Sequen
 
 
 def recall_from_similarity(sims: np.ndarray | jax.Array, txt2img: Sequence[int] | np.ndarray,
-                           ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[str, float]]:
+                           ks: Sequence[int] = DEFAULT_KS,
+                           image_groups: Sequence | np.ndarray | None = None) -> dict[str, dict[str, float]]:
   """Recall@k from a full similarity matrix sims [N images, M captions] (small data and tests)."""
   sims = jnp.asarray(sims, jnp.float32)
   k = max(ks)
   _, i2t = jax.lax.top_k(sims, min(k, sims.shape[1]))
   _, t2i = jax.lax.top_k(sims.T, min(k, sims.shape[0]))
-  return recall_from_topk(np.asarray(i2t), np.asarray(t2i), txt2img, ks)
+  return recall_from_topk(np.asarray(i2t), np.asarray(t2i), txt2img, ks, image_groups)
 
 
 class RetrievalResult(NamedTuple):
@@ -135,14 +151,15 @@ class RetrievalResult(NamedTuple):
 
 def evaluate_retrieval(image_emb: np.ndarray | jax.Array, text_emb: np.ndarray | jax.Array,
                        txt2img: Sequence[int] | np.ndarray, ks: Sequence[int] = DEFAULT_KS,
-                       block_size: int = 512) -> RetrievalResult:
+                       block_size: int = 512, image_groups: Sequence | np.ndarray | None = None) -> RetrievalResult:
   """Cosine-similarity retrieval in both directions. image_emb [N, E], text_emb [M, E] (any float dtype; they are
-  L2-normalised here), txt2img int [M]. Keeps the top max(ks) per query for recall and for galleries."""
+  L2-normalised here), txt2img int [M], image_groups optional [N] (see recall_from_topk). Keeps the top max(ks)
+  per query for recall and for galleries."""
   image_emb, text_emb = l2_normalize(image_emb), l2_normalize(text_emb)
   k = max(ks)
   i2t_scores, i2t_topk = blocked_topk(image_emb, text_emb, k, block_size)
   t2i_scores, t2i_topk = blocked_topk(text_emb, image_emb, k, block_size)
-  metrics = recall_from_topk(i2t_topk, t2i_topk, txt2img, ks)
+  metrics = recall_from_topk(i2t_topk, t2i_topk, txt2img, ks, image_groups)
   return RetrievalResult(metrics, i2t_topk, i2t_scores, t2i_topk, t2i_scores)
 
 

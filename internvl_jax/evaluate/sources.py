@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from internvl_jax.data import transforms
+from internvl_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (one definition, re-exported)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FLICKR30K_LIST = "flickr30k_test_karpathy.txt"
 COCO_KARPATHY_JSON = "coco_test_karpathy.json"
@@ -31,10 +32,12 @@ COCO_KARPATHY_JSON = "coco_test_karpathy.json"
 
 @dataclass
 class ImageTextSet:
-  """Images with one or more captions each: image_paths [N], texts [M] (raw, unprocessed), txt2img [M] indices."""
+  """Images with one or more captions each: image_paths [N], texts [M] (raw, unprocessed), txt2img [M] indices,
+  groups: optional [N] ids of interchangeable images (retrieval.recall_from_topk's image_groups; the demo)."""
   image_paths: list[str]
   texts: list[str]
   txt2img: list[int]
+  groups: list | None = None
 
   def references(self) -> list[list[str]]:
     """The captions of each image, [N] lists (captioning references)."""
@@ -254,8 +257,8 @@ def load_image(path: str, size: int | tuple[int, int]) -> np.ndarray:
       img = img.convert("RGB")  # decodes fully, so a truncated file fails here, not later
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise ValueError(f"cannot decode image {path}: {e}") from e
-  img = img.resize((w, h), Image.Resampling.BICUBIC)
-  return ((np.asarray(img, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+  # The training pipeline's resize and normalisation, so a model is evaluated on exactly the pixels it trained on.
+  return transforms.normalize(transforms.resize(img, (h, w))).astype(np.float32)
 
 
 def load_images(paths: Sequence[str], size: int | tuple[int, int], num_threads: int = 4) -> np.ndarray:

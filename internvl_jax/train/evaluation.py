@@ -1,6 +1,7 @@
-"""In-loop evaluation on the eval split: retrieval R@1 for contrastive stages, loss and exact match for the
-instruct stage. (The full protocols — R@5/10, several captions per image, zero-shot classification — belong to
-eval.py; this is the quick signal printed while training.)"""
+"""In-loop evaluation on the eval split: retrieval R@1 for contrastive stages (scored by evaluate.retrieval, the
+evaluator eval.py uses; the embeddings come from the sharded train-state step), loss and exact match for the
+instruct stage. (The full protocols — R@5/10, several captions per image, zero-shot classification, generated
+captions and answers — run in eval.py; this is the quick signal printed while training.)"""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from internvl_jax.data import pipeline
+from internvl_jax.evaluate import retrieval
 from internvl_jax.train import steps
 
 
@@ -26,12 +28,11 @@ def _host(x) -> np.ndarray:
 
 
 def retrieval_r1(image_emb: np.ndarray, text_emb: np.ndarray, keys: list[str]) -> dict:
-  """R@1 both ways with one caption per image. A retrieved item is a hit when its key equals the query's (the
-  demo has several images of the same scene, which all match the same caption). emb: [N, E] unit-norm."""
-  keys = np.asarray(keys)
-  sim = image_emb.astype(np.float32) @ text_emb.astype(np.float32).T  # [N images, N texts]
-  return {"i2t_r1": float(np.mean(keys[np.argmax(sim, axis=1)] == keys)),
-          "t2i_r1": float(np.mean(keys[np.argmax(sim, axis=0)] == keys))}
+  """R@1 both ways, as fractions, with one caption per image, through eval.py's evaluator
+  (evaluate.retrieval): a retrieved item is a hit when its key equals the query's (the demo has several images
+  of the same scene, which all match the same caption). emb: [N, E] float, keys: [N]."""
+  res = retrieval.evaluate_retrieval(image_emb, text_emb, np.arange(len(keys)), ks=(1,), image_groups=list(keys))
+  return {"i2t_r1": res.metrics["image_to_text"]["R@1"] / 100.0, "t2i_r1": res.metrics["text_to_image"]["R@1"] / 100.0}
 
 
 def evaluate_retrieval(embed_step, state: dict, source, feature_fn, *, batch_size: int, mesh,

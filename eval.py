@@ -1,0 +1,57 @@
+"""Evaluate a checkpoint with the published protocols (docs/eval.md):
+
+  python eval.py --task {retrieval,zeroshot,caption,vqa} (--workdir DIR | --hf DIR) --data SOURCE [--out FILE.json]
+                 [--batch_size N] [--image_size N] [--classnames FILE] [--templates FILE]
+
+SOURCE: demo[:N] | jsonl:PATH | tfds:NAME[:SPLIT] | flickr30k:ROOT | coco:ROOT | a folder of class sub-folders.
+--workdir: a train.py workdir (its latest checkpoint; for a multi-stage run such as the demo, the stage whose
+model fits the task). --hf: a local Hugging Face folder with config.json, safetensors and tokenizer.json.
+Prints a markdown table; --out writes the JSON (and, for retrieval / zeroshot, a PNG gallery beside it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("task", None, ["retrieval", "zeroshot", "caption", "vqa"], "what to evaluate")
+flags.DEFINE_string("workdir", None, "a train.py workdir (latest checkpoint, config.json, tokenizer.json)")
+flags.DEFINE_string("hf", None, "a local Hugging Face checkpoint folder (with tokenizer.json)")
+flags.DEFINE_string("data", None, "demo[:N] | jsonl:PATH | tfds:NAME[:SPLIT] | flickr30k:ROOT | coco:ROOT | FOLDER")
+flags.DEFINE_string("out", None, "result JSON path (a .png gallery is written beside it for retrieval / zeroshot)")
+flags.DEFINE_integer("batch_size", 64, "images (or texts) per model call")
+flags.DEFINE_integer("image_size", 0, "input size; 0 = the checkpoint's (a different size resizes position "
+                     "embeddings only where the model supports it: use with care)")
+flags.DEFINE_string("classnames", None, "zeroshot: class names, one per line (default: the data's, else ImageNet-1k)")
+flags.DEFINE_string("templates", None, "zeroshot: prompt templates with {}, one per line (default: CLIP's 80)")
+flags.DEFINE_string("vqa_suffix", None, "vqa: text after the question (default: InternVL's short-answer "
+                    "instruction; none for the demo)")
+flags.DEFINE_integer("max_new_tokens", None, "caption / vqa: tokens to generate (default 30 / 10)")
+flags.DEFINE_string("cache_dir", None, "where demo / tfds images are written as PNG (default: the temp folder)")
+flags.DEFINE_bool("progress", True, "show progress bars")
+
+
+def main(argv):
+  del argv
+  if FLAGS.task is None or FLAGS.data is None or (FLAGS.workdir is None) == (FLAGS.hf is None):
+    raise app.UsageError("give --task, --data and exactly one of --workdir DIR or --hf DIR")
+  from internvl_jax.evaluate import models, run
+
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    model = models.load_hf(FLAGS.hf) if FLAGS.hf else models.load_workdir(FLAGS.workdir, FLAGS.task)
+    if FLAGS.image_size:
+      model.image_size = FLAGS.image_size
+    run.run_task(FLAGS.task, model, FLAGS.data, out=FLAGS.out, batch_size=FLAGS.batch_size,
+                 classnames=FLAGS.classnames, templates=FLAGS.templates, vqa_suffix=FLAGS.vqa_suffix,
+                 max_new_tokens=FLAGS.max_new_tokens, cache_dir=FLAGS.cache_dir, progress=FLAGS.progress)
+  except (FileNotFoundError, ImportError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,142 @@
+"""eval.py's --data SOURCE strings -> the evaluation sets of evaluate/sources.py.
+
+  demo[:N]              the demo world's eval split (N examples, default 500, drawn at the model's image size):
+                        captions (retrieval, caption), scene labels (zeroshot), one question each (vqa)
+  jsonl:PATH            caption / label / vqa records (sources.read_jsonl_*)
+  tfds:NAME[:SPLIT]     an image-caption tensorflow-datasets set (needs tensorflow-datasets installed)
+  flickr30k:ROOT        Flickr30K Karpathy test (ROOT/flickr30k_test_karpathy.txt, ROOT/Images)
+  coco:ROOT             COCO Karpathy test (ROOT/coco_test_karpathy.json)
+  folder:ROOT or ROOT   a folder of class sub-folders (zeroshot)
+
+Sets whose images are arrays (demo, tfds) are written once as PNG files under `cache_dir`, so every set is
+image paths and the evaluators, loaders and galleries see one form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+from internvl_jax.evaluate import sources
+
+DEMO_EVAL_SIZE = 500  # configs/demo.py's eval split
+KINDS = ("demo", "jsonl", "tfds", "flickr30k", "coco", "folder")
+
+
+def parse(spec: str) -> tuple[str, str]:
+  """'kind:arg' -> (kind, arg); a bare existing folder is ('folder', path)."""
+  kind, _, arg = spec.partition(":")
+  if kind in KINDS:
+    return kind, arg
+  if os.path.isdir(spec):
+    return "folder", spec
+  raise ValueError(f"--data {spec!r} is not one of demo[:N], jsonl:PATH, tfds:NAME[:SPLIT], flickr30k:ROOT, "
+                   "coco:ROOT or a folder of class sub-folders")
+
+
+def _write_images(images, folder: str) -> list[str]:
+  """uint8 [H, W, 3] arrays -> PNG paths under folder (lossless, so the pixels are the drawn ones); files that
+  already exist are reused (the folder name carries the source, size and count)."""
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for i, img in enumerate(images):
+    path = os.path.join(folder, f"{i:06d}.png")
+    if not os.path.exists(path):
+      Image.fromarray(np.asarray(img, np.uint8)).save(path)
+    paths.append(path)
+  return paths
+
+
+def _cache(cache_dir: str | None, key: str) -> str:
+  root = cache_dir or os.path.join(tempfile.gettempdir(), "internvl_jax_eval")
+  return os.path.join(root, hashlib.sha1(key.encode()).hexdigest()[:12])
+
+
+def demo_classnames() -> tuple[list[str], dict[str, int]]:
+  """Every demo scene as a class: names like "a red circle above a blue square" (the first caption form), and
+  the scene key -> class index map (264 classes: 12 x 11 object pairs x 2 relations)."""
+  from internvl_jax.data import demo
+  names, index = [], {}
+  for a in demo.OBJECTS:
+    for b in demo.OBJECTS:
+      if a == b:
+        continue
+      for relation in ("above", "left of"):
+        index[f"{a[0]} {a[1]}|{relation}|{b[0]} {b[1]}"] = len(names)
+        names.append(demo.describe(a, b, relation)[0])
+  return names, index
+
+
+def _demo(task: str, arg: str, image_size: int, cache_dir: str | None):
+  from internvl_jax.data import demo
+  try:
+    size = int(arg) if arg else DEMO_EVAL_SIZE
+  except ValueError:
+    raise ValueError(f"--data demo:{arg}: the size must be an integer, e.g. demo:100") from None
+  world = demo.DemoWorld("eval", size, image_size, cache=False)
+  records = [world[i] for i in range(size)]
+  paths = _write_images((r["image"] for r in records), _cache(cache_dir, f"demo/eval/{size}/{image_size}"))
+  if task in ("retrieval", "caption"):
+    texts, txt2img = [], []
+    for i, r in enumerate(records):
+      texts += r["captions"]
+      txt2img += [i] * len(r["captions"])
+    # images of one scene are interchangeable: they share their captions (retrieval.recall_from_topk)
+    return sources.ImageTextSet(paths, texts, txt2img, groups=[r["key"] for r in records])
+  if task == "zeroshot":
+    names, index = demo_classnames()
+    return sources.LabelSet(paths, [index[r["key"]] for r in records], names)
+  questions = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in records]
+  answers = [[r["conversations"][1]["value"]] for r in records]
+  return sources.VqaSet(paths, questions, answers, [r["id"] for r in records])
+
+
+def _tfds(task: str, arg: str, cache_dir: str | None):
+  if task not in ("retrieval", "caption"):
+    raise ValueError(f"--data tfds: serves image-caption sets only (retrieval, caption), not {task}; use jsonl:PATH")
+  try:
+    import tensorflow_datasets  # noqa: F401  (optional dependency)
+  except ImportError:
+    raise ImportError("--data tfds:NAME needs tensorflow-datasets: pip install tensorflow-datasets "
+                      "(or export the set as jsonl:PATH)") from None
+  from internvl_jax.data.sources import TfdsSource
+  name, _, split = arg.partition(":")
+  if not name:
+    raise ValueError("--data tfds: needs a dataset name, e.g. tfds:coco_captions:test")
+  source = TfdsSource(name, split or "test")
+  records = [source[i] for i in range(len(source))]
+  paths = _write_images((r["image"] for r in records), _cache(cache_dir, f"tfds/{name}/{split}/{len(records)}"))
+  texts, txt2img = [], []
+  for i, r in enumerate(records):
+    texts += r["captions"]
+    txt2img += [i] * len(r["captions"])
+  return sources.ImageTextSet(paths, texts, txt2img)
+
+
+def load(spec: str, task: str, image_size: int, cache_dir: str | None = None):
+  """The evaluation set of `task` from a --data string: ImageTextSet (retrieval, caption), LabelSet (zeroshot)
+  or VqaSet (vqa). A demo ImageTextSet also carries `groups` [N] (scene keys)."""
+  kind, arg = parse(spec)
+  if kind == "demo":
+    return _demo(task, arg, image_size, cache_dir)
+  if kind == "tfds":
+    return _tfds(task, arg, cache_dir)
+  if not arg:
+    raise ValueError(f"--data {kind}: needs a path, e.g. {kind}:/data/{kind}")
+  if kind == "jsonl":
+    if task == "zeroshot":
+      return sources.read_jsonl_labels(arg)
+    if task == "vqa":
+      return sources.read_jsonl_vqa(arg)
+    return sources.read_jsonl_captions(arg)
+  if kind == "folder":
+    if task != "zeroshot":
+      raise ValueError(f"a folder of class sub-folders is zeroshot data, not {task} data; use jsonl:PATH")
+    return sources.read_class_folders(arg)
+  if task not in ("retrieval", "caption"):
+    raise ValueError(f"--data {kind}: holds captions (retrieval, caption), not {task} data")
+  return sources.read_flickr30k(arg) if kind == "flickr30k" else sources.read_coco_karpathy(arg)

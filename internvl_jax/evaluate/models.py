@@ -1,0 +1,207 @@
+"""Models for evaluation: loading one (a train.py workdir or a local Hugging Face folder) with its tokenizer, and
+the jitted functions the evaluators call (image / text embeddings for contrastive models, greedy answers for chat
+models).
+
+  m = load_workdir(DIR, task)  # latest checkpoint of DIR (or of DIR/<stage> for a multi-stage run such as the demo)
+  m = load_hf(DIR)             # convert.load_pretrained + DIR/tokenizer.json
+  m.embed_images(pixels [B, S, S, 3] float32) -> [B, E] float32;  m.embed_texts(list of B str) -> [B, E] float32
+  m.generate(pixels [B, S, S, 3], prompts list of B str, max_new_tokens) -> list of B answers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from internvl_jax.data import features as features_lib
+from internvl_jax.data import tokenizer as tokenizer_lib
+from internvl_jax.models import internvl
+
+EMBED_TASKS = ("retrieval", "zeroshot")  # need a contrastive model
+CHAT_TASKS = ("caption", "vqa")  # need a chat model
+HF_MAX_TEXT_LEN = 80  # InternVL-C/G's published text length
+
+
+@dataclasses.dataclass
+class EvalModel:
+  """A loaded model and what the evaluators need to feed it.
+
+  kind: 'contrastive' | 'chat'; image_size: S of the model's square input; text_prefix: prepended to every text
+  embedded ('summarize:' for InternVL-C/G); max_text_len: token length texts are padded / cut to; template: the
+  chat template of data/features.py; tokens_per_tile: vision tokens per image for chat prompts; name: what was
+  loaded (recorded in the result JSON).
+  """
+  model: nnx.Module
+  kind: str
+  tokenizer: Any  # data.tokenizer.Tokenizer (chat models and our workdirs) or a raw tokenizers.Tokenizer
+  image_size: int
+  name: str
+  text_prefix: str = ""
+  max_text_len: int = 32
+  template: str = "plain"
+  tokens_per_tile: int = 0
+
+  def __post_init__(self):
+    graphdef, state = nnx.split(self.model)
+    self._graphdef, self._state = graphdef, state
+    # One jitted program per function; the state is an argument (not a constant) so it is not baked into the HLO.
+    self._img = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x)) if self.kind == "contrastive" else None
+    self._txt = (jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s).encode_text(ids, mask))
+                 if self.kind == "contrastive" else None)
+
+  def require(self, task: str) -> None:
+    want = "contrastive" if task in EMBED_TASKS else "chat"
+    if self.kind != want:
+      raise ValueError(f"task {task} needs a {want} model but {self.name} is a {self.kind} model; pass a "
+                       f"{'stage-1/2 (contrastive)' if want == 'contrastive' else 'stage-3 (instruct)'} checkpoint")
+
+  # ------------------------------------------------------------------------------------------ contrastive models
+
+  def embed_images(self, pixels: np.ndarray) -> np.ndarray:
+    """pixels float32 [B, S, S, 3] (normalised) -> unit-norm float32 [B, E]."""
+    return np.asarray(self._img(self._state, jnp.asarray(pixels)))
+
+  def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+    """Texts (text_prefix prepended) -> {"input_ids", "attention_mask"}: int32 [B, max_text_len], right-padded.
+    Our tokenizers get the training layout ([bos] text [eos]); others their own special tokens."""
+    n = self.max_text_len
+    ids = np.zeros((len(texts), n), np.int32)
+    mask = np.zeros((len(texts), n), np.int32)
+    for i, text in enumerate(texts):
+      text = self.text_prefix + text
+      if isinstance(self.tokenizer, tokenizer_lib.Tokenizer):
+        ids[i], mask[i] = features_lib.caption_tokens(self.tokenizer, text or " ", n)
+      else:
+        row = self.tokenizer.encode(text).ids[:n]
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+  def embed_tokens(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """tokenize()'s output [B, T] -> unit-norm float32 [B, E]."""
+    return np.asarray(self._txt(self._state, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])))
+
+  def embed_texts(self, texts: list[str]) -> np.ndarray:
+    return self.embed_tokens(self.tokenize(list(texts)))
+
+  # ------------------------------------------------------------------------------------------------- chat models
+
+  def prompt_ids(self, question: str) -> list[int]:
+    """The token ids of a one-turn prompt with one image, up to where the answer starts, laid out exactly as the
+    training features lay it out (data/features.instruct with a placeholder answer, cut at the answer)."""
+    spec = features_lib.FeatureSpec(task="instruct", image_size=self.image_size, max_text_len=1 << 16,
+                                    tokens_per_tile=self.tokens_per_tile, template=self.template)
+    record = {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
+              "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": "x"}]}
+    feats = features_lib.instruct(record, self.tokenizer, spec, None)
+    start = int(np.argmax(feats["loss_mask"]))  # first answer token
+    return feats["input_ids"][:start].tolist()
+
+  def generate(self, pixels: np.ndarray, prompts: list[list[int]], max_new_tokens: int,
+               prompt_len: int | None = None) -> list[str]:
+    """Greedy answers. pixels float32 [B, S, S, 3] (one image per prompt); prompts: B lists of token ids from
+    prompt_ids, left-padded here to prompt_len (default: the longest; pass a fixed one to compile once)."""
+    from internvl_jax.generate import generate  # local: only chat tasks need it
+    t = prompt_len or max(len(p) for p in prompts)
+    ids = np.full((len(prompts), t), self.tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+      ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    out = np.asarray(generate(self.model, ids, jnp.asarray(pixels), mask, max_new_tokens=max_new_tokens,
+                              eos_token_id=self.tokenizer.eos_id))[:, t:]
+    answers = []
+    for row in out.tolist():
+      if self.tokenizer.eos_id in row:
+        row = row[:row.index(self.tokenizer.eos_id)]
+      answers.append(self.tokenizer.decode(row).strip())
+    return answers
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+def _read_config(workdir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def stage_dir(workdir: str, task: str) -> str:
+  """The folder holding the run for `task`: workdir itself when it has a config.json, else the last of its stage
+  sub-folders (train.py's multi-stage layout) whose model suits the task (contrastive / alignment for
+  retrieval and zeroshot, instruct for caption and vqa)."""
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    return workdir
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir given to train.py")
+  wanted = ("contrastive", "alignment") if task in EMBED_TASKS else ("instruct",)
+  found = [d for d in sorted(os.listdir(workdir)) if os.path.exists(os.path.join(workdir, d, "config.json"))
+           and _read_config(os.path.join(workdir, d)).task in wanted]
+  if not found:
+    raise FileNotFoundError(f"{workdir} holds no config.json of a {' or '.join(wanted)} run for task {task}; "
+                            "pass a train.py workdir (or a stage folder of one)")
+  return os.path.join(workdir, found[-1])
+
+
+def load_workdir(workdir: str, task: str) -> EvalModel:
+  """The latest checkpoint of a train.py workdir (see stage_dir), its config.json and tokenizer.json."""
+  from internvl_jax.train import checkpoint, config_checks, state as state_lib  # local: training-only imports
+  workdir = stage_dir(os.path.abspath(workdir), task)
+  cfg = _read_config(workdir)
+  tok_path = os.path.join(workdir, "tokenizer.json")
+  if not os.path.exists(tok_path):
+    raise FileNotFoundError(f"{workdir} has no tokenizer.json; it is written by train.py at the start of a run")
+  tok = tokenizer_lib.load(tok_path)
+  params, step = checkpoint.read_params(workdir)
+  abstract = nnx.eval_shape(state_lib.model_factory(cfg.task, cfg.model, cfg.seed))
+  graphdef, state = nnx.split(abstract)
+  try:
+    nnx.replace_by_pure_dict(state, params)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"the checkpoint of {workdir} does not fit its config.json ({e}); was config.json edited?") \
+        from None
+  model = nnx.merge(graphdef, state)
+  size = config_checks.input_size(cfg)
+  name = f"{workdir} (step {step})"
+  if cfg.task == "instruct":
+    return EvalModel(model, "chat", tok, size, name, template=cfg.data.get("template", "plain"),
+                     tokens_per_tile=config_checks.tokens_per_tile(cfg), max_text_len=cfg.data.max_text_len)
+  return EvalModel(model, "contrastive", tok, size, name, text_prefix=cfg.model.get("text_prefix", ""),
+                   max_text_len=cfg.data.max_text_len)
+
+
+def load_hf(folder: str, max_text_len: int = HF_MAX_TEXT_LEN) -> EvalModel:
+  """A local Hugging Face folder (config.json + safetensors + tokenizer.json) through convert.load_pretrained.
+  Chat models need a tokenizer with an image-context token whose id is the model's image_token_id."""
+  import tokenizers
+
+  from internvl_jax import convert  # local: pulls in the converters
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"--hf folder {folder} does not exist")
+  tok_path = os.path.join(folder, "tokenizer.json")
+  if not os.path.exists(tok_path):
+    raise FileNotFoundError(f"{folder} has no tokenizer.json; save the model's fast tokenizer there "
+                            "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
+  model = convert.load_pretrained(folder)
+  if isinstance(model, internvl.InternVLContrastive):
+    cfg = model.config
+    return EvalModel(model, "contrastive", tokenizers.Tokenizer.from_file(tok_path), int(cfg.vision.image_size),
+                     f"hf:{folder}", text_prefix=cfg.get("text_prefix", ""), max_text_len=max_text_len)
+  if isinstance(model, internvl.InternVLChat):
+    cfg = model.config
+    tok = tokenizer_lib.load(tok_path)
+    if tok.image_token_id != cfg.image_token_id:
+      raise ValueError(f"{tok_path} puts the image token at id {tok.image_token_id} but the model expects "
+                       f"{cfg.image_token_id}; use the tokenizer saved with this checkpoint")
+    size = int(cfg.vision.image_size)
+    grid = size // cfg.vision.patch_size
+    template = "chatml" if tok.token_id("<|im_start|>") is not None else "plain"
+    return EvalModel(model, "chat", tok, size, f"hf:{folder}", template=template,
+                     tokens_per_tile=int(round(grid * cfg.downsample_ratio)) ** 2)
+  raise ValueError(f"{folder} holds a {type(model).__name__}, which cannot be evaluated; eval.py needs a "
+                   "contrastive (InternVL-C/G) or chat (InternVL) checkpoint")

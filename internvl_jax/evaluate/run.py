@@ -1,0 +1,172 @@
+"""The four evaluation tasks end to end on a loaded model (evaluate/models.py) and set (evaluate/datasets.py):
+embed or generate in batches, score with the protocol modules, build the result JSON (report.py).
+
+  result = run_retrieval(model, data, data_name, batch_size=64)   # likewise run_zeroshot / run_caption / run_vqa
+  run_task(task, model, data_spec, out=FILE.json)                 # load the data, run, print table, write JSON/PNG
+
+eval.py is a thin CLI over run_task; train.py's in-loop evaluation uses retrieval.evaluate_retrieval directly
+(see train/evaluation.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from internvl_jax.evaluate import captioning, datasets, report, retrieval, sources, vqa, zeroshot
+from internvl_jax.evaluate.models import EvalModel
+
+TASKS = ("retrieval", "zeroshot", "caption", "vqa")
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # InternVL's COCO caption prompt
+VQA_SUFFIX = "Answer the question using a single word or phrase."  # InternVL's VQAv2 short-answer prompt
+NUM_SAMPLES = 20  # generated captions / answers kept in the JSON
+
+
+def _embed_images(model: EvalModel, paths: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
+  batches = sources.image_batches(paths, model.image_size, batch_size)
+  return retrieval.compute_embeddings(model.embed_images, batches, total=-(-len(paths) // batch_size),
+                                      pad_to=batch_size, desc="images", progress=progress)
+
+
+def _embed_texts(model: EvalModel, texts: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
+  tokens = model.tokenize(list(texts))  # [M, T] each; tokenising is cheap next to the model
+  batches = ({k: v[i:i + batch_size] for k, v in tokens.items()} for i in range(0, len(texts), batch_size))
+  return retrieval.compute_embeddings(model.embed_tokens, batches, total=-(-len(texts) // batch_size),
+                                      pad_to=batch_size, desc="texts", progress=progress)
+
+
+def run_retrieval(model: EvalModel, data: sources.ImageTextSet, data_name: str, *, batch_size: int = 64,
+                  progress: bool = True) -> tuple[dict, retrieval.RetrievalResult, list[str]]:
+  """DESIGN §7 retrieval: captions preprocessed (lowercase, .!"()*#:;~ -> space, 50 words), images squashed
+  bicubic to the model size, cosine top-k both ways. Returns (result JSON, the ranked lists, processed texts)."""
+  model.require("retrieval")
+  texts = [retrieval.preprocess_caption(t) for t in data.texts]
+  image_emb = _embed_images(model, data.image_paths, batch_size, progress)
+  text_emb = _embed_texts(model, texts, batch_size, progress)
+  res = retrieval.evaluate_retrieval(image_emb, text_emb, data.txt2img, image_groups=data.groups)
+  extra = {"model": model.name, "text_prefix": model.text_prefix}
+  if data.groups is not None:
+    extra["hit_rule"] = "same group (interchangeable images, e.g. the demo's scenes)"
+  return (report.retrieval_result(data_name, len(data.image_paths), len(texts), res.metrics, **extra), res, texts)
+
+
+def run_zeroshot(model: EvalModel, data: sources.LabelSet, data_name: str, *, classnames: list[str] | None = None,
+                 templates: list[str] | None = None, batch_size: int = 64,
+                 progress: bool = True) -> tuple[dict, np.ndarray, np.ndarray, list[str], np.ndarray]:
+  """Template-ensemble zero-shot classification. classnames default: the set's own, else ImageNet-1k; templates
+  default: the 80 CLIP ones. Returns (result JSON, top-5 classes int32 [N, 5], their logits, classnames,
+  labels int64 [N])."""
+  model.require("zeroshot")
+  classnames = classnames or data.classnames or zeroshot.load_classnames()
+  templates = templates or zeroshot.load_templates()
+  labels = (np.asarray(data.labels, np.int64) if data.classnames and classnames == data.classnames
+            else zeroshot.labels_to_indices(data.labels, classnames))
+  class_emb = zeroshot.class_embeddings(lambda b: _embed_texts(model, b, batch_size, False), classnames, templates,
+                                        batch_size=batch_size, progress=progress)
+  image_emb = _embed_images(model, data.image_paths, batch_size, progress)
+  logits, top = zeroshot.predict_topk(image_emb, class_emb, k=min(5, len(classnames)))
+  acc = zeroshot.topk_accuracy(top, labels, ks=(1, min(5, len(classnames))))
+  top5 = acc.get("top5", acc[f"top{min(5, len(classnames))}"])
+  per_class = zeroshot.per_class_accuracy(top[:, 0], labels, classnames)
+  result = report.zeroshot_result(data_name, len(labels), acc["top1"], top5, per_class, model=model.name,
+                                  num_classes=len(classnames), num_templates=len(templates),
+                                  text_prefix=model.text_prefix)
+  return result, top, logits, classnames, labels
+
+
+def _generate_all(model: EvalModel, paths: Sequence[str], questions: Sequence[str], batch_size: int,
+                  max_new_tokens: int, progress: bool) -> list[str]:
+  """Greedy answers for (image, question) pairs in fixed-shape batches (one compile: the prompt length is the
+  longest prompt's, a short last batch is padded by repeating its last row)."""
+  prompts = [model.prompt_ids(q) for q in questions]
+  prompt_len = max(len(p) for p in prompts)
+  answers: list[str] = []
+  for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
+    batch = prompts[start:start + batch_size]
+    pixels = sources.load_images(paths[start:start + batch_size], model.image_size)
+    n = len(batch)
+    if n < batch_size:
+      batch = batch + [batch[-1]] * (batch_size - n)
+      pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - n, 0)])
+    answers += model.generate(pixels, batch, max_new_tokens, prompt_len)[:n]
+  return answers
+
+
+def run_caption(model: EvalModel, data: sources.ImageTextSet, data_name: str, *, batch_size: int = 16,
+                max_new_tokens: int = 30, prompt: str = CAPTION_PROMPT, tokenizer: str = "simple",
+                progress: bool = True) -> dict:
+  """Greedy captions, scored with CIDEr-D and BLEU-4 (x100) against every reference caption of the image."""
+  model.require("caption")
+  refs = data.references()
+  preds = _generate_all(model, data.image_paths, [prompt] * len(data.image_paths), batch_size, max_new_tokens,
+                        progress)
+  keys = [str(i) for i in range(len(preds))]
+  # an empty generation still has to be scored (as a miss): the scorers need a token
+  scores = captioning.caption_scores(dict(zip(keys, refs)), {k: p or "<empty>" for k, p in zip(keys, preds)},
+                                     tokenizer)
+  picks = report.query_indices(len(preds), NUM_SAMPLES)
+  samples = [{"image": data.image_paths[i], "prediction": preds[i], "references": refs[i]} for i in picks]
+  return report.caption_result(data_name, len(preds), scores["CIDEr"], scores["BLEU-4"], samples,
+                               tokenizer=tokenizer, model=model.name, prompt=prompt)
+
+
+def run_vqa(model: EvalModel, data: sources.VqaSet, data_name: str, *, batch_size: int = 16,
+            max_new_tokens: int = 10, suffix: str = VQA_SUFFIX, progress: bool = True) -> dict:
+  """Greedy short answers to "question\\nsuffix", scored with the VQAv2 accuracy (percent)."""
+  model.require("vqa")
+  questions = [f"{q}\n{suffix}" if suffix else q for q in data.questions]
+  preds = _generate_all(model, data.image_paths, questions, batch_size, max_new_tokens, progress)
+  acc = vqa.vqa_accuracy(preds, data.answers)
+  picks = report.query_indices(len(preds), NUM_SAMPLES)
+  samples = [{"image": data.image_paths[i], "question": data.questions[i], "prediction": preds[i],
+              "answers": data.answers[i]} for i in picks]
+  return report.vqa_result(data_name, len(preds), acc, samples, model=model.name, prompt_suffix=suffix)
+
+
+def run_task(task: str, model: EvalModel, data_spec: str, *, out: str | None = None, batch_size: int = 64,
+             classnames: str | None = None, templates: str | None = None, vqa_suffix: str | None = None,
+             max_new_tokens: int | None = None, cache_dir: str | None = None, progress: bool = True,
+             stream=sys.stdout) -> dict:
+  """Loads `data_spec` for `task`, evaluates, prints the markdown table, writes `out` (JSON) and, for retrieval
+  and zeroshot, a PNG gallery beside it (same name, .png). Returns the result dict."""
+  if task not in TASKS:
+    raise ValueError(f"--task {task!r} is not one of {', '.join(TASKS)}")
+  model.require(task)
+  start = time.time()
+  data = datasets.load(data_spec, task, model.image_size, cache_dir)
+  is_demo = datasets.parse(data_spec)[0] == "demo"
+  gallery = os.path.splitext(out)[0] + ".png" if out else None
+  if task == "retrieval":
+    result, res, texts = run_retrieval(model, data, data_spec, batch_size=batch_size, progress=progress)
+    if gallery:
+      report.retrieval_gallery(gallery, data.image_paths, texts, data.txt2img, res.i2t_topk, res.t2i_topk,
+                               image_groups=data.groups)
+  elif task == "zeroshot":
+    # the demo's classes are its captions: the model never saw photo-style templates, so the bare name is its prompt
+    tmpl = zeroshot.load_templates(templates) if templates else (["{}"] if is_demo else None)
+    names = zeroshot.load_classnames(classnames) if classnames else None
+    result, top, logits, names, labels = run_zeroshot(model, data, data_spec, classnames=names, templates=tmpl,
+                                                      batch_size=batch_size, progress=progress)
+    if gallery:
+      report.zeroshot_gallery(gallery, data.image_paths, labels, names, top, logits)
+  elif task == "caption":
+    kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    result = run_caption(model, data, data_spec, batch_size=batch_size, progress=progress, **kw)
+  else:
+    # the demo's questions were trained without InternVL's short-answer instruction
+    suffix = vqa_suffix if vqa_suffix is not None else ("" if is_demo else VQA_SUFFIX)
+    kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    result = run_vqa(model, data, data_spec, batch_size=batch_size, suffix=suffix, progress=progress, **kw)
+  result["seconds"] = round(time.time() - start, 2)
+  report.validate_result(result)
+  print(report.result_table(result), file=stream, flush=True)
+  if out:
+    report.write_json(out, result)
+    print(f"wrote {out}" + (f" and {gallery}" if gallery and task in ("retrieval", "zeroshot") else ""),
+          file=stream, flush=True)
+  return result
