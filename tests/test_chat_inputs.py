@@ -64,3 +64,8 @@ def test_chat_inputs_have_one_context_id_per_vision_token():
   assert n_tiles == 3  # 2 tiles + thumbnail
   assert int((out["input_ids"] == tok.image_token_id).sum()) == n_tiles * chat_inputs.tokens_per_tile(56, 14, 0.5)
   assert chat_inputs.tokens_per_tile(448, 14, 0.5) == 256
+
+
+def test_chatml_prompt_layout():
+  assert chat_inputs.chatml_prompt("<image>\nhi") == "<|im_start|>user\n<image>\nhi<|im_end|>\n<|im_start|>assistant\n"
+  assert chat_inputs.chatml_prompt("q", system="s").startswith("<|im_start|>system\ns<|im_end|>\n<|im_start|>user\n")

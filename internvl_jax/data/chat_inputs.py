@@ -63,3 +63,10 @@ def chat_inputs(tok: tokenizer_lib.Tokenizer, prompt: str, images: Sequence = ()
     raise ValueError(f"tokenizer {tok.source} splits {IMG_CONTEXT} ({found} ids found, {expected} expected); "
                      f"it must hold {IMG_CONTEXT} as one added special token")
   return {"input_ids": ids, "pixel_values": np.concatenate(tiles) if tiles else None}
+
+
+def chatml_prompt(question: str, system: str | None = None) -> str:
+  """The ChatML turn layout of InternVL 2 / 2.5 / 3 chat templates (Qwen2 and InternLM2 tokenizers): an optional
+  system turn, the user turn, and an open assistant turn for generation to continue."""
+  head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+  return f"{head}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
