@@ -62,6 +62,8 @@ def train_step_losses(mesh):
     batch = {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}
     step = steps.make_train_step(setup, cfg)
     jaxpr = str(jax.make_jaxpr(step)(state, batch))
+    # the towers' residual stream is pinned to the batch sharding (models/stack.py) inside the train step
+    out["residual_constrained"] = jaxpr.count("sharding_constraint") >= 2
     _, m = step(state, batch)
     out[str(switch)] = {"losses": [float(m["loss"]), float(m["grad_norm"])], "uses_shard_map": "shard_map" in jaxpr}
   return out

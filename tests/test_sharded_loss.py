@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def result():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_loss_check.py")], capture_output=True,
-                        text=True, env=env, timeout=300)
+                        text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -44,3 +44,7 @@ def test_train_step_switch(result):
   on, off = result["train_step"]["True"], result["train_step"]["False"]
   assert on["uses_shard_map"] and not off["uses_shard_map"]
   np.testing.assert_allclose(on["losses"], off["losses"], rtol=1e-5)  # loss and gradient norm of one step
+
+
+def test_train_step_pins_the_residual_stream_to_the_batch_sharding(result):
+  assert result["train_step"]["residual_constrained"]

@@ -72,6 +72,11 @@ def make_train_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict)
   accum = cfg.get("grad_accum_steps", 1)
 
   def step(state, batch):
+    # the mesh in context turns on the models' activation constraints (sharding.constrain) while tracing
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+      return _step(state, batch)
+
+  def _step(state, batch):
     key = jax.random.fold_in(base_key, state["step"]) if cfg.get("dropout_rng", True) else None
 
     def compute(params):
@@ -101,7 +106,8 @@ def make_embed_step(setup: state_lib.StateSetup) -> Callable:
 
   def embed(params, frozen, batch):
     model = state_lib.merge_model(setup.graphdef, {"params": params, "frozen": frozen})
-    return model.encode_image(batch["pixel_values"]), model.encode_text(batch["input_ids"], batch["attention_mask"])
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+      return model.encode_image(batch["pixel_values"]), model.encode_text(batch["input_ids"], batch["attention_mask"])
 
   return jax.jit(embed, in_shardings=(setup.shardings["params"], setup.shardings["frozen"],
                                       batch_sharding(setup.mesh)))
