@@ -1,14 +1,19 @@
 """Training losses: symmetric InfoNCE with a learnable temperature, and a masked language-model loss.
 
 Both compute in float32 whatever the activation dtype. Under jit with a batch sharded over the mesh, the
-similarity matrix is formed over the *global* batch (XLA gathers the other shards' embeddings), so the
-negatives of every example are all other examples of the global batch.
+similarity matrix is formed over the *global* batch, so the negatives of every example are all other examples of
+the global batch. `contrastive_loss` leaves the layout of the [B, B] logits to XLA (which may replicate them);
+`sharded_contrastive_loss` computes each device's rows where its batch shard lives, so per-device memory grows
+with B_local x B instead of B x B.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array) -> tuple[jax.Array, dict]:
@@ -30,6 +35,49 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array
       "acc_i2t": jnp.mean(jnp.argmax(logits, axis=1) == labels), "acc_t2i": jnp.mean(jnp.argmax(logits, axis=0) == labels),
       "logit_scale": jnp.asarray(scale, jnp.float32),
   }
+  return loss, metrics
+
+
+def batch_axes_of(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> tuple[str, ...]:
+  """The mesh axes (of `axes`) the batch is split over, dropping those of size 1."""
+  return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def sharded_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, mesh: Mesh,
+                             batch_axes: Sequence[str] = ("data", "fsdp")) -> tuple[jax.Array, dict]:
+  """Symmetric InfoNCE whose similarity rows are computed where the batch lives; same value, gradients and
+  metrics as `contrastive_loss` on the full batch.
+
+  image_emb, text_emb: [B, E] global arrays whose leading axis is split over `batch_axes` of `mesh` (B must
+  divide by their product n); scale: [] (already exponentiated). Under shard_map each device holds b = B / n rows
+  of both towers, gathers the other tower ([B, E]: cheap next to the towers) and forms only its [b, B] block of
+  logits in each direction, so its temporaries are O(b * B) rather than O(B * B). The gradient flows back to
+  the other devices' rows through all_gather's transpose (a reduce-scatter). Returns (loss [], metrics).
+  """
+  axes = batch_axes_of(mesh, batch_axes) or tuple(batch_axes[:1])
+  n = image_emb.shape[0]
+
+  def local(img, txt, s):
+    b = img.shape[0]
+    img, txt, s = img.astype(jnp.float32), txt.astype(jnp.float32), s.astype(jnp.float32)
+    all_txt = jax.lax.all_gather(txt, axes, tiled=True)  # [B, E], shards in mesh order = global row order
+    all_img = jax.lax.all_gather(img, axes, tiled=True)
+    labels = jax.lax.axis_index(axes) * b + jnp.arange(b)  # global index of this device's rows
+
+    def ce_sum(logits):  # [b, B] -> (sum of row cross-entropies, number of top-1 hits)
+      picked = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+      return jnp.sum(jax.nn.logsumexp(logits, axis=1) - picked), jnp.sum(jnp.argmax(logits, 1) == labels)
+
+    i2t, acc_i2t = ce_sum(s * img @ all_txt.T)  # rows of the [B, B] logits
+    t2i, acc_t2i = ce_sum(s * txt @ all_img.T)  # rows of its transpose
+    return jax.lax.psum(jnp.stack([i2t, t2i, acc_i2t.astype(jnp.float32), acc_t2i.astype(jnp.float32)]), axes)
+
+  spec = P(axes)
+  total = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P()), out_specs=P())(
+      image_emb, text_emb, jnp.asarray(scale, jnp.float32))
+  loss = 0.5 * (total[0] + total[1]) / n
+  metrics = {"loss_i2t": total[0] / n, "loss_t2i": total[1] / n, "acc_i2t": total[2] / n,
+             "acc_t2i": total[3] / n, "logit_scale": jnp.asarray(scale, jnp.float32)}
   return loss, metrics
 
 

@@ -74,8 +74,11 @@ def train_dataset(source, feature_fn, *, global_batch: int, seed: int, tracker: 
     raise ValueError(f"batch_size {global_batch} is not divisible by the {hosts} hosts; change --config.batch_size")
   guarded = _guarded(feature_fn, tracker)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-  ds = ds[host::hosts]
+  # random_map before the host slice: each example's rng (caption choice, augmentation) is then a function of its
+  # global position, so a global batch is the same whatever the number of hosts (MapDataset is lazy: a host
+  # still featurises only its own slice)
   ds = ds.random_map(lambda rec, rng: guarded(rec, rng), seed=seed + 1)
+  ds = ds[host::hosts]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
   return it.batch(global_batch // hosts, drop_remainder=True)
 

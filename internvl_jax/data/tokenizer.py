@@ -112,6 +112,10 @@ def load_or_build(path: str | None, workdir: str, texts_fn) -> Tokenizer:
     return load(saved)
   tok = build_word_level(texts_fn())
   os.makedirs(workdir, exist_ok=True)
-  tok.save(saved)
+  # write-then-rename: several processes of one run build the same tokenizer into a shared workdir, and one must
+  # never read another's half-written file
+  tmp = f"{saved}.{os.getpid()}.tmp"
+  tok.save(tmp)
+  os.replace(tmp, saved)
   tok.source = saved
   return tok

@@ -1,17 +1,22 @@
 """The one attention entry point used by every attention in the package, plus mask builders.
 
-impl: "xla" (portable), "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16), "auto" (cuDNN where it can run,
-XLA otherwise). Logits and softmax are float32 in every implementation.
+impl: "xla" (portable), "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16), "splash" (Pallas splash attention on
+TPU), "auto" (cuDNN on GPU, splash on TPU where they can run, XLA otherwise; the choice is logged once).
+Logits and softmax are float32 in every implementation.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-IMPLS = ("xla", "cudnn", "auto")
+IMPLS = ("xla", "cudnn", "splash", "auto")
+SPLASH_BLOCK = 128  # splash's default block size: sequences are padded to a multiple of it
 _logged_choice: set[str] = set()
 
 
@@ -54,13 +59,27 @@ def _cudnn_ok(q: jax.Array, k: jax.Array, mask) -> bool:
   return q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and head_dim % 8 == 0 and head_dim <= 128
 
 
+def _mesh_in_context():
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def _splash_ok(q: jax.Array, k: jax.Array, mask) -> bool:
+  """TPU, no explicit mask (causal is fine), head_dim a multiple of 64, and either one device or a mesh in context
+  (a Pallas kernel is opaque to XLA's SPMD partitioner: without shard_map over the mesh it would run replicated)."""
+  if jax.default_backend() != "tpu" or mask is not None or q.shape[-1] % 64:
+    return False
+  return jax.device_count() == 1 or _mesh_in_context() is not None
+
+
 def choose_impl(impl: str, q: jax.Array, k: jax.Array, mask) -> str:
-  """Resolves 'auto' to 'cudnn' or 'xla' for these shapes; logs the choice once per outcome."""
+  """Resolves 'auto' to 'cudnn' (GPU), 'splash' (TPU) or 'xla' for these shapes; logs the choice once per
+  outcome."""
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
   if impl != "auto":
     return impl
-  chosen = "cudnn" if _cudnn_ok(q, k, mask) else "xla"
+  chosen = "cudnn" if _cudnn_ok(q, k, mask) else "splash" if _splash_ok(q, k, mask) else "xla"
   if chosen not in _logged_choice:
     _logged_choice.add(chosen)
     logging.info("attention impl 'auto' -> %s (backend %s, dtype %s)", chosen, jax.default_backend(), q.dtype)
@@ -78,6 +97,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
   chosen = choose_impl(impl, q, k, mask)
   if chosen == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn")
+  if chosen == "splash":
+    if mask is not None:
+      raise ValueError("splash attention takes no explicit mask here (only causal); use impl='xla'")
+    return splash_attention(q, k, v, causal=causal, scale=scale)
   if jax.default_backend() == "cpu":
     return _cpu_attention(q, k, v, mask=mask, causal=causal, scale=scale)
   # The XLA path of jax.nn.dot_product_attention computes logits and softmax in float32 and masks with a
@@ -113,3 +136,52 @@ def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
   out = jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), vh, preferred_element_type=jnp.float32)
   out = out / jnp.sum(e, axis=-1, keepdims=True)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(t_pad: int, s_pad: int, t: int, s: int, heads: int, causal: bool, interpret: bool):
+  """A single-device splash MHA kernel for padded lengths: padded keys are masked out (a static mask, so splash
+  skips fully-masked blocks); padded queries attend to the real keys and are dropped by the caller."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  m = np.zeros((t_pad, s_pad), bool)
+  m[:, :s] = True
+  if causal:
+    m &= np.arange(s_pad)[None, :] <= np.arange(t_pad)[:, None]
+  return sa.make_splash_mha_single_device(sa.MultiHeadMask([sa.NumpyMask(m)] * heads), interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, scale: float | None = None,
+                     interpret: bool = False) -> jax.Array:
+  """Pallas splash attention (TPU). q [B, T, H, hd], k/v [B, S, Hkv, hd] -> [B, T, H, hd] in q.dtype.
+
+  Splash wants [H, T, hd] per example with T, S multiples of its block: heads go first, sequences are padded to
+  SPLASH_BLOCK (InternViT's 1 + 16^2 = 257 tokens -> 384) and padded keys masked. Grouped KV heads are repeated
+  (splash MHA needs equal heads). With a mesh in context the kernel runs under shard_map, batch over
+  ('data', 'fsdp') and heads over 'tensor', because XLA cannot partition the custom call itself.
+  interpret=True runs the kernel in the Pallas interpreter (CPU tests).
+  """
+  b, t, h, hd = q.shape
+  s = k.shape[1]
+  if k.shape[2] != h:
+    k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))
+  scale = hd**-0.5 if scale is None else scale
+  pad = lambda n: -(-n // SPLASH_BLOCK) * SPLASH_BLOCK
+  t_pad, s_pad = pad(t), pad(s)
+  to_heads_first = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  qh = to_heads_first(q * jnp.asarray(scale, q.dtype), t_pad)  # splash applies no scale of its own
+  kh, vh = to_heads_first(k, s_pad), to_heads_first(v, s_pad)
+
+  def run(qh, kh, vh):  # [b, h_local, T, hd]
+    kernel = _splash_kernel(t_pad, s_pad, t, s, qh.shape[1], causal, interpret)
+    return jax.vmap(kernel)(qh, kh, vh)
+
+  mesh = _mesh_in_context()
+  if mesh is not None:
+    batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1) or None
+    heads = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 and h % mesh.shape["tensor"] == 0 \
+        else None
+    spec = P(batch, heads)
+    run = jax.shard_map(run, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+  out = run(qh, kh, vh)
+  return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)

@@ -13,6 +13,13 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from internvl_jax import sharding
+
+# Logical names of the residual stream [B, T, D] carried between layers: split over the batch, replicated over
+# width. Without it XLA's sharding propagation may follow the FSDP-sharded weights (whose 'embed' axis uses the
+# same mesh axis as the batch) and keep whole-batch activations on every device.
+RESIDUAL_NAMES = ("batch", "seq", None)
+
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -61,10 +68,14 @@ def run_stacked(layers: nnx.Module | tuple, body: Callable, carry: Any, xs: Any 
     states = jax.tree.map(lambda a: a[:n], states)
     xs = jax.tree.map(lambda a: a[:n], xs)
 
+  def pin(c):  # no-op without a mesh in context (sharding.constrain)
+    return sharding.constrain(c, RESIDUAL_NAMES) if isinstance(c, jax.Array) and c.ndim == 3 else c
+
   def step(c, inputs):
     layer_states, x = inputs
     built = tuple(nnx.merge(g, s) for g, s in zip(graphdefs, layer_states))
-    return body(built if is_tuple else built[0], c, x)
+    c, y = body(built if is_tuple else built[0], pin(c), x)
+    return pin(c), y
 
   if remat != "none":
     step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=not scan)

@@ -73,6 +73,7 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   c.weight_decay = 0.05
   c.b1, c.b2, c.eps = 0.9, 0.98, 1e-6
   c.grad_clip = 1.0
+  c.sharded_contrastive_loss = True  # InfoNCE rows computed per batch shard (losses.sharded_contrastive_loss)
   c.caption_weight = 1.0  # alignment: loss = contrastive + caption_weight * caption LM loss
   c.dropout_rng = True
 

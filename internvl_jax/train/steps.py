@@ -1,6 +1,6 @@
 """Loss functions of the three stages and the jitted train / eval steps.
 
-A loss function takes (model, batch, dropout_key, cfg) and returns (loss, metrics). The train step
+A loss function takes (model, batch, dropout_key, cfg, mesh) and returns (loss, metrics). The train step
 differentiates it with respect to the trainable parameters only, applies the optimizer, and skips the update
 (keeping parameters and optimizer state) when the loss or the gradient norm is not finite.
 """
@@ -19,19 +19,27 @@ from internvl_jax import losses
 from internvl_jax.train import state as state_lib
 
 
-def contrastive_loss_fn(model, batch: dict, key, cfg):
-  """Stage 1. batch: pixel_values [B, S, S, 3], input_ids / attention_mask [B, T]."""
-  img, txt, scale = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], dropout_key=key)
+def _contrastive(img, txt, scale, cfg, mesh: Mesh | None):
+  """InfoNCE over the global batch: the sharded form (per-device rows of the similarity matrix) when the batch is
+  split over more than one device and config.sharded_contrastive_loss (default on), else the plain one."""
+  if mesh is not None and cfg.get("sharded_contrastive_loss", True) and losses.batch_axes_of(mesh):
+    return losses.sharded_contrastive_loss(img, txt, scale, mesh)
   return losses.contrastive_loss(img, txt, scale)
 
 
-def alignment_loss_fn(model, batch: dict, key, cfg):
+def contrastive_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
+  """Stage 1. batch: pixel_values [B, S, S, 3], input_ids / attention_mask [B, T]."""
+  img, txt, scale = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], dropout_key=key)
+  return _contrastive(img, txt, scale, cfg, mesh)
+
+
+def alignment_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   """Stage 2: contrastive + caption_weight * caption LM loss on the same batch (one pass of the vision tower)."""
   k1, k2 = (None, None) if key is None else tuple(jax.random.split(key))
   out = model.vision(batch["pixel_values"], dropout_key=k1)
   img = model.image_features(out, dropout_key=k2)
   txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
-  c_loss, metrics = losses.contrastive_loss(img, txt, jnp.exp(model.logit_scale[...]))
+  c_loss, metrics = _contrastive(img, txt, jnp.exp(model.logit_scale[...]), cfg, mesh)
   logits = model.caption_logits(out, batch["input_ids"], batch["attention_mask"])
   targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["attention_mask"])
   g_loss, g_metrics = losses.lm_loss(logits, targets, mask)
@@ -39,7 +47,7 @@ def alignment_loss_fn(model, batch: dict, key, cfg):
   return c_loss + cfg.caption_weight * g_loss, metrics
 
 
-def instruct_loss_fn(model, batch: dict, key, cfg):
+def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   """Stage 3: LM loss on answer tokens only. batch: pixel_values [B, K, S, S, 3] (K tile slots), input_ids /
   attention_mask / loss_mask [B, T]."""
   px = batch["pixel_values"]
@@ -64,11 +72,16 @@ def make_train_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict)
   accum = cfg.get("grad_accum_steps", 1)
 
   def step(state, batch):
+    # the mesh in context turns on the models' activation constraints (sharding.constrain) while tracing
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+      return _step(state, batch)
+
+  def _step(state, batch):
     key = jax.random.fold_in(base_key, state["step"]) if cfg.get("dropout_rng", True) else None
 
     def compute(params):
       model = state_lib.merge_model(graphdef, {"params": params, "frozen": state["frozen"]})
-      return loss_fn(model, batch, key, cfg)
+      return loss_fn(model, batch, key, cfg, setup.mesh)
 
     (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
     grad_norm = optax.tree.norm(grads)
@@ -93,7 +106,8 @@ def make_embed_step(setup: state_lib.StateSetup) -> Callable:
 
   def embed(params, frozen, batch):
     model = state_lib.merge_model(setup.graphdef, {"params": params, "frozen": frozen})
-    return model.encode_image(batch["pixel_values"]), model.encode_text(batch["input_ids"], batch["attention_mask"])
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+      return model.encode_image(batch["pixel_values"]), model.encode_text(batch["input_ids"], batch["attention_mask"])
 
   return jax.jit(embed, in_shardings=(setup.shardings["params"], setup.shardings["frozen"],
                                       batch_sharding(setup.mesh)))
