@@ -17,6 +17,7 @@ import os
 
 import jax
 import numpy as np
+from flax import nnx
 
 from internvl_jax.train import checkpoint as checkpoint_lib
 
@@ -41,12 +42,12 @@ def load_source(path: str) -> dict:
     logging.info("init: read step %d of %s", step, path)
     return params
   if os.path.exists(os.path.join(path, "config.json")):
-    try:
-      from internvl_jax.convert import load_pretrained  # lands with the converters issue
-    except ImportError:
-      raise ImportError(f"config.init.path={path} is a Hugging Face folder, but this build has no "
-                        "internvl_jax.convert yet; initialise from a train.py workdir instead") from None
-    return load_pretrained(path)
+    from internvl_jax.convert import load_pretrained  # imported here: it pulls in every checkpoint family
+
+    # load_pretrained returns a model; its variables' paths (vision/blocks/...) are the train state's paths.
+    model = load_pretrained(path)
+    logging.info("init: read the Hugging Face folder %s", path)
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   raise FileNotFoundError(f"config.init.path={path} has neither checkpoints/ (a train.py workdir) nor "
                           "config.json (a Hugging Face folder)")
 
