@@ -132,7 +132,6 @@ def analytic_flops(cfg) -> float | None:
 
 def compile_step(cfg, mesh):
   """Lowers and compiles the real train step abstractly. Returns (compiled, setup, seconds)."""
-  import jax
 
   from internvl_jax.train import state as state_lib, steps
 

@@ -1,7 +1,6 @@
 """Data: demo world, tokenizer, features (instruct masking), jsonl forms, bad records, tiling, grain pipeline."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -80,7 +80,7 @@ def markdown(result: dict) -> str:
   lines = [f"Device: {result['device']} | peak {_fmt(result.get('peak_tflops'), '.3f')} TFLOP/s "
            f"({result.get('peak_source')}) | measured matmul {_fmt(result.get('matmul_tflops'), '.3f')} TFLOP/s "
            f"({result.get('matmul_desc')}) | threads {result.get('threads')}",
-           f"Versions: " + ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items()),
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items()),
            f"Command: `{result.get('command')}`" + (" (DRY RUN: tiny shapes, numbers meaningless)"
                                                     if result.get("dry_run") else ""),
            "",
