@@ -101,12 +101,7 @@ def read_flickr30k(root: str, list_name: str = FLICKR30K_LIST, check_images: boo
       if len(row) < 2 or not row[0].strip():
         raise ValueError(f"{list_path}:{lineno}: expected `image,caption`, got {','.join(row)!r}")
       pairs.append((os.path.join(root, "Images", row[0].strip()), ",".join(row[1:]).strip()))
-  if not pairs:
-    raise ValueError(f"{list_path} lists no captions")
-  data = _group_by_image(pairs)
-  if check_images:
-    _check_images(data.image_paths, list_path)
-  return data
+  return _image_text_set(pairs, list_path, "lists no captions", check_images)
 
 
 def read_coco_karpathy(root: str, file_name: str = COCO_KARPATHY_JSON, check_images: bool = True) -> ImageTextSet:
@@ -142,11 +137,17 @@ def read_coco_karpathy(root: str, file_name: str = COCO_KARPATHY_JSON, check_ima
       pairs += [(file, s["raw"]) for s in img["sentences"]]
   else:
     raise ValueError(f"{path}: unrecognised layout (expected a list of records or a dict with 'images')")
+  return _image_text_set(pairs, path, "holds no test captions", check_images)
+
+
+def _image_text_set(pairs: list[tuple[str, str]], source: str, empty_message: str,
+                    check_images: bool) -> ImageTextSet:
+  """(image path, caption) pairs read from `source` -> ImageTextSet; an empty list is an error naming the file."""
   if not pairs:
-    raise ValueError(f"{path} holds no test captions")
+    raise ValueError(f"{source} {empty_message}")
   data = _group_by_image(pairs)
   if check_images:
-    _check_images(data.image_paths, path)
+    _check_images(data.image_paths, source)
   return data
 
 
