@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from internvl_jax.bench import cases, cli, flops, report
+from internvl_jax.bench import cases, cli, flops, report, timing
 from internvl_jax.models import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +76,15 @@ def test_ratio_uses_faster_torch_variant():
   assert report.add_ratios({"jax": {"items_per_s": 1.0}, "torch": {"error": "x"}})["ratio"] is None
 
 
+def test_interleaved_pairs_calls_and_takes_the_median_ratio():
+  calls, t_jax, t_torch = [], iter([1.0, 2.0, 1.0]), iter([3.0, 2.0, 1.5])
+  once_jax = lambda: calls.append("jax") or next(t_jax)
+  once_torch = lambda: calls.append("torch") or next(t_torch)
+  pair = timing.interleaved(once_jax, once_torch, rounds=3)
+  assert calls == ["jax", "torch"] * 3  # alternating, so a slow moment hits both sides of a pair
+  assert (pair["ratio"], pair["ratio_min"], pair["ratio_max"]) == (1.5, 1.0, 3.0)
+
+
 def _check_result(result: dict, names: list[str]) -> None:
   assert isinstance(result["device"], str) and result["platform"] == "cpu"
   assert result["peak_tflops"] > 0 and result["matmul_tflops"] > 0
@@ -87,6 +96,7 @@ def _check_result(result: dict, names: list[str]) -> None:
     assert SIDE_KEYS <= set(c["torch"]), (c["name"], c["torch"])
     assert c["ratio"] == pytest.approx(c["jax"]["items_per_s"] / c["torch"]["items_per_s"])
     assert c["flops_per_call"] > 0 and c["unit"] in ("images", "tokens")
+    assert c["paired"]["rounds"] == 1 and len(c["paired"]["jax_s"]) == 1 and c["paired"]["ratio"] > 0
 
 
 @pytest.mark.slow

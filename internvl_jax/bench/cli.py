@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--torch-compile", default=None, choices=["off", "on", "both"],
                  help="PyTorch variants: eager (off), torch.compile (on), or both (default: both on GPU, off on CPU)")
   p.add_argument("--no-torch", action="store_true", help="JAX only")
+  p.add_argument("--paired", type=int, default=None,
+                 help="after the separate timings, this many interleaved JAX / PyTorch-eager call pairs; the "
+                      "median per-pair ratio is reported as 'paired' (default 5 on CPU, 0 on accelerators)")
   p.add_argument("--isolate", action="store_true", help="one worker process per case (use for final numbers)")
   p.add_argument("--deadline-s", type=float, default=None,
                  help="stop starting cases after this many seconds (the GPU script's time box); workers are "
@@ -119,7 +122,7 @@ def _run_jax(spec: cases.Spec, args, machine: dict) -> dict:
   finite = all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
   m = report.measurement(spec.items_per_call, spec.flops_per_call, t, machine, timing.jax_peak_memory())
   m["finite"] = bool(finite)
-  return m
+  return m, t.once
 
 
 def _run_torch(spec: cases.Spec, args, machine: dict, variant: str) -> dict:
@@ -127,20 +130,18 @@ def _run_torch(spec: cases.Spec, args, machine: dict, variant: str) -> dict:
   import torch
   compiled = variant == "torch_compile"
   if compiled and machine["platform"] == "cpu" and not torch.cuda.is_available():
-    return {"skipped": "torch.compile is benchmarked on GPU only"}
+    return {"skipped": "torch.compile is benchmarked on GPU only"}, None, None
   torch.set_num_threads(machine["threads"])  # the same cores XLA's CPU client uses
   torch_side.reset_memory()
   try:
     program = torch_side.build(spec, compile_model=compiled)
   except NotImplementedError as e:
-    return {"skipped": str(e)}
+    return {"skipped": str(e)}, None, None
   warmup = args.warmup if args.warmup is not None else (0 if args.dry_run else 1)
   t = timing.time_callable(program.call, program.sync, warmup=warmup, repeats=args.repeats or spec.repeats,
                            before_each=program.before_each)
   m = report.measurement(spec.items_per_call, spec.flops_per_call, t, machine, torch_side.peak_memory())
-  del program
-  torch_side.reset_memory()
-  return m
+  return m, t.once, program
 
 
 def run_case(name: str, args, machine: dict) -> dict:
@@ -156,13 +157,42 @@ def run_case(name: str, args, machine: dict) -> dict:
   # peak is its own (getrusage is a process-lifetime maximum).
   sides = _torch_variants(args, machine["platform"])
   order = sides + ["jax"] if machine["platform"] != "cpu" else ["jax"] + sides
+  once = {}
   for side in order:
     try:
-      rec[side] = _run_jax(spec, args, machine) if side == "jax" else _run_torch(spec, args, machine, side)
+      if side == "jax":
+        rec[side], once[side] = _run_jax(spec, args, machine)
+      else:
+        rec[side], once[side], program = _run_torch(spec, args, machine, side)
+        if side != "torch" or not _paired_rounds(args, machine):  # keep eager PyTorch alive for the pairing
+          del program
+          once.pop(side, None)
     except Exception as e:  # noqa: BLE001 - e.g. out of memory on one side; keep the other side's numbers
       rec[side] = {"error": f"{type(e).__name__}: {e}".strip()[:2000], "trace": traceback.format_exc()[-2000:]}
     print(f"[bench] {name} {side}: {_short(rec[side])}", file=sys.stderr, flush=True)
+  rounds = _paired_rounds(args, machine)
+  if rounds and once.get("jax") and once.get("torch"):
+    from internvl_jax.bench import timing
+    pair = timing.interleaved(once["jax"], once["torch"], rounds)
+    rec["paired"] = {"rounds": rounds, "ratio": pair["ratio"], "ratio_min": pair["ratio_min"],
+                     "ratio_max": pair["ratio_max"], "jax_s": pair["a_s"], "torch_s": pair["b_s"]}
+    print(f"[bench] {name} paired JAX / PT eager over {rounds} interleaved rounds: {pair['ratio']:.3f} "
+          f"(min {pair['ratio_min']:.3f}, max {pair['ratio_max']:.3f})", file=sys.stderr, flush=True)
+  once.clear()
+  if "torch" in sides:
+    from internvl_jax.bench import torch_side
+    torch_side.reset_memory()
   return report.add_ratios(rec)
+
+
+def _paired_rounds(args, machine: dict) -> int:
+  """Interleaved JAX/PyTorch rounds after the separate timings: default 5 on CPU (a shared machine), 0 on
+  accelerators (both programs would have to fit in device memory at once); 1 in a dry run."""
+  if args.paired is not None:
+    return args.paired
+  if args.dry_run:
+    return 1
+  return 5 if machine["platform"] == "cpu" else 0
 
 
 def _named(args, name: str) -> bool:
@@ -180,7 +210,7 @@ def _worker_cmd(args, target: str, out: str, machine: dict | None) -> list[str]:
   cmd = [sys.executable, "-m", "internvl_jax.bench", "--worker", target, "--out", out]
   if machine is not None:
     cmd += ["--machine-json", json.dumps(machine)]
-  for flag in ("batch", "repeats", "warmup", "dtype", "attention_impl", "remat", "torch_compile"):
+  for flag in ("batch", "repeats", "warmup", "dtype", "attention_impl", "remat", "torch_compile", "paired"):
     value = getattr(args, flag)
     if value is not None:
       cmd += [f"--{flag.replace('_', '-')}", str(value)]

@@ -8,7 +8,9 @@ JSON (`--out`), one file per run:
   M = {"items_per_s", "tflops", "mfu", "frac_of_matmul", "compile_s", "peak_bytes", "peak_kind", "step_s",
        "step_s_all"} or {"error": str} or {"skipped": str}; absent sides are null.
   ratio = JAX items/s over the faster PyTorch variant that ran (eager or compiled); the per-variant ratios are
-  kept beside it.
+  kept beside it. "paired" (CPU default): {"rounds", "ratio", "ratio_min", "ratio_max", "jax_s", "torch_s"},
+  JAX / PyTorch-eager speed from interleaved call pairs (timing.interleaved), the figure to quote on a shared
+  machine.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ def _side_cells(side: Any) -> list[str]:
           _fmt(side["compile_s"], ".1f")]
 
 
+def _paired(rec: dict) -> str:
+  p = rec.get("paired")
+  if not isinstance(p, dict):
+    return "-"
+  return f"{p['ratio']:.2f} ({p['ratio_min']:.2f}-{p['ratio_max']:.2f}, n={p['rounds']})"
+
+
 def markdown(result: dict) -> str:
   """The human-readable table: machine line, then one row per case."""
   lines = [f"Device: {result['device']} | peak {_fmt(result.get('peak_tflops'), '.3f')} TFLOP/s "
@@ -86,8 +95,8 @@ def markdown(result: dict) -> str:
            "",
            "| case | unit | batch | JAX items/s | JAX TFLOP/s | JAX MFU | JAX compile s | JAX peak GiB "
            "| PT eager items/s | PT eager TFLOP/s | PT eager MFU | PT first call s | PT compile items/s "
-           "| JAX / PT | JAX / PT eager | JAX / PT compile |",
-           "|" + "---|" * 16]
+           "| JAX / PT | JAX / PT eager | JAX / PT compile | JAX / PT eager, interleaved pairs |",
+           "|" + "---|" * 17]
   for rec in result["cases"]:
     jax_side = rec.get("jax")
     peak = _bytes(jax_side.get("peak_bytes")) if isinstance(jax_side, dict) else "-"
@@ -95,7 +104,7 @@ def markdown(result: dict) -> str:
     compiled = _side_cells(torch_c)[0] if isinstance(torch_c, dict) else "-"
     row = ([rec["name"], rec.get("unit", "-"), str(rec.get("batch", "-"))] + _side_cells(jax_side) + [peak]
            + _side_cells(rec.get("torch")) + [compiled]
-           + [_fmt(rec.get(k), ".2f") for k in ("ratio", "ratio_eager", "ratio_compile")])
+           + [_fmt(rec.get(k), ".2f") for k in ("ratio", "ratio_eager", "ratio_compile")] + [_paired(rec)])
     if "skipped" in rec or "error" in rec:
       row[3] = ("skipped: " + rec["skipped"]) if "skipped" in rec else ("error: " + rec["error"].splitlines()[0])
     lines.append("| " + " | ".join(row) + " |")

@@ -24,6 +24,8 @@ class Timing:
   """Per-call wall times of one side of one case."""
   compile_s: float
   times_s: list[float]
+  # One more timed call (seconds), for interleaved pairing with the other framework (cli.py).
+  once: Callable[[], float] | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def median_s(self) -> float:
@@ -54,7 +56,13 @@ def time_jax(fn: Callable, args: tuple, *, carry: bool, warmup: int, repeats: in
     t0 = time.perf_counter()
     out = call()
     times.append(time.perf_counter() - t0)
-  return Timing(compile_s, times), out
+
+  def once() -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+  return Timing(compile_s, times, once), out
 
 
 def time_callable(call: Callable[[], Any], sync: Callable[[], None], *, warmup: int, repeats: int,
@@ -75,7 +83,20 @@ def time_callable(call: Callable[[], Any], sync: Callable[[], None], *, warmup: 
   first = once()
   for _ in range(warmup):
     once()
-  return Timing(first, [once() for _ in range(repeats)])
+  return Timing(first, [once() for _ in range(repeats)], once)
+
+
+def interleaved(once_a: Callable[[], float], once_b: Callable[[], float], rounds: int) -> dict:
+  """Alternates one call of a and one of b, `rounds` times. On a shared machine a neighbour's burst slows both
+  calls of a round alike, so the median of the per-round ratios t_b / t_a (a's speed over b's) is far steadier
+  than a ratio of two medians taken minutes apart."""
+  ta, tb = [], []
+  for _ in range(rounds):
+    ta.append(once_a())
+    tb.append(once_b())
+  ratios = sorted(b / a for a, b in zip(ta, tb))
+  return {"rounds": rounds, "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+          "a_s": ta, "b_s": tb}
 
 
 def matmul_tflops(platform: str, *, repeats: int = 5, size: int | None = None) -> tuple[float, str]:
