@@ -137,3 +137,27 @@ def test_dynamic_tiling_grid():
   assert transforms.closest_grid(448, 448, 448, 1, 6) == (1, 1)
   tiles = transforms.dynamic_tiles(Image.new("RGB", (900, 300)), 28, max_num=6)
   assert len(tiles) == 4 and all(t.size == (28, 28) for t in tiles)  # 3 x 1 grid + thumbnail
+
+
+def test_training_captions_carry_the_eval_text_prefix(tok):
+  """Training tokenizes 'text_prefix + caption' exactly as evaluation does (InternVL-C/G's 'summarize:'), so a
+  model is scored on the texts it was trained on; the instruct stage takes no prefix."""
+  from flax import nnx
+
+  from internvl_jax.evaluate import models as eval_models
+  from internvl_jax.train import loop
+  import configs.contrastive
+  import configs.instruct
+
+  cfg = configs.contrastive.get_config("model=tiny")
+  cfg.model.text_prefix, cfg.data.max_text_len = "a ", 16
+  spec = loop.feature_spec(cfg, train=False)
+  assert spec.text_prefix == "a "
+  rec = demo.DemoWorld("eval", 10, spec.image_size)[0]
+  feats = features.make_feature_fn(spec, tok)(rec, None)
+  scorer = eval_models.EvalModel(nnx.Linear(1, 1, rngs=nnx.Rngs(0)), "chat", tok, spec.image_size, "t",
+                                 text_prefix="a ", max_text_len=16)
+  np.testing.assert_array_equal(feats["input_ids"], scorer.tokenize([rec["captions"][0]])["input_ids"][0])
+  unprefixed = features.caption_tokens(tok, rec["captions"][0], 16)[1]
+  assert feats["attention_mask"].sum() == unprefixed.sum() + 1  # one more token: the prefix
+  assert loop.feature_spec(configs.instruct.get_config("model=tiny"), train=True).text_prefix == ""

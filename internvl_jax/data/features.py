@@ -41,6 +41,9 @@ class FeatureSpec:
   template: str = "plain"
   augment: bool = False  # random-resized-crop for training images
   crop_scale: tuple = (0.8, 1.0)
+  # image-text: prepended to every caption, as evaluation does (InternVL-C/G: 'summarize:'), so that a model is
+  # trained on the texts it will be scored with
+  text_prefix: str = ""
 
 
 def image_of(record: dict, size: int, rng: np.random.Generator | None, spec: FeatureSpec):
@@ -83,7 +86,7 @@ def image_text(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | 
     raise BadRecord("record has no (non-empty) caption")
   caption = captions[int(rng.integers(len(captions)))] if rng is not None else captions[0]
   pixels = transforms.normalize(image_of(record, spec.image_size, rng, spec))
-  ids, mask = caption_tokens(tok, caption, spec.max_text_len)
+  ids, mask = caption_tokens(tok, spec.text_prefix + caption, spec.max_text_len)
   return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
 
 

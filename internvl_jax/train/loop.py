@@ -7,10 +7,12 @@ save a checkpoint at the current step and return (train.py then exits 0).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -57,7 +59,8 @@ def feature_spec(cfg: ml_collections.ConfigDict, *, train: bool) -> features_lib
       task=cfg.task, image_size=config_checks.input_size(cfg), max_text_len=cfg.data.max_text_len,
       tokens_per_tile=config_checks.tokens_per_tile(cfg) if cfg.task == "instruct" else 0,
       max_tiles=cfg.data.get("max_tiles", 1), template=cfg.data.get("template", "plain"),
-      augment=train and cfg.data.get("augment", False))
+      augment=train and cfg.data.get("augment", False),
+      text_prefix=cfg.model.get("text_prefix", "") if cfg.task != "instruct" else "")
 
 
 def _tokenizer(cfg, workdir: str, train_source):
@@ -68,7 +71,9 @@ def _tokenizer(cfg, workdir: str, train_source):
   init_tok = os.path.join(cfg.init.get("path", "") or "", "tokenizer.json")
   path = named or ("" if os.path.exists(os.path.join(workdir, "tokenizer.json")) or not os.path.exists(init_tok)
                    else init_tok)
-  tok = tokenizer_lib.load_or_build(path, workdir, train_source.texts)
+  prefix = cfg.model.get("text_prefix", "") if cfg.task != "instruct" else ""
+  texts = (lambda: itertools.chain([prefix], train_source.texts())) if prefix else train_source.texts
+  tok = tokenizer_lib.load_or_build(path, workdir, texts)  # a built tokenizer knows the caption prefix too
   if path and jax.process_index() == 0:  # eval.py looks for the tokenizer in the workdir
     tok.save(os.path.join(workdir, "tokenizer.json"))
   return tok, not named
@@ -126,7 +131,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   last: dict = {}
   t_last, n_last = time.time(), step
   bar = tqdm(total=total, initial=step, desc=os.path.basename(os.path.normpath(workdir)) or "train",
-             disable=jax.process_index() != 0 or not cfg.get("progress", True), dynamic_ncols=True)
+             disable=jax.process_index() != 0 or not cfg.get("progress", True), dynamic_ncols=True,
+             mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s, not 10 a second
   with _Preemption() as preempt:
     while step < total:
       batch = next(data_iter)
