@@ -83,7 +83,7 @@ def test_auto_routes_to_the_kernels(backend, monkeypatch):
   assert calls[0] == "cudnn" and calls[1:] == (["splash"] if jax.device_count() == 1 else [])
 
 
-@pytest.mark.parametrize("t", [128, 257])  # 2 exact blocks; 5 blocks of 52 with 3 padded rows
+@pytest.mark.parametrize("t", [128, 257, 600])  # 2 exact blocks of 64; 5 of 52 (3 padded); 5 of 120 (> 512 keys)
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "per_query", "padding", "per_head"])
 def test_cpu_query_blocked_attention_matches_xla(t, mask_kind):
   """The CPU path (query blocks under lax.map, padded last block) equals jax.nn.dot_product_attention's XLA path,

@@ -164,13 +164,13 @@ def run_case(name: str, args, machine: dict) -> dict:
         rec[side], once[side] = _run_jax(spec, args, machine)
       else:
         rec[side], once[side], program = _run_torch(spec, args, machine, side)
-        if side != "torch" or not _paired_rounds(args, machine):  # keep eager PyTorch alive for the pairing
+        if side != "torch" or not _paired_rounds(args, machine, spec):  # keep eager PyTorch alive to pair
           del program
           once.pop(side, None)
     except Exception as e:  # noqa: BLE001 - e.g. out of memory on one side; keep the other side's numbers
       rec[side] = {"error": f"{type(e).__name__}: {e}".strip()[:2000], "trace": traceback.format_exc()[-2000:]}
     print(f"[bench] {name} {side}: {_short(rec[side])}", file=sys.stderr, flush=True)
-  rounds = _paired_rounds(args, machine)
+  rounds = _paired_rounds(args, machine, spec)
   if rounds and once.get("jax") and once.get("torch"):
     from internvl_jax.bench import timing
     pair = timing.interleaved(once["jax"], once["torch"], rounds)
@@ -185,9 +185,13 @@ def run_case(name: str, args, machine: dict) -> dict:
   return report.add_ratios(rec)
 
 
-def _paired_rounds(args, machine: dict) -> int:
+def _paired_rounds(args, machine: dict, spec: cases.Spec) -> int:
   """Interleaved JAX/PyTorch rounds after the separate timings: default 5 on CPU (a shared machine), 0 on
-  accelerators (both programs would have to fit in device memory at once); 1 in a dry run."""
+  accelerators (both programs would have to fit in device memory at once); 1 in a dry run. Never for training
+  cases outside a dry run: two optimiser states and two sets of activations at once do not fit (the 300M train
+  step pair was killed for memory on a 24 GB machine)."""
+  if spec.kind in ("vit_train", "vit_fwdbwd") and not args.dry_run:
+    return 0
   if args.paired is not None:
     return args.paired
   if args.dry_run:

@@ -16,7 +16,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 IMPLS = ("xla", "cudnn", "splash", "auto")
-CPU_QUERY_BLOCK = 64  # query rows per block of the CPU path (BENCHMARKS.md: 48-96 all ~3x faster than unblocked at 257 tokens)
+# Query rows per block of the CPU path, doubled beyond 512 keys (BENCHMARKS.md: at 257 keys 48-96 rows all run
+# ~3x faster than unblocked, 128 rows 1.5x slower than 64; at 1025 keys 128 rows beat 64 by 1.2x, 256 lose).
+CPU_QUERY_BLOCK = 64
 SPLASH_BLOCK = 128  # splash's default block size: sequences are padded to a multiple of it
 _logged_choice: set[str] = set()
 
@@ -143,10 +145,11 @@ def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     out = jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), vh, preferred_element_type=jnp.float32)
     return out / jnp.sum(e, axis=-1, keepdims=True)
 
-  if t < 2 * CPU_QUERY_BLOCK:
+  rows = CPU_QUERY_BLOCK if s <= 512 else 2 * CPU_QUERY_BLOCK
+  if t < 2 * rows:
     out = attend(qh, mask)
   else:
-    n_blocks = -(-t // CPU_QUERY_BLOCK)
+    n_blocks = -(-t // rows)
     block = -(-t // n_blocks)  # equal blocks, padding < n_blocks rows (257 -> 5 x 52)
     pad = n_blocks * block - t
 
