@@ -1,6 +1,7 @@
 """eval.py's --data strings: parsing, the demo's sets per task, jsonl routing, and one-line errors."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -51,11 +52,7 @@ def test_jsonl_routing_and_errors(tmp_path):
     datasets.load("demo:abc", "retrieval", 16)
 
 
-def test_tfds_missing_is_one_clear_error():
-  try:
-    import tensorflow_datasets  # noqa: F401
-    pytest.skip("tensorflow-datasets is installed")
-  except ImportError:
-    pass
+def test_tfds_missing_is_one_clear_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails as if it were not installed
   with pytest.raises(ImportError, match="needs tensorflow-datasets: pip install"):
     datasets.load("tfds:coco_captions", "retrieval", 16)

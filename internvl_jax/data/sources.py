@@ -73,8 +73,11 @@ class JsonlSource:
 
 
 class TfdsSource:
-  """An image-text tensorflow-datasets dataset (e.g. coco_captions) through tfds.data_source (random access).
-  Field names come from the config: image_key, caption_key (a text or a list of texts; dotted paths allowed)."""
+  """An image-text tensorflow-datasets dataset (e.g. coco_captions) through its random-access data source (an
+  array_record or parquet preparation; TensorFlow is not needed). Field names come from the config: image_key,
+  caption_key (a text or a list of texts; dotted paths reach into nested and sequence features). The dataset must
+  be prepared in data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets): training never downloads it, since
+  every host of a run would prepare it at once. A record whose image cannot be decoded becomes a bad record."""
 
   def __init__(self, name: str, split: str, image_key: str = "image", caption_key: str = "captions.text",
                data_dir: str | None = None):
@@ -85,28 +88,91 @@ class TfdsSource:
                         "(or use source=jsonl)") from None
     if not name:
       raise ValueError("data source 'tfds' needs a dataset: set --config.data.<train|eval>.name=NAME")
-    self.ds = tfds.data_source(name, split=split, data_dir=data_dir)
+    data_dir = data_dir or None
+    prepare = (f"prepare it first (tfds build {name} --file_format=array_record --data_dir=DIR) and set "
+               "--config.data.<train|eval>.data_dir=DIR")
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:  # its message lists every registered dataset
+      raise FileNotFoundError(f"tfds dataset {name!r} is neither registered nor prepared in "
+                              f"{data_dir or 'the default data_dir'}; {prepare}") from None
+    if not builder.is_prepared():
+      raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}; {prepare}")
+    features = builder.info.features
+    for field, path in (("image_key", image_key), ("caption_key", caption_key)):
+      if _feature_at(features, path) is None:
+        raise ValueError(f"config.data.<train|eval>.{field}={path!r} is not a field of tfds dataset {name!r}; "
+                         f"its fields: {', '.join(_feature_paths(features))}")
+    try:
+      self.ds = builder.as_data_source(split=split)
+    except NotImplementedError as e:  # prepared as tfrecord: no random access
+      raise ValueError(f"tfds dataset {name!r}: {' '.join(str(e).split())}") from None
     self.name, self.split, self.image_key, self.caption_key = name, split, image_key, caption_key
+    self._builder, self._skip_image = builder, _nested(image_key, tfds.decode.SkipDecoding())
 
   def __len__(self) -> int:
     return len(self.ds)
 
-  def _field(self, ex, dotted: str):
-    for part in dotted.split("."):
-      ex = ex[part]
-    return ex
+  def _captions(self, ex) -> list[str]:
+    caps = _field(ex, self.caption_key)
+    caps = [caps] if isinstance(caps, (str, bytes)) else list(caps)
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in caps]
 
   def __getitem__(self, index: int) -> dict:
-    ex = self.ds[index]
-    caps = self._field(ex, self.caption_key)
-    caps = [caps] if isinstance(caps, (str, bytes)) else list(caps)
-    caps = [c.decode() if isinstance(c, bytes) else str(c) for c in caps]
-    return {"id": f"{self.name}/{self.split}/{index}", "key": f"{self.split}/{index}",
-            "image": self._field(ex, self.image_key), "captions": caps}
+    rec = {"id": f"{self.name}/{self.split}/{index}", "key": f"{self.split}/{index}"}
+    try:
+      ex = self.ds[index]
+    except Exception as e:  # PIL raises several types for a corrupt image
+      return dict(rec, error=f"record cannot be decoded ({type(e).__name__}: {str(e)[:200]})")
+    image = _field(ex, self.image_key)
+    if getattr(image, "ndim", 0) == 3 and image.shape[-1] == 1:  # a one-channel Image feature
+      image = image[..., 0]
+    return dict(rec, image=image, captions=self._captions(ex))
 
   def texts(self):
-    for i in range(len(self)):
-      yield from self[i]["captions"]
+    """Every caption of the split, for building a tokenizer (the images are left encoded: not decoded in vain)."""
+    ds = self._builder.as_data_source(split=self.split, decoders=self._skip_image)
+    for i in range(len(ds)):
+      try:
+        ex = ds[i]
+      except Exception:  # an unreadable record is counted when training reads it
+        continue
+      yield from self._captions(ex)
+
+
+def _field(ex, dotted: str):
+  for part in dotted.split("."):
+    ex = ex[part]
+  return ex
+
+
+def _nested(dotted: str, leaf):
+  """'a.b' -> {'a': {'b': leaf}} (tfds decoders follow the feature nesting)."""
+  out = leaf
+  for part in reversed(dotted.split(".")):
+    out = {part: out}
+  return out
+
+
+def _children(feature) -> dict:
+  """A tfds feature's named sub-features (a Sequence's are those of its element), or {} for a leaf."""
+  inner = getattr(feature, "feature", feature)  # Sequence -> its element feature
+  return {k: inner[k] for k in inner.keys()} if hasattr(inner, "keys") else {}
+
+
+def _feature_at(features, dotted: str):
+  for part in dotted.split("."):
+    features = _children(features).get(part)
+    if features is None:
+      return None
+  return features
+
+
+def _feature_paths(features, prefix: str = "") -> list[str]:
+  paths = []
+  for k, f in _children(features).items():
+    paths += _feature_paths(f, f"{prefix}{k}.") if _children(f) else [f"{prefix}{k}"]
+  return paths
 
 
 def make_source(split_cfg: ml_collections.ConfigDict, image_size: int):
@@ -119,5 +185,5 @@ def make_source(split_cfg: ml_collections.ConfigDict, image_size: int):
   if kind == "tfds":
     return TfdsSource(split_cfg.get("name", ""), split_cfg.get("split", "train"),
                       split_cfg.get("image_key", "image"), split_cfg.get("caption_key", "captions.text"),
-                      split_cfg.get("data_dir", None))
+                      split_cfg.get("data_dir", "") or None)
   raise ValueError(f"data source {kind!r} is not one of demo, jsonl, tfds; set --config.data.<train|eval>.source")

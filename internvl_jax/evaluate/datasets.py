@@ -3,7 +3,8 @@
   demo[:N]              the demo world's eval split (N examples, default 500, drawn at the model's image size):
                         captions (retrieval, caption), scene labels (zeroshot), one question each (vqa)
   jsonl:PATH            caption / label / vqa records (sources.read_jsonl_*)
-  tfds:NAME[:SPLIT]     an image-caption tensorflow-datasets set (needs tensorflow-datasets installed)
+  tfds:NAME[:SPLIT]     an image-caption tensorflow-datasets set (needs tensorflow-datasets installed), prepared
+                        in array_record format under $TFDS_DATA_DIR (default ~/tensorflow_datasets)
   flickr30k:ROOT        Flickr30K Karpathy test (ROOT/flickr30k_test_karpathy.txt, ROOT/Images)
   coco:ROOT             COCO Karpathy test (ROOT/coco_test_karpathy.json)
   folder:ROOT or ROOT   a folder of class sub-folders (zeroshot)
@@ -109,6 +110,10 @@ def _tfds(task: str, arg: str, cache_dir: str | None):
     raise ValueError("--data tfds: needs a dataset name, e.g. tfds:coco_captions:test")
   source = TfdsSource(name, split or "test")
   records = [source[i] for i in range(len(source))]
+  bad = [r for r in records if "error" in r]
+  if bad:  # an evaluation set is not quietly made smaller
+    raise ValueError(f"{len(bad)} of {len(records)} records of tfds:{arg} cannot be read, e.g. {bad[0]['id']}: "
+                     f"{bad[0]['error']}")
   paths = _write_images((r["image"] for r in records), _cache(cache_dir, f"tfds/{name}/{split}/{len(records)}"))
   texts, txt2img = [], []
   for i, r in enumerate(records):

@@ -52,9 +52,9 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ml_collections.ConfigDict(dict(source="demo", split="train", size=20000, path="", name="",
-                                                image_key="image", caption_key="captions.text"))
+                                                data_dir="", image_key="image", caption_key="captions.text"))
   c.data.eval = ml_collections.ConfigDict(dict(source="demo", split="eval", size=512, path="", name="",
-                                               image_key="image", caption_key="captions.text"))
+                                               data_dir="", image_key="image", caption_key="captions.text"))
   c.data.max_text_len = 64 if task == "instruct" else 32
   c.data.max_tiles = 1  # instruct: tile slots per example (dynamic tiling when > 1)
   c.data.template = "plain"  # 'plain' (our tokenizer's markers) | 'chatml' (Qwen2-style tokenizers)
