@@ -157,6 +157,7 @@ def run_case(name: str, args, machine: dict) -> dict:
   # peak is its own (getrusage is a process-lifetime maximum).
   sides = _torch_variants(args, machine["platform"])
   order = sides + ["jax"] if machine["platform"] != "cpu" else ["jax"] + sides
+  rounds = _paired_rounds(args, machine, spec)
   once = {}
   for side in order:
     try:
@@ -164,13 +165,12 @@ def run_case(name: str, args, machine: dict) -> dict:
         rec[side], once[side] = _run_jax(spec, args, machine)
       else:
         rec[side], once[side], program = _run_torch(spec, args, machine, side)
-        if side != "torch" or not _paired_rounds(args, machine, spec):  # keep eager PyTorch alive to pair
+        if side != "torch" or not rounds:  # keep eager PyTorch alive to pair
           del program
           once.pop(side, None)
     except Exception as e:  # noqa: BLE001 - e.g. out of memory on one side; keep the other side's numbers
       rec[side] = {"error": f"{type(e).__name__}: {e}".strip()[:2000], "trace": traceback.format_exc()[-2000:]}
     print(f"[bench] {name} {side}: {_short(rec[side])}", file=sys.stderr, flush=True)
-  rounds = _paired_rounds(args, machine, spec)
   if rounds and once.get("jax") and once.get("torch"):
     from internvl_jax.bench import timing
     pair = timing.interleaved(once["jax"], once["torch"], rounds)

@@ -185,5 +185,5 @@ def make_source(split_cfg: ml_collections.ConfigDict, image_size: int):
   if kind == "tfds":
     return TfdsSource(split_cfg.get("name", ""), split_cfg.get("split", "train"),
                       split_cfg.get("image_key", "image"), split_cfg.get("caption_key", "captions.text"),
-                      split_cfg.get("data_dir", "") or None)
+                      split_cfg.get("data_dir", ""))
   raise ValueError(f"data source {kind!r} is not one of demo, jsonl, tfds; set --config.data.<train|eval>.source")

@@ -54,13 +54,18 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def caption_prefix(cfg: ml_collections.ConfigDict) -> str:
+  """The text prepended to image-text captions (the model's text_prefix, as evaluation uses); none for instruct."""
+  return cfg.model.get("text_prefix", "") if cfg.task != "instruct" else ""
+
+
 def feature_spec(cfg: ml_collections.ConfigDict, *, train: bool) -> features_lib.FeatureSpec:
   return features_lib.FeatureSpec(
       task=cfg.task, image_size=config_checks.input_size(cfg), max_text_len=cfg.data.max_text_len,
       tokens_per_tile=config_checks.tokens_per_tile(cfg) if cfg.task == "instruct" else 0,
       max_tiles=cfg.data.get("max_tiles", 1), template=cfg.data.get("template", "plain"),
       augment=train and cfg.data.get("augment", False),
-      text_prefix=cfg.model.get("text_prefix", "") if cfg.task != "instruct" else "")
+      text_prefix=caption_prefix(cfg))
 
 
 def _tokenizer(cfg, workdir: str, train_source):
@@ -71,7 +76,7 @@ def _tokenizer(cfg, workdir: str, train_source):
   init_tok = os.path.join(cfg.init.get("path", "") or "", "tokenizer.json")
   path = named or ("" if os.path.exists(os.path.join(workdir, "tokenizer.json")) or not os.path.exists(init_tok)
                    else init_tok)
-  prefix = cfg.model.get("text_prefix", "") if cfg.task != "instruct" else ""
+  prefix = caption_prefix(cfg)
   texts = (lambda: itertools.chain([prefix], train_source.texts())) if prefix else train_source.texts
   tok = tokenizer_lib.load_or_build(path, workdir, texts)  # a built tokenizer knows the caption prefix too
   if path and jax.process_index() == 0:  # eval.py looks for the tokenizer in the workdir
