@@ -83,13 +83,15 @@ def test_auto_routes_to_the_kernels(backend, monkeypatch):
   assert calls[0] == "cudnn" and calls[1:] == (["splash"] if jax.device_count() == 1 else [])
 
 
-# t=128: 2 exact blocks of 64; t=257: 5 blocks of 52 (3 padded rows); t=600 (> 512 keys): 5 blocks of 120
-@pytest.mark.parametrize("t,mask_kind", [(128, "causal"), (128, "padding"), (257, "none"), (257, "causal"),
-                                         (257, "per_query"), (257, "padding"), (257, "per_head"), (600, "per_query"),
-                                         (600, "causal")])
-def test_cpu_query_blocked_attention_matches_xla(t, mask_kind):
-  """The CPU path (query blocks under lax.map, padded last block) equals jax.nn.dot_product_attention's XLA path,
-  with grouped KV heads, every mask shape the models pass, and fully-masked query rows."""
+# Block counts forced through the logits budget: 1 (unblocked), 2-4 (static slices, last block shorter),
+# 17-20 (> CPU_MAX_STATIC_BLOCKS: lax.map over blocks, the last one padded).
+@pytest.mark.parametrize("t,mask_kind,n_blocks", [
+    (128, "causal", 2), (128, "padding", 1), (257, "none", 2), (257, "causal", 20), (257, "per_query", 2),
+    (257, "per_query", 20), (257, "padding", 3), (257, "per_head", 20), (600, "causal", 17), (600, "per_query", 4)])
+def test_cpu_query_blocked_attention_matches_xla(t, mask_kind, n_blocks):
+  """The CPU path (static query blocks, or lax.map over padded blocks beyond CPU_MAX_STATIC_BLOCKS) equals
+  jax.nn.dot_product_attention's XLA path, with grouped KV heads, every mask shape the models pass, and
+  fully-masked query rows."""
   rng = np.random.default_rng(t)
   b, h, hkv, hd = 2, 4, 2, 8
   q = jnp.asarray(rng.normal(size=(b, t, h, hd)).astype(np.float32))
@@ -103,12 +105,16 @@ def test_cpu_query_blocked_attention_matches_xla(t, mask_kind):
     mask = attention.padding_mask(None, jnp.asarray(np.arange(t)[None] < np.array([[t], [t - 40]])))
   elif mask_kind == "per_head":
     mask = jnp.asarray(rng.random((b, h, t, t)) > 0.5)
-  out = attention._cpu_attention(q, k, v, mask=mask, causal=causal, scale=None)
+  budget = -(-b * h * t * t * 4 // n_blocks)
+  assert attention.cpu_query_blocks(b, h, t, t, budget)[0] == n_blocks
+  assert (n_blocks > attention.CPU_MAX_STATIC_BLOCKS) == (n_blocks >= 17)
+  run = lambda q: attention._cpu_attention(q, k, v, mask=mask, causal=causal, scale=None, budget_bytes=budget)
+  out = run(q)
   kk, vv = (jnp.repeat(x, h // hkv, axis=2) for x in (k, v))
   ref = jax.nn.dot_product_attention(q, kk, vv, mask=mask, is_causal=causal, implementation="xla")
   assert bool(jnp.all(jnp.isfinite(out)))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)
-  grad = jax.grad(lambda q: jnp.sum(attention._cpu_attention(q, k, v, mask=mask, causal=causal, scale=None) ** 2))
+  grad = jax.grad(lambda q: jnp.sum(run(q) ** 2))
   grad_ref = jax.grad(lambda q: jnp.sum(jax.nn.dot_product_attention(q, kk, vv, mask=mask, is_causal=causal,
                                                                      implementation="xla") ** 2))
   np.testing.assert_allclose(np.asarray(grad(q)), np.asarray(grad_ref(q)), atol=2e-5, rtol=1e-4)

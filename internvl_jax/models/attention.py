@@ -16,9 +16,11 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 IMPLS = ("xla", "cudnn", "splash", "auto")
-# Query rows per block of the CPU path, doubled beyond 512 keys (BENCHMARKS.md: at 257 keys 48-96 rows all run
-# ~3x faster than unblocked, 128 rows 1.5x slower than 64; at 1025 keys 128 rows beat 64 by 1.2x, 256 lose).
-CPU_QUERY_BLOCK = 64
+# CPU path: float32 logits per query block, and the most blocks written out as static slices (BENCHMARKS.md:
+# on a 32 MiB-L3 EPYC, InternViT-300M attention at 224 px, batch 8, runs 109 ms unblocked (34 MB of logits),
+# 33-35 ms in 2 blocks, 39-52 ms in 4-8; a lax.map over 5 blocks ran 65-76 ms, most of it copies).
+CPU_LOGITS_BLOCK_BYTES = 20 * 2**20
+CPU_MAX_STATIC_BLOCKS = 16
 SPLASH_BLOCK = 128  # splash's default block size: sequences are padded to a multiple of it
 _logged_choice: set[str] = set()
 
@@ -111,19 +113,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="xla")
 
 
+def cpu_query_blocks(batch: int, heads: int, q_len: int, k_len: int,
+                     budget_bytes: int | None = None) -> tuple[int, int]:
+  """(n_blocks, rows per block) of the CPU path: the fewest equal query blocks whose float32 logits
+  [batch, heads, rows, k_len] fit `budget_bytes` (default CPU_LOGITS_BLOCK_BYTES)."""
+  budget = CPU_LOGITS_BLOCK_BYTES if budget_bytes is None else budget_bytes
+  n_blocks = min(q_len, max(1, -(-(batch * heads * q_len * k_len * 4) // budget)))
+  rows = -(-q_len // n_blocks)
+  return -(-q_len // rows), rows
+
+
 def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None, causal: bool,
-                   scale: float | None) -> jax.Array:
-  """The XLA path, arranged for XLA's CPU backend (measured in BENCHMARKS.md: ~3x faster attention there).
+                   scale: float | None, budget_bytes: int | None = None) -> jax.Array:
+  """The XLA path, arranged for XLA's CPU backend (measured in BENCHMARKS.md).
 
   Same maths as jax.nn.dot_product_attention's XLA path (float32 logits, masked logits set to the same large
-  finite negative so fully-masked rows stay finite), arranged for a backend that fuses neither the softmax into
-  the matmuls nor runs one big batched matmul of small matrices fast:
+  finite negative so fully-masked rows stay finite), arranged for how XLA's CPU backend runs it:
   - heads are moved next to the batch once ([B, Hkv, G, T, hd]), so both matmuls are plain batched GEMMs;
-  - queries are processed in blocks of about CPU_QUERY_BLOCK rows under lax.map, so each block's logits
-    ([B, H, block, S]) stay in cache between the two matmuls and the softmax;
+  - XLA CPU (jaxlib >= 0.10, YNNPACK) fuses QK^T, the softmax and AV of one block into a single kernel, which
+    is fast while the block's logits fit the last-level cache and 3-4x slower once they do not. Queries are
+    therefore split into the fewest equal blocks whose logits fit CPU_LOGITS_BLOCK_BYTES, as static slices
+    (up to CPU_MAX_STATIC_BLOCKS; a lax.map over blocks beyond that keeps the program small, at the cost of a
+    copy of q into block order);
   - the softmax is normalised after the second matmul: exp(l - max) @ v / sum(exp(l - max)) divides a
-    [.., T, hd] result instead of the [.., T, S] probabilities (one pass less over the biggest tensor);
+    [.., T, hd] result instead of the [.., T, S] probabilities;
   - the scale multiplies q ([T, hd]) rather than the logits ([T, S]).
+  budget_bytes overrides CPU_LOGITS_BLOCK_BYTES (tests force several blocks at tiny shapes).
   """
   b, t, h, hd = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -136,6 +151,7 @@ def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
   if mask is not None:  # -> [B|1, Hkv|1, G|1, T|1, S]
     mask = combine_masks(mask)
     mask = mask.reshape(mask.shape[0], hkv, g, *mask.shape[2:]) if mask.shape[1] == h else mask[:, :, None]
+  per_row_mask = mask is not None and mask.shape[3] == t
 
   def attend(qb: jax.Array, mb: jax.Array | None) -> jax.Array:  # qb [B, Hkv, G, tb, hd] -> same shape, float32
     logits = jnp.einsum("bkgtd,bksd->bkgts", qb, kh, preferred_element_type=jnp.float32)
@@ -145,24 +161,26 @@ def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     out = jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), vh, preferred_element_type=jnp.float32)
     return out / jnp.sum(e, axis=-1, keepdims=True)
 
-  rows = CPU_QUERY_BLOCK if s <= 512 else 2 * CPU_QUERY_BLOCK
-  if t < 2 * rows:
+  n_blocks, rows = cpu_query_blocks(b, h, t, s, budget_bytes)
+  if n_blocks == 1:
     out = attend(qh, mask)
+  elif n_blocks <= CPU_MAX_STATIC_BLOCKS:
+    rows_of = lambda x, i: x[..., i:i + rows, :]
+    out = jnp.concatenate([attend(rows_of(qh, i), rows_of(mask, i) if per_row_mask else mask)
+                           for i in range(0, t, rows)], axis=-2)
   else:
-    n_blocks = -(-t // rows)
-    block = -(-t // n_blocks)  # equal blocks, padding < n_blocks rows (257 -> 5 x 52)
-    pad = n_blocks * block - t
+    pad = n_blocks * rows - t
 
-    def to_blocks(x: jax.Array) -> jax.Array:  # [..., T, last] -> [n_blocks, ..., block, last]
+    def to_blocks(x: jax.Array) -> jax.Array:  # [..., T, last] -> [n_blocks, ..., rows, last]
       x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)], constant_values=True if x.dtype == bool else 0)
-      x = x.reshape(*x.shape[:-2], n_blocks, block, x.shape[-1])
+      x = x.reshape(*x.shape[:-2], n_blocks, rows, x.shape[-1])
       return jnp.moveaxis(x, -3, 0)
 
-    if mask is not None and mask.shape[3] == t:
+    if per_row_mask:
       out = jax.lax.map(lambda qm: attend(*qm), (to_blocks(qh), to_blocks(mask)))
     else:  # no mask, or one shared by every query row
       out = jax.lax.map(lambda qb: attend(qb, mask), to_blocks(qh))
-    out = jnp.moveaxis(out, 0, -3).reshape(b, hkv, g, n_blocks * block, hd)[:, :, :, :t]
+    out = jnp.moveaxis(out, 0, -3).reshape(b, hkv, g, n_blocks * rows, hd)[:, :, :, :t]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(q.dtype)
 
 
