@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -83,6 +84,28 @@ def test_interleaved_pairs_calls_and_takes_the_median_ratio():
   pair = timing.interleaved(once_jax, once_torch, rounds=3)
   assert calls == ["jax", "torch"] * 3  # alternating, so a slow moment hits both sides of a pair
   assert (pair["ratio"], pair["ratio_min"], pair["ratio_max"]) == (1.5, 1.0, 3.0)
+  assert "probe" not in pair
+
+
+def test_interleaved_probe_runs_once_per_round_after_the_pair():
+  calls, rates = [], iter([0.1, 0.2])
+  pair = timing.interleaved(lambda: calls.append("a") or 1.0, lambda: calls.append("b") or 1.0, rounds=2,
+                            probe=lambda: calls.append("probe") or next(rates))
+  assert calls == ["a", "b", "probe"] * 2 and pair["probe"] == [0.1, 0.2]
+
+
+def test_paired_fraction_of_matmul_uses_each_rounds_own_rate(monkeypatch):
+  """Round i's TFLOP/s is divided by round i's matmul rate: a slow round with a slow machine is no lower."""
+  rates = iter([0.1, 0.05, 0.1])  # the machine halves its speed in round 2 ...
+  times = iter([1.0, 2.0, 2.0, 4.0, 1.0, 2.0])  # ... and both sides take twice as long in that round
+  monkeypatch.setattr(timing, "matmul_probe", lambda *a, **k: lambda: next(rates))
+  spec = types.SimpleNamespace(flops_per_call=0.08e12)
+  args = types.SimpleNamespace(dry_run=True)
+  out = cli._pairs(lambda: next(times), lambda: next(times), 3, spec, args, {"platform": "cpu"})
+  assert out["matmul_tflops"] == [0.1, 0.05, 0.1]
+  assert out["jax_frac_of_matmul"] == pytest.approx(0.8) and out["torch_frac_of_matmul"] == pytest.approx(0.4)
+  assert out["ratio"] == pytest.approx(2.0)
+  assert cli._pairs(lambda: 1.0, lambda: 1.0, 1, spec, args, {"platform": "gpu"}).get("matmul_tflops") is None
 
 
 def _check_result(result: dict, names: list[str]) -> None:
@@ -97,6 +120,9 @@ def _check_result(result: dict, names: list[str]) -> None:
     assert c["ratio"] == pytest.approx(c["jax"]["items_per_s"] / c["torch"]["items_per_s"])
     assert c["flops_per_call"] > 0 and c["unit"] in ("images", "tokens")
     assert c["paired"]["rounds"] == 1 and len(c["paired"]["jax_s"]) == 1 and c["paired"]["ratio"] > 0
+    p = c["paired"]
+    assert len(p["matmul_tflops"]) == 1 and p["jax_frac_of_matmul"] == pytest.approx(
+        c["flops_per_call"] / p["jax_s"][0] / 1e12 / p["matmul_tflops"][0])
 
 
 @pytest.mark.slow

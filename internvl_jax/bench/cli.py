@@ -172,17 +172,41 @@ def run_case(name: str, args, machine: dict) -> dict:
       rec[side] = {"error": f"{type(e).__name__}: {e}".strip()[:2000], "trace": traceback.format_exc()[-2000:]}
     print(f"[bench] {name} {side}: {_short(rec[side])}", file=sys.stderr, flush=True)
   if rounds and once.get("jax") and once.get("torch"):
-    from internvl_jax.bench import timing
-    pair = timing.interleaved(once["jax"], once["torch"], rounds)
-    rec["paired"] = {"rounds": rounds, "ratio": pair["ratio"], "ratio_min": pair["ratio_min"],
-                     "ratio_max": pair["ratio_max"], "jax_s": pair["a_s"], "torch_s": pair["b_s"]}
-    print(f"[bench] {name} paired JAX / PT eager over {rounds} interleaved rounds: {pair['ratio']:.3f} "
-          f"(min {pair['ratio_min']:.3f}, max {pair['ratio_max']:.3f})", file=sys.stderr, flush=True)
+    rec["paired"] = _pairs(once["jax"], once["torch"], rounds, spec, args, machine)
+    print(f"[bench] {name} paired JAX / PT eager over {rounds} interleaved rounds: {_short_pair(rec['paired'])}",
+          file=sys.stderr, flush=True)
   once.clear()
   if "torch" in sides:
     from internvl_jax.bench import torch_side
     torch_side.reset_memory()
   return report.add_ratios(rec)
+
+
+def _pairs(once_jax, once_torch, rounds: int, spec: cases.Spec, args, machine: dict) -> dict:
+  """Interleaved JAX / PyTorch-eager rounds; on CPU each round also measures the matmul rate, and the fraction of
+  it each side reached is the median over rounds of (case TFLOP/s) / (that round's matmul TFLOP/s)."""
+  import statistics
+  from internvl_jax.bench import timing
+  probe = None
+  if machine["platform"] == "cpu":
+    probe = timing.matmul_probe("cpu", calls=1 if args.dry_run else 3, size=256 if args.dry_run else None)
+  pair = timing.interleaved(once_jax, once_torch, rounds, probe=probe)
+  out = {"rounds": rounds, "ratio": pair["ratio"], "ratio_min": pair["ratio_min"], "ratio_max": pair["ratio_max"],
+         "jax_s": pair["a_s"], "torch_s": pair["b_s"]}
+  if probe is not None:
+    tflops = lambda t: spec.flops_per_call / t / 1e12
+    out["matmul_tflops"] = pair["probe"]
+    out["jax_frac_of_matmul"] = statistics.median(tflops(t) / r for t, r in zip(pair["a_s"], pair["probe"]))
+    out["torch_frac_of_matmul"] = statistics.median(tflops(t) / r for t, r in zip(pair["b_s"], pair["probe"]))
+  return out
+
+
+def _short_pair(p: dict) -> str:
+  s = f"{p['ratio']:.3f} (min {p['ratio_min']:.3f}, max {p['ratio_max']:.3f})"
+  if "jax_frac_of_matmul" in p:
+    s += (f"; fraction of the same rounds' matmul rate: JAX {p['jax_frac_of_matmul']:.1%}, "
+          f"PT {p['torch_frac_of_matmul']:.1%}")
+  return s
 
 
 def _paired_rounds(args, machine: dict, spec: cases.Spec) -> int:

@@ -10,7 +10,9 @@ JSON (`--out`), one file per run:
   ratio = JAX items/s over the faster PyTorch variant that ran (eager or compiled); the per-variant ratios are
   kept beside it. "paired" (CPU default): {"rounds", "ratio", "ratio_min", "ratio_max", "jax_s", "torch_s"},
   JAX / PyTorch-eager speed from interleaved call pairs (timing.interleaved), the figure to quote on a shared
-  machine.
+  machine. On CPU "paired" also has "matmul_tflops" (the matmul rate measured in each round) and
+  "jax_frac_of_matmul" / "torch_frac_of_matmul" (median over rounds of the side's TFLOP/s over that round's
+  rate): the fraction of what the machine could do in the same seconds.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ def _paired(rec: dict) -> str:
   return f"{p['ratio']:.2f} ({p['ratio_min']:.2f}-{p['ratio_max']:.2f}, n={p['rounds']})"
 
 
+def _paired_fraction(rec: dict) -> str:
+  p = rec.get("paired")
+  if not isinstance(p, dict) or p.get("jax_frac_of_matmul") is None:
+    return "-"
+  return f"{p['jax_frac_of_matmul']:.1%} / {p['torch_frac_of_matmul']:.1%}"
+
+
 def markdown(result: dict) -> str:
   """The human-readable table: machine line, then one row per case."""
   lines = [f"Device: {result['device']} | peak {_fmt(result.get('peak_tflops'), '.3f')} TFLOP/s "
@@ -95,8 +104,9 @@ def markdown(result: dict) -> str:
            "",
            "| case | unit | batch | JAX items/s | JAX TFLOP/s | JAX MFU | JAX compile s | JAX peak GiB "
            "| PT eager items/s | PT eager TFLOP/s | PT eager MFU | PT first call s | PT compile items/s "
-           "| JAX / PT | JAX / PT eager | JAX / PT compile | JAX / PT eager, interleaved pairs |",
-           "|" + "---|" * 17]
+           "| JAX / PT | JAX / PT eager | JAX / PT compile | JAX / PT eager, interleaved pairs "
+           "| JAX / PT frac. of same-round matmul |",
+           "|" + "---|" * 18]
   for rec in result["cases"]:
     jax_side = rec.get("jax")
     peak = _bytes(jax_side.get("peak_bytes")) if isinstance(jax_side, dict) else "-"
@@ -104,7 +114,7 @@ def markdown(result: dict) -> str:
     compiled = _side_cells(torch_c)[0] if isinstance(torch_c, dict) else "-"
     row = ([rec["name"], rec.get("unit", "-"), str(rec.get("batch", "-"))] + _side_cells(jax_side) + [peak]
            + _side_cells(rec.get("torch")) + [compiled]
-           + [_fmt(rec.get(k), ".2f") for k in ("ratio", "ratio_eager", "ratio_compile")] + [_paired(rec)])
+           + [_fmt(rec.get(k), ".2f") for k in ("ratio", "ratio_eager", "ratio_compile")] + [_paired(rec), _paired_fraction(rec)])
     if "skipped" in rec or "error" in rec:
       row[3] = ("skipped: " + rec["skipped"]) if "skipped" in rec else ("error: " + rec["error"].splitlines()[0])
     lines.append("| " + " | ".join(row) + " |")

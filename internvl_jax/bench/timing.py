@@ -86,29 +86,57 @@ def time_callable(call: Callable[[], Any], sync: Callable[[], None], *, warmup: 
   return Timing(first, [once() for _ in range(repeats)], once)
 
 
-def interleaved(once_a: Callable[[], float], once_b: Callable[[], float], rounds: int) -> dict:
+def interleaved(once_a: Callable[[], float], once_b: Callable[[], float], rounds: int,
+                probe: Callable[[], float] | None = None) -> dict:
   """Alternates one call of a and one of b, `rounds` times. On a shared machine a neighbour's burst slows both
   calls of a round alike, so the median of the per-round ratios t_b / t_a (a's speed over b's) is far steadier
-  than a ratio of two medians taken minutes apart."""
-  ta, tb = [], []
+  than a ratio of two medians taken minutes apart. probe (e.g. matmul_probe) runs once per round after the pair;
+  its values come back as "probe", one per round."""
+  ta, tb, probed = [], [], []
   for _ in range(rounds):
     ta.append(once_a())
     tb.append(once_b())
+    if probe is not None:
+      probed.append(probe())
   ratios = sorted(b / a for a, b in zip(ta, tb))
-  return {"rounds": rounds, "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
-          "a_s": ta, "b_s": tb}
+  out = {"rounds": rounds, "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+         "a_s": ta, "b_s": tb}
+  if probe is not None:
+    out["probe"] = probed
+  return out
+
+
+def _matmul_operands(platform: str, size: int | None) -> tuple[jax.Array, jax.Array, int]:
+  n, dtype = (size or 2048, jnp.float32) if platform == "cpu" else (size or 8192, jnp.bfloat16)
+  ka, kb = jax.random.split(jax.random.key(0))
+  return jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype), n
+
+
+def matmul_probe(platform: str, *, calls: int = 3, size: int | None = None) -> Callable[[], float]:
+  """A callable that measures the large-matmul rate now (TFLOP/s, the median of `calls` dots of the same
+  operands as matmul_tflops). Run inside interleaved rounds, it gives each round its own machine rate, so that
+  'fraction of the matmul rate' compares a case with what the machine could do in the same seconds (this VM's
+  rate drifts by +-15% from minute to minute)."""
+  a, b, n = _matmul_operands(platform, size)
+  dot = jax.jit(jnp.dot).lower(a, b).compile()
+  jax.block_until_ready(dot(a, b))
+
+  def probe() -> float:
+    times = []
+    for _ in range(calls):
+      t0 = time.perf_counter()
+      jax.block_until_ready(dot(a, b))
+      times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times) / 1e12
+
+  return probe
 
 
 def matmul_tflops(platform: str, *, repeats: int = 5, size: int | None = None) -> tuple[float, str]:
   """Measures this machine's large-matmul rate with jnp.dot: float32 2048^2 on CPU (what 'fraction of what this
   machine can do' is measured against), bfloat16 8192^2 on accelerators. Returns (TFLOP/s, description)."""
-  if platform == "cpu":
-    n, dtype = size or 2048, jnp.float32
-  else:
-    n, dtype = size or 8192, jnp.bfloat16
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), dtype)
-  b = jax.random.normal(kb, (n, n), dtype)
+  a, b, n = _matmul_operands(platform, size)
+  dtype = a.dtype
   dot = jax.jit(jnp.dot)
   timing, _ = time_jax(dot, (a, b), carry=False, warmup=2, repeats=repeats)
   return 2.0 * n**3 / timing.median_s / 1e12, f"jnp.dot {n}x{n} {jnp.dtype(dtype).name}, median of {repeats}"
