@@ -3,17 +3,33 @@ configs on the demo world for the trainer's tests."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
-import jax
-import numpy as np
-import pytest
-from flax import nnx
+# One persistent XLA compilation cache per test session, shared with the CLI subprocesses the tests start (they
+# inherit the environment): the same tiny train and eval programs are compiled by many tests and processes, and
+# compiling dominates the suite's time on 2 cores (test_resume: 83 s -> 44 s). A fresh directory each session,
+# so no stale entry can outlive a code change; a cache the user set is left alone.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="internvl_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+import jax  # noqa: E402  (after the cache settings above, which jax reads at import)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import internvl_jax  # noqa: F401  (sets the package's Flax defaults)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
