@@ -1,8 +1,9 @@
-"""A minimal contrastive train step (symmetric InfoNCE + optax.adamw) for the benchmark only.
+"""A minimal contrastive train step (symmetric InfoNCE + optax.adamw) for the benchmark.
 
-The real trainer (internvl_jax/train/) is written elsewhere; this step exists so the benchmark can time the
-shape of work a stage-1 step does today. When the trainer lands, the benchmark should time the trainer's own
-step instead, and this file should go.
+It has the shape of work of the trainer's stage-1 step (internvl_jax/train/steps.py: model forward, InfoNCE,
+backward, AdamW) and nothing else, so that it compares like for like with its PyTorch twin in torch_side.py.
+The trainer's own step adds what PyTorch's twin lacks (skipping non-finite updates, gradient norm, metrics,
+dropout keys, the sharded loss on a mesh); timing it would fold those into the JAX / PyTorch ratio.
 """
 
 from __future__ import annotations
