@@ -114,7 +114,8 @@ def markdown(result: dict) -> str:
     compiled = _side_cells(torch_c)[0] if isinstance(torch_c, dict) else "-"
     row = ([rec["name"], rec.get("unit", "-"), str(rec.get("batch", "-"))] + _side_cells(jax_side) + [peak]
            + _side_cells(rec.get("torch")) + [compiled]
-           + [_fmt(rec.get(k), ".2f") for k in ("ratio", "ratio_eager", "ratio_compile")] + [_paired(rec), _paired_fraction(rec)])
+           + [_fmt(rec.get(k), ".2f") for k in ("ratio", "ratio_eager", "ratio_compile")]
+           + [_paired(rec), _paired_fraction(rec)])
     if "skipped" in rec or "error" in rec:
       row[3] = ("skipped: " + rec["skipped"]) if "skipped" in rec else ("error: " + rec["error"].splitlines()[0])
     lines.append("| " + " | ".join(row) + " |")

@@ -106,20 +106,23 @@ def interleaved(once_a: Callable[[], float], once_b: Callable[[], float], rounds
   return out
 
 
-def _matmul_operands(platform: str, size: int | None) -> tuple[jax.Array, jax.Array, int]:
-  n, dtype = (size or 2048, jnp.float32) if platform == "cpu" else (size or 8192, jnp.bfloat16)
+def _matmul_shape(platform: str, size: int | None) -> tuple[int, Any]:
+  """(n, dtype) of the rate-defining matmul: float32 2048^2 on CPU, bfloat16 8192^2 on accelerators."""
+  return (size or 2048, jnp.float32) if platform == "cpu" else (size or 8192, jnp.bfloat16)
+
+
+def matmul_probe(platform: str, *, calls: int = 3, size: int | None = None,
+                 warmup: int = 1) -> Callable[[], float]:
+  """Compiles the rate-defining jnp.dot and returns a callable that measures its rate now (TFLOP/s, the median of
+  `calls` dots). Run inside interleaved rounds, it gives each round its own machine rate, so that 'fraction of
+  the matmul rate' compares a case with what the machine could do in the same seconds (this VM's rate drifts by
+  +-15% from minute to minute)."""
+  n, dtype = _matmul_shape(platform, size)
   ka, kb = jax.random.split(jax.random.key(0))
-  return jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype), n
-
-
-def matmul_probe(platform: str, *, calls: int = 3, size: int | None = None) -> Callable[[], float]:
-  """A callable that measures the large-matmul rate now (TFLOP/s, the median of `calls` dots of the same
-  operands as matmul_tflops). Run inside interleaved rounds, it gives each round its own machine rate, so that
-  'fraction of the matmul rate' compares a case with what the machine could do in the same seconds (this VM's
-  rate drifts by +-15% from minute to minute)."""
-  a, b, n = _matmul_operands(platform, size)
+  a, b = jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype)
   dot = jax.jit(jnp.dot).lower(a, b).compile()
-  jax.block_until_ready(dot(a, b))
+  for _ in range(warmup):
+    jax.block_until_ready(dot(a, b))
 
   def probe() -> float:
     times = []
@@ -133,13 +136,11 @@ def matmul_probe(platform: str, *, calls: int = 3, size: int | None = None) -> C
 
 
 def matmul_tflops(platform: str, *, repeats: int = 5, size: int | None = None) -> tuple[float, str]:
-  """Measures this machine's large-matmul rate with jnp.dot: float32 2048^2 on CPU (what 'fraction of what this
-  machine can do' is measured against), bfloat16 8192^2 on accelerators. Returns (TFLOP/s, description)."""
-  a, b, n = _matmul_operands(platform, size)
-  dtype = a.dtype
-  dot = jax.jit(jnp.dot)
-  timing, _ = time_jax(dot, (a, b), carry=False, warmup=2, repeats=repeats)
-  return 2.0 * n**3 / timing.median_s / 1e12, f"jnp.dot {n}x{n} {jnp.dtype(dtype).name}, median of {repeats}"
+  """Measures this machine's large-matmul rate with jnp.dot (what 'fraction of what this machine can do' is
+  measured against on CPU): the median of `repeats` calls after 2 warm-up calls. Returns (TFLOP/s, description)."""
+  n, dtype = _matmul_shape(platform, size)
+  rate = matmul_probe(platform, calls=repeats, size=size, warmup=2)()
+  return rate, f"jnp.dot {n}x{n} {jnp.dtype(dtype).name}, median of {repeats}"
 
 
 def cpu_threads() -> int:
