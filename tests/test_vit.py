@@ -188,3 +188,13 @@ def test_parameters_carry_logical_axes_with_a_layers_axis():
     assert names is not None and len(names) == var.get_value().ndim, path
   real = vit.InternViT(_tiny(), rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(stack.layer_at(real.blocks, 1).attn.qkv.kernel[...], real.blocks.attn.qkv.kernel[1])
+
+
+def test_dropout_only_after_the_attention_projection(rng):
+  # Official InternVisionEncoderLayer: InternAttention applies config.dropout after proj (proj_drop); InternMLP is
+  # fc1 -> GELU -> fc2 with no dropout at all.
+  block = vit.VisionBlock(_tiny(dropout=0.5), rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.normal(size=(2, 17, 32)), jnp.float32)
+  key = jax.random.key(1)
+  np.testing.assert_array_equal(block.mlp(x, key), block.mlp(x))
+  assert not jnp.array_equal(block.attn(x, key), block.attn(x))

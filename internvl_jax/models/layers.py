@@ -100,7 +100,8 @@ def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> j
 
 
 class MLP(nnx.Module):
-  """fc1 -> exact GELU -> dropout -> fc2, with biases (InternViT block MLP). [..., D] -> [..., D_out]."""
+  """fc1 -> exact GELU -> dropout -> fc2, with biases (InternViT block MLP with dropout_rate 0, the seed
+  projection head). [..., D] -> [..., D_out]."""
 
   def __init__(self, dim: int, hidden: int, out_dim: int | None = None, *, rngs: nnx.Rngs, use_bias: bool = True,
                dropout_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32):

@@ -132,7 +132,9 @@ class VisionBlock(nnx.Module):
     self.norm1 = layers.make_norm(cfg.norm_type, d, cfg.norm_eps, dtype=dtype)
     self.attn = VisionAttention(cfg, rngs=rngs)
     self.norm2 = layers.make_norm(cfg.norm_type, d, cfg.norm_eps, dtype=dtype)
-    self.mlp = layers.MLP(d, cfg.mlp_dim, rngs=rngs, dropout_rate=cfg.dropout, dtype=dtype)
+    # The official InternMLP is fc1 -> GELU -> fc2 with no dropout; config.dropout acts only after the attention
+    # output projection (InternAttention.proj_drop).
+    self.mlp = layers.MLP(d, cfg.mlp_dim, rngs=rngs, dtype=dtype)
     self.ls1 = nnx.Param(jnp.full((d,), cfg.layer_scale_init, jnp.float32), out_sharding=("norm",))
     self.ls2 = nnx.Param(jnp.full((d,), cfg.layer_scale_init, jnp.float32), out_sharding=("norm",))
 
