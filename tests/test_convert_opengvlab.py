@@ -2,6 +2,8 @@
 into InternVLChatModel / InternVisionModel / InternLM2 names (opengvlab_layout.py); loading them must give the
 same parameters as the native load and the same outputs as PyTorch."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +133,23 @@ def test_cli_exports_opengvlab_chat_to_transformers(refs, tmp_path):
   ids, pixels = chat_inputs()
   np.testing.assert_array_equal(chat_logits_torch(back.eval(), ids, pixels).numpy(),
                                 chat_logits_torch(ref, ids, pixels).numpy())
+
+
+def test_force_image_size_sets_the_input_size_not_the_position_table(refs, tmp_path):
+  # InternVLChatModel: image_size = config.force_image_size or vision_config.image_size sets num_image_token;
+  # the position embeddings keep vision_config.image_size and are interpolated to the input grid.
+  folder, _ = refs["qwen2"]
+  og = str(tmp_path / "og")
+  opengvlab_layout.chat_to_opengvlab(folder, og, "qwen2")
+  with open(f"{og}/config.json") as f:
+    cfg = json.load(f)
+  native_size = cfg["vision_config"]["image_size"]
+  cfg["force_image_size"] = native_size * 2
+  with open(f"{og}/config.json", "w") as f:
+    json.dump(cfg, f)
+  model = convert.load_pretrained(og)
+  assert model.config.image_size == native_size * 2 and model.config.vision.image_size == native_size
+  grid = native_size // cfg["vision_config"]["patch_size"]
+  assert model.vision.embeddings.position.shape[1] == 1 + grid**2
+  with pytest.raises(convert.ConversionError, match="force_image_size"):
+    convert.save_pretrained(model, str(tmp_path / "native"))

@@ -143,12 +143,25 @@ def language_to_hf(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def chat_config(vision: ml_collections.ConfigDict, language: ml_collections.ConfigDict, *, select_layer: int,
-                downsample_ratio: float, ps_version: str, image_token_id: int) -> ml_collections.ConfigDict:
-  """The same fields as presets.chat()."""
+                downsample_ratio: float, ps_version: str, image_token_id: int,
+                image_size: int | None = None) -> ml_collections.ConfigDict:
+  """The same fields as presets.chat(), plus image_size: the tile size fed to the model (OpenGVLab's
+  force_image_size; default the vision tower's), which may differ from the size its position embeddings were
+  trained at (they are resized then)."""
   _require(ps_version in ("v1", "v2"), f"ps_version {ps_version!r} is not 'v1' or 'v2'")
+  size = int(image_size or vision.image_size)
+  _require(size % vision.patch_size == 0, f"force_image_size {size} is not a multiple of the patch size "
+           f"{vision.patch_size}")
   return ml_collections.ConfigDict(dict(
       vision=vision, language=language, select_layer=int(select_layer), downsample_ratio=float(downsample_ratio),
-      ps_version=ps_version, image_token_id=int(image_token_id), mode="replace", freeze_vision=False))
+      ps_version=ps_version, image_token_id=int(image_token_id), mode="replace", freeze_vision=False,
+      image_size=size))
+
+
+def input_size(cfg: ml_collections.ConfigDict) -> int:
+  """The image (tile) size a chat or contrastive model config is fed: its image_size (OpenGVLab's
+  force_image_size), else the vision tower's."""
+  return int(cfg.get("image_size", 0) or cfg.vision.image_size)
 
 
 def chat_from_native(c: dict) -> ml_collections.ConfigDict:
@@ -173,6 +186,8 @@ def chat_to_native(cfg: ml_collections.ConfigDict) -> dict:
   v = cfg.vision
   text = language_to_hf(cfg.language)
   text.pop("architectures")
+  _require(input_size(cfg) == v.image_size, f"transformers' InternVL feeds the vision tower its own image_size "
+           f"({v.image_size}); this model is fed {input_size(cfg)} px (force_image_size): export the OpenGVLab layout")
   tokens = int((v.image_size // v.patch_size * cfg.downsample_ratio) ** 2)
   return dict(model_type="internvl", architectures=["InternVLForConditionalGeneration"],
               vision_config=vision_to_native(v), text_config=text, image_token_id=cfg.image_token_id,
@@ -199,7 +214,8 @@ def chat_from_opengvlab(c: dict, image_token_id: int | None) -> ml_collections.C
     logging.warning("no tokenizer files: using the %s default IMG_CONTEXT id %d", family, image_token_id)
   return chat_config(vision_from_opengvlab(c.get("vision_config") or {}), language_from_hf(llm_cfg, family),
                      select_layer=c.get("select_layer", -1), downsample_ratio=c.get("downsample_ratio", 0.5),
-                     ps_version=c.get("ps_version", "v1"), image_token_id=image_token_id)
+                     ps_version=c.get("ps_version", "v1"), image_token_id=image_token_id,
+                     image_size=c.get("force_image_size"))
 
 
 def language_family(c: dict) -> str:
@@ -226,14 +242,15 @@ def contrastive_from_14b(c: dict, variant: str = "g") -> ml_collections.ConfigDi
   embed_dim = int(c.get("clip_embed_dim", 768))
   heads = int(c.get("attn_pool_num_heads", 16))
   vision = vision_from_opengvlab(c.get("vision_config") or {})
-  if c.get("force_image_size"):
-    vision.image_size = int(c["force_image_size"])
   vision.pooling, vision.pool_heads, vision.pool_out_dim = "attention", heads, embed_dim
   text = language_from_hf(q, "llama")
   text.vision_width = vision.hidden_size
   text.num_query_tokens = int(c.get("num_query_token", q.get("num_query_token", 96)))
   text.cross_attention_frequency = int(c.get("cross_attention_frequency", q.get("cross_attention_frequency", 2)))
+  # force_image_size is the size the model is fed; the position embeddings keep the vision config's size (they
+  # are resized at run time, as InternVisionEmbeddings does)
   return ml_collections.ConfigDict(dict(
+      image_size=int(c.get("force_image_size") or vision.image_size),
       vision=vision, text=text, text_kind="qllama", variant=variant, embed_dim=embed_dim, text_pooling="last",
       num_proj_layers=2, proj_dropout=0.0, query_pool_heads=heads, text_prefix="summarize:",
       logit_scale_init=2.659260036932778))
@@ -258,4 +275,4 @@ def contrastive_to_14b(cfg: ml_collections.ConfigDict) -> dict:
   return dict(model_type="internvl", architectures=["InternVLModel"], vision_config=vision, qllama_config=qllama,
               clip_embed_dim=cfg.embed_dim, attn_pool_num_heads=cfg.query_pool_heads,
               num_query_token=t.num_query_tokens, cross_attention_frequency=t.cross_attention_frequency,
-              force_image_size=v.image_size, use_backbone_lora=0, use_qllama_lora=0)
+              force_image_size=input_size(cfg), use_backbone_lora=0, use_qllama_lora=0)
