@@ -138,3 +138,26 @@ def test_load_image_errors(tmp_path):
   (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
   with pytest.raises(ValueError, match="cannot decode image .*cut.jpg"):
     sources.load_image(str(tmp_path / "cut.jpg"), 4)
+
+
+@pytest.mark.parametrize("w,h,resized,box", [
+    # torchvision Resize(224) on a PIL image: short side -> 224, long side int(224 * long / short) (truncated);
+    # CenterCrop(224): offsets int(round((dim - 224) / 2)), Python's round (half to even). Worked out by hand.
+    (300, 200, (336, 224), (56, 0)),
+    (200, 301, (224, 337), (0, 56)),     # 337 - 224 = 113 -> round(56.5) = 56
+    (203, 200, (227, 224), (2, 0)),      # 227.36 -> 227; 3 / 2 = 1.5 -> 2
+    (201, 200, (225, 224), (0, 0)),      # 225.12 -> 225; 0.5 -> 0
+    (224, 224, (224, 224), (0, 0)),
+])
+def test_center_crop_follows_torchvision_resize_and_center_crop(tmp_path, w, h, resized, box):
+  rng = np.random.default_rng(0)
+  img = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
+  path = str(tmp_path / "x.png")
+  img.save(path)
+  big = img.resize(resized, Image.Resampling.BICUBIC) if resized != (w, h) else img
+  ref = np.asarray(big.crop((box[0], box[1], box[0] + 224, box[1] + 224)), np.float32) / 255.0
+  ref = (ref - np.asarray((0.485, 0.456, 0.406))) / np.asarray((0.229, 0.224, 0.225))
+  ours = sources.load_image(path, 224, resize="center_crop")
+  np.testing.assert_allclose(ours, ref, atol=1e-5)
+  with pytest.raises(ValueError, match="resize"):
+    sources.load_image(path, 224, resize="crop")

@@ -40,6 +40,21 @@ def resize(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
   return image.resize((w, h), Image.Resampling.BICUBIC)
 
 
+def resize_short_center_crop(image: Image.Image, size: int) -> Image.Image:
+  """Bicubic resize of the shorter side to `size` (the longer one to int(size * long / short), truncated), then
+  the centred size x size crop, its offsets int(round((dim - size) / 2)): torchvision's Resize(size) +
+  CenterCrop(size) on a PIL image, the classification transform of InternVL-C/G's evaluation."""
+  w, h = image.size
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
+  if (new_w, new_h) != (w, h):
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+  left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+  return image.crop((left, top, left + size, top + size))
+
+
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, scale=(0.5, 1.0),
                         ratio=(3 / 4, 4 / 3)) -> Image.Image:
   """Inception-style crop: a random area share in `scale` and aspect in `ratio`, resized to size x size.

@@ -27,8 +27,9 @@ VQA_SUFFIX = "Answer the question using a single word or phrase."  # InternVL's 
 NUM_SAMPLES = 20  # generated captions / answers kept in the JSON
 
 
-def _embed_images(model: EvalModel, paths: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
-  batches = sources.image_batches(paths, model.image_size, batch_size)
+def _embed_images(model: EvalModel, paths: Sequence[str], batch_size: int, progress: bool,
+                  resize: str = "squash") -> np.ndarray:
+  batches = sources.image_batches(paths, model.image_size, batch_size, resize=resize)
   return retrieval.compute_embeddings(model.embed_images, batches, total=-(-len(paths) // batch_size),
                                       pad_to=batch_size, desc="images", progress=progress)
 
@@ -49,7 +50,7 @@ def run_retrieval(model: EvalModel, data: sources.ImageTextSet, data_name: str, 
   image_emb = _embed_images(model, data.image_paths, batch_size, progress)
   text_emb = _embed_texts(model, texts, batch_size, progress)
   res = retrieval.evaluate_retrieval(image_emb, text_emb, data.txt2img, image_groups=data.groups)
-  extra = {"model": model.name, "text_prefix": model.text_prefix}
+  extra = {"model": model.name, "text_prefix": model.text_prefix, "preprocessing": "resize to S x S (squash)"}
   if data.groups is not None:
     extra["hit_rule"] = "same group (interchangeable images, e.g. the demo's scenes)"
   return (report.retrieval_result(data_name, len(data.image_paths), len(texts), res.metrics, **extra), res, texts)
@@ -68,14 +69,15 @@ def run_zeroshot(model: EvalModel, data: sources.LabelSet, data_name: str, *, cl
             else zeroshot.labels_to_indices(data.labels, classnames))
   class_emb = zeroshot.class_embeddings(lambda b: _embed_texts(model, b, batch_size, False), classnames, templates,
                                         batch_size=batch_size, progress=progress)
-  image_emb = _embed_images(model, data.image_paths, batch_size, progress)
+  # the classification transform of the published evaluation: short side to S, centred S x S crop
+  image_emb = _embed_images(model, data.image_paths, batch_size, progress, resize="center_crop")
   logits, top = zeroshot.predict_topk(image_emb, class_emb, k=min(5, len(classnames)))
   acc = zeroshot.topk_accuracy(top, labels, ks=(1, min(5, len(classnames))))
   top5 = acc.get("top5", acc[f"top{min(5, len(classnames))}"])
   per_class = zeroshot.per_class_accuracy(top[:, 0], labels, classnames)
   result = report.zeroshot_result(data_name, len(labels), acc["top1"], top5, per_class, model=model.name,
                                   num_classes=len(classnames), num_templates=len(templates),
-                                  text_prefix=model.text_prefix)
+                                  text_prefix=model.text_prefix, preprocessing="resize short side + center crop")
   return result, top, logits, classnames, labels
 
 

@@ -4,9 +4,11 @@ Readers return plain Python lists (image paths plus texts / labels / answers) in
 decoded until `load_images`. Missing files, malformed lines and undecodable images raise one-line errors that
 name the file (and line) at fault.
 
-Image preprocessing for evaluation (DESIGN §3, §7): RGB, bicubic resize straight to size x size (a squash, no crop,
-no aspect preservation; PIL's bicubic, as torchvision applies it to PIL images in the published code), scaled to
-[0, 1], normalised with the ImageNet mean / std, float32 NHWC.
+Image preprocessing for evaluation (DESIGN §3, §7), the two transforms of InternVL-C/G's evaluation (clip_benchmark's
+InternVL loader, `build_transform`): `resize="squash"` (retrieval, and the chat tasks without dynamic tiles) resizes
+straight to size x size (no aspect preservation); `resize="center_crop"` (zero-shot classification) resizes the
+short side to size and takes the centred square. Both use PIL's bicubic, as torchvision applies it to PIL images,
+scale to [0, 1] and normalise with the ImageNet mean / std, float32 NHWC.
 """
 
 from __future__ import annotations
@@ -248,9 +250,11 @@ def read_jsonl_vqa(path: str, check_images: bool = True) -> VqaSet:
   return data
 
 
-def load_image(path: str, size: int | tuple[int, int]) -> np.ndarray:
-  """One image file -> float32 [H, W, 3]: RGB, PIL bicubic squash to size (S or (H, W)), ImageNet-normalised."""
-  h, w = (size, size) if isinstance(size, int) else size
+RESIZE_MODES = ("squash", "center_crop")
+
+
+def decode_image(path: str) -> Image.Image:
+  """An image file -> RGB PIL image; one-line errors naming the file when it is missing or undecodable."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"image {path} does not exist")
   try:
@@ -258,22 +262,37 @@ def load_image(path: str, size: int | tuple[int, int]) -> np.ndarray:
       img = img.convert("RGB")  # decodes fully, so a truncated file fails here, not later
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise ValueError(f"cannot decode image {path}: {e}") from e
+  return img
+
+
+def load_image(path: str, size: int | tuple[int, int], resize: str = "squash") -> np.ndarray:
+  """One image file -> float32 [H, W, 3]: RGB, PIL bicubic resize to size (S or (H, W); "squash") or short side
+  to S + centred S x S crop ("center_crop"), ImageNet-normalised."""
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"resize {resize!r} is not one of {RESIZE_MODES}")
+  img = decode_image(path)
+  if resize == "center_crop":
+    if not isinstance(size, int):
+      raise ValueError(f"center_crop needs one square size, got {size}")
+    return transforms.normalize(transforms.resize_short_center_crop(img, size)).astype(np.float32)
+  h, w = (size, size) if isinstance(size, int) else size
   # The training pipeline's resize and normalisation, so a model is evaluated on exactly the pixels it trained on.
   return transforms.normalize(transforms.resize(img, (h, w))).astype(np.float32)
 
 
-def load_images(paths: Sequence[str], size: int | tuple[int, int], num_threads: int = 4) -> np.ndarray:
+def load_images(paths: Sequence[str], size: int | tuple[int, int], num_threads: int = 4,
+                resize: str = "squash") -> np.ndarray:
   """Image files -> float32 [len(paths), H, W, 3] (see load_image); decoded on a few threads (PIL releases the
   GIL while decoding and resizing)."""
   if num_threads <= 1 or len(paths) <= 1:
-    return np.stack([load_image(p, size) for p in paths])
+    return np.stack([load_image(p, size, resize) for p in paths])
   with ThreadPoolExecutor(num_threads) as pool:
-    return np.stack(list(pool.map(lambda p: load_image(p, size), paths)))
+    return np.stack(list(pool.map(lambda p: load_image(p, size, resize), paths)))
 
 
 def image_batches(paths: Sequence[str], size: int | tuple[int, int], batch_size: int,
-                  num_threads: int = 4) -> Iterator[np.ndarray]:
+                  num_threads: int = 4, resize: str = "squash") -> Iterator[np.ndarray]:
   """Consecutive batches float32 [<= batch_size, H, W, 3] of the images in `paths` (the last one may be short:
   retrieval.compute_embeddings(pad_to=batch_size) pads it)."""
   for start in range(0, len(paths), batch_size):
-    yield load_images(paths[start:start + batch_size], size, num_threads)
+    yield load_images(paths[start:start + batch_size], size, num_threads, resize)
