@@ -73,3 +73,12 @@ def test_simple_tokenize_agrees_with_ptb():
   ptb = captioning.tokenize_corpus(caps, "ptb")
   for i, (raw, want) in enumerate(TOKENIZER_CASES):
     assert ptb[str(i)] == [want], raw
+
+
+def test_published_tokenizer_whenever_java_runs(monkeypatch):
+  monkeypatch.setattr(captioning.shutil, "which", lambda name: "/usr/bin/java" if name == "java" else None)
+  assert captioning.default_tokenizer() == "ptb"
+  monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
+  assert captioning.default_tokenizer() == "simple"
+  with pytest.raises(ValueError, match="Java"):
+    captioning.tokenize_corpus({"1": ["a dog"]}, "ptb")

@@ -9,8 +9,9 @@ reproduces that in plain Python for the shapes captions take: clitics split off 
 ("1,000", "12:30"); a period is kept inside a token ("3.5", "dog.cat"), in acronyms ("u.s.", "a.m.") and in common
 abbreviations ("mr.", "st.", "etc."), and removed at the end of any other word; "$", "%", "#", "+", "=" become
 tokens. Known differences (rare in captions): "!!"-style runs, which PTB keeps as tokens, are dropped; PTB's
-fuller abbreviation list and its "rock 'n' roll" / "y' all" / "at & t" splits are not reproduced. Pass
-tokenizer="ptb" to use the Java tokenizer itself when Java is installed (the JSON records which one was used).
+fuller abbreviation list and its "rock 'n' roll" / "y' all" / "at & t" splits are not reproduced. eval.py uses
+the Java tokenizer itself whenever Java is installed (`default_tokenizer`), the simple one only without it; the
+result JSON records which one was used.
 
 CIDEr-D details that matter and that the package implements: document frequencies are taken over the reference
 sets of the evaluated corpus, candidate n-gram counts are clipped by the reference counts, a Gaussian length
@@ -21,6 +22,7 @@ do (COCO CIDEr "140.0" is the package's 1.400).
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 
 _CLITICS = ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m")
@@ -81,8 +83,16 @@ def _import_scorers():
   return Bleu, Cider
 
 
+def default_tokenizer() -> str:
+  """"ptb" (coco-caption's own Java tokenizer, what published CIDEr uses) whenever a `java` is on PATH, else
+  "simple"."""
+  return "ptb" if shutil.which("java") else "simple"
+
+
 def tokenize_corpus(captions: Mapping[str, Sequence[str]], tokenizer: str = "simple") -> dict[str, list[str]]:
   """{key: [caption, ...]} -> {key: [tokenised caption, ...]} with "simple" (Python) or "ptb" (needs Java)."""
+  if tokenizer == "ptb" and not shutil.which("java"):
+    raise ValueError("tokenizer 'ptb' needs Java (apt-get install default-jre-headless); or use 'simple'")
   if tokenizer == "simple":
     return {k: [simple_tokenize(c) for c in caps] for k, caps in captions.items()}
   if tokenizer == "ptb":

@@ -100,10 +100,11 @@ def _generate_all(model: EvalModel, paths: Sequence[str], questions: Sequence[st
 
 
 def run_caption(model: EvalModel, data: sources.ImageTextSet, data_name: str, *, batch_size: int = 16,
-                max_new_tokens: int = 30, prompt: str = CAPTION_PROMPT, tokenizer: str = "simple",
+                max_new_tokens: int = 30, prompt: str = CAPTION_PROMPT, tokenizer: str | None = None,
                 progress: bool = True) -> dict:
   """Greedy captions, scored with CIDEr-D and BLEU-4 (x100) against every reference caption of the image."""
   model.require("caption")
+  tokenizer = tokenizer or captioning.default_tokenizer()  # PTB (Java) whenever it can run, as published
   refs = data.references()
   preds = _generate_all(model, data.image_paths, [prompt] * len(data.image_paths), batch_size, max_new_tokens,
                         progress)
