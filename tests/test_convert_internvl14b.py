@@ -188,3 +188,28 @@ def test_export_writes_the_official_layout(checkpoint, model_g, tmp_path):
   a = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(again, nnx.Param))}
   b = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model_g, nnx.Param))}
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_text_feature_is_the_official_statement_on_transformers_llama(checkpoint, model_g):
+  # Official InternVL_C/G.encode_text (clip_benchmark's internvl_huggingface): attention_mask = ids > 0, QLLaMA's
+  # text path (a LLaMA without its queries and cross-attention), the hidden state at attention_mask.sum(1) - 1
+  # (the EOS the evaluation tokenizer appends), times text_projection. The reference LLaMA is transformers'.
+  from transformers import LlamaConfig, LlamaModel
+  folder, t = checkpoint
+  q = CONFIG["qllama_config"]
+  cfg = LlamaConfig(vocab_size=V, hidden_size=DT, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64,
+                    rms_norm_eps=1e-6, rope_theta=10000.0, attn_implementation="eager")
+  assert q["vocab_size"] == V
+  ref = LlamaModel(cfg).eval()
+  state = {k[len("qllama.model."):]: torch.from_numpy(v) for k, v in t.items()
+           if k.startswith("qllama.model.") and "cross_attn" not in k}
+  ref.load_state_dict(state, strict=True)
+  ids = np.asarray([[1, 7, 8, 9, 2, 0, 0], [1, 5, 6, 7, 8, 9, 2]])  # <s> ... </s>, right-padded with 0
+  mask = ids > 0
+  with torch.no_grad():
+    hidden = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)))
+  hidden = hidden.last_hidden_state.numpy()
+  last = hidden[np.arange(2), mask.sum(1) - 1] @ t["text_projection"]
+  want = last / np.linalg.norm(last, axis=-1, keepdims=True)
+  ours = nnx.jit(lambda m, i, a: m.encode_text(i, a))(model_g, jnp.asarray(ids), jnp.asarray(mask.astype(np.int32)))
+  np.testing.assert_allclose(np.asarray(ours), want, rtol=1e-4, atol=1e-5)

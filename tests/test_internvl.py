@@ -26,16 +26,6 @@ def test_contrastive_embeddings_are_unit_norm_and_scale_starts_at_1_over_0_07(na
                              atol=1e-5)
 
 
-def test_internvl_c_text_feature_is_qllama_last_real_token_times_projection():
-  model = internvl.InternVLContrastive(presets.contrastive("tiny_internvl_c"), rngs=nnx.Rngs(0))
-  hidden = model.text.encode_text(TEXT, MASK)
-  last = jnp.stack([hidden[0, 2], hidden[1, 3]])
-  ref = internvl.l2_normalize(last @ model.text_projection.kernel[...])
-  np.testing.assert_allclose(model.encode_text(TEXT, MASK), ref, atol=1e-5)
-  vision = model.vision(PIXELS)
-  np.testing.assert_allclose(model.encode_image(PIXELS), internvl.l2_normalize(vision.pooler_output), atol=1e-5)
-
-
 def test_internvl_g_image_feature_ensembles_c_and_the_query_path():
   model = internvl.InternVLContrastive(presets.contrastive("tiny_internvl_g"), rngs=nnx.Rngs(0))
   out = model.vision(PIXELS)
