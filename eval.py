@@ -5,7 +5,7 @@
 
 SOURCE: demo[:N] | jsonl:PATH | tfds:NAME[:SPLIT] | flickr30k:ROOT | coco:ROOT | a folder of class sub-folders.
 --workdir: a train.py workdir (its latest checkpoint; for a multi-stage run such as the demo, the stage whose
-model fits the task). --hf: a local Hugging Face folder with config.json, safetensors and tokenizer.json.
+model fits the task). --hf: a local Hugging Face folder as released (config.json, safetensors, its tokenizer files).
 Prints a markdown table; --out writes the JSON (and, for retrieval / zeroshot, a PNG gallery beside it).
 """
 
@@ -19,7 +19,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("task", None, ["retrieval", "zeroshot", "caption", "vqa"], "what to evaluate")
 flags.DEFINE_string("workdir", None, "a train.py workdir (latest checkpoint, config.json, tokenizer.json)")
-flags.DEFINE_string("hf", None, "a local Hugging Face checkpoint folder (with tokenizer.json)")
+flags.DEFINE_string("hf", None, "a local Hugging Face checkpoint folder, as released (weights, config, tokenizer)")
 flags.DEFINE_string("data", None, "demo[:N] | jsonl:PATH | tfds:NAME[:SPLIT] | flickr30k:ROOT | coco:ROOT | FOLDER")
 flags.DEFINE_string("out", None, "result JSON path (a .png gallery is written beside it for retrieval / zeroshot)")
 flags.DEFINE_integer("batch_size", 64, "images (or texts) per model call")
@@ -30,6 +30,9 @@ flags.DEFINE_string("templates", None, "zeroshot: prompt templates with {}, one 
 flags.DEFINE_string("vqa_suffix", None, "vqa: text after the question (default: InternVL's short-answer "
                     "instruction; none for the demo)")
 flags.DEFINE_integer("max_new_tokens", None, "caption / vqa: tokens to generate (default 30 / 10)")
+flags.DEFINE_bool("dynamic", False, "caption / vqa: InternVL's dynamic tiling (--max_num tiles + thumbnail) instead "
+                  "of one squashed tile, as the official scripts' --dynamic")
+flags.DEFINE_integer("max_num", 6, "caption / vqa with --dynamic: most tiles per image (the official default, 6)")
 flags.DEFINE_string("cache_dir", None, "where demo / tfds images are written as PNG (default: the temp folder)")
 flags.DEFINE_bool("progress", True, "show progress bars")
 
@@ -47,7 +50,8 @@ def main(argv):
       model.image_size = FLAGS.image_size
     run.run_task(FLAGS.task, model, FLAGS.data, out=FLAGS.out, batch_size=FLAGS.batch_size,
                  classnames=FLAGS.classnames, templates=FLAGS.templates, vqa_suffix=FLAGS.vqa_suffix,
-                 max_new_tokens=FLAGS.max_new_tokens, cache_dir=FLAGS.cache_dir, progress=FLAGS.progress)
+                 max_new_tokens=FLAGS.max_new_tokens, cache_dir=FLAGS.cache_dir, progress=FLAGS.progress,
+                 dynamic=FLAGS.dynamic, max_num=FLAGS.max_num)
   except (FileNotFoundError, ImportError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

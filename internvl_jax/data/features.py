@@ -20,15 +20,13 @@ import dataclasses
 
 import numpy as np
 
+from internvl_jax.data import templates
 from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.data import transforms
 from internvl_jax.data.transforms import BadRecord
 
-# role markers per template: (user prefix, end of user turn + assistant prefix, end of assistant turn)
-TEMPLATES = {
-    "plain": ("<user>", "<assistant>", "</s>"),
-    "chatml": ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n"),
-}
+IMAGE_PLACEHOLDER = "<image>"
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 
 @dataclasses.dataclass
@@ -38,7 +36,8 @@ class FeatureSpec:
   max_text_len: int
   tokens_per_tile: int = 0  # instruct: vision tokens per tile after pixel shuffle
   max_tiles: int = 1  # instruct: tile slots per example (1 = no tiling)
-  template: str = "plain"
+  template: str = "plain"  # instruct: a conversation template of data/templates.py
+  system: str | None = None  # instruct: the system message (None: the template's default; a record's wins)
   augment: bool = False  # random-resized-crop for training images
   crop_scale: tuple = (0.8, 1.0)
   # image-text: prepended to every caption, as evaluation does (InternVL-C/G: 'summarize:'), so that a model is
@@ -90,77 +89,102 @@ def image_text(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | 
   return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
 
 
-def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | None) -> dict:
-  """Features of an instruction record (InternVL / LLaVA conversations)."""
-  if "error" in record:
-    raise BadRecord(record["error"])
-  turns = record.get("conversations") or []
+def conversation_turns(record: dict) -> tuple[list[tuple[str, str]], str | None]:
+  """An InternVL / LLaVA record's `conversations` -> ([(question, answer), ...], system message or None).
+
+  Roles: 'human' / 'user', 'gpt' / 'assistant', and an optional leading 'system' turn (its text replaces the
+  template's default system message, as the official training's `system` role does)."""
+  turns = list(record.get("conversations") or [])
+  system = None
+  if turns and turns[0].get("from") == "system":
+    system = str(turns.pop(0).get("value", ""))
   if len(turns) < 2:
     raise BadRecord("record has no conversation (needs a human turn and a gpt turn)")
-  if spec.template not in TEMPLATES:
-    raise ValueError(f"template {spec.template!r} is not one of {sorted(TEMPLATES)}; set config.data.template")
-  user, assistant, end = TEMPLATES[spec.template]
-  k = spec.max_tiles
+  pairs = []
+  for i in range(0, len(turns) - 1, 2):
+    (q_role, q), (a_role, a) = (turns[i].get("from"), turns[i].get("value")), \
+        (turns[i + 1].get("from"), turns[i + 1].get("value"))
+    if q_role not in ("human", "user") or a_role not in ("gpt", "assistant"):
+      raise BadRecord(f"turns {i} and {i + 1} have roles {q_role!r}, {a_role!r}; expected a human turn, then a "
+                      "gpt turn")
+    if not isinstance(q, str) or not isinstance(a, str) or not a.strip():
+      raise BadRecord(f"turn {i + 1} has an empty or non-text answer")
+    pairs.append((q, a))
+  if len(turns) % 2:
+    raise BadRecord(f"turn {len(turns) - 1} is a question without an answer")
+  return pairs, system
+
+
+def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | None) -> dict:
+  """Features of an instruction record (InternVL / LLaVA conversations), laid out by the conversation template
+  (data/templates.py) exactly as a prompt is at inference (data/chat_format.py): the system block (its default
+  message unless the record has a system turn), `<image>\n` in front of the first question when it has none,
+  the image block <img> IMG_CONTEXT x (K * tokens_per_tile) </img> where `<image>` is, BOS only where the
+  tokenizer's config adds one. Loss on each answer and the separator token after it (templates.segments)."""
+  if "error" in record:
+    raise BadRecord(record["error"])
+  turns, system = conversation_turns(record)
+  k, n = spec.max_tiles, spec.tokens_per_tile
   pixels = np.zeros((k, spec.image_size, spec.image_size, 3), np.float32)
   n_tiles = 0
-  if "image" in record or "image_path" in record:
+  has_image = "image" in record or "image_path" in record
+  if has_image:
     image = image_of(record, spec.image_size, rng, spec) if k == 1 else None
     tiles = [image] if k == 1 else transforms.dynamic_tiles(
         _full_image(record), spec.image_size, max_num=max(k - 1, 1), use_thumbnail=True)
     for i, t in enumerate(tiles[:k]):
       pixels[i] = transforms.normalize(t)
     n_tiles = min(len(tiles), k)
+    placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns)
+    if placeholders > 1:
+      raise BadRecord(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for one image")
+    if placeholders == 0:  # as the official chat() and training do
+      turns[0] = (IMAGE_PLACEHOLDER + "\n" + turns[0][0], turns[0][1])
+  else:
+    turns = [(q.replace(IMAGE_PLACEHOLDER, ""), a) for q, a in turns]
+  try:
+    pieces = templates.segments(spec.template, turns, system=spec.system if system is None else system)
+  except ValueError as e:
+    raise ValueError(f"{e}; set config.data.template") from None
+  # The block always holds K tile slots (fixed shapes); the image tokens of unused slots are not attended.
+  block = IMG_START + IMG_CONTEXT * (k * n) + IMG_END
 
-  ids: list[int] = [tok.bos_id] if tok.bos_id is not None else []
-  attn: list[int] = [1] * len(ids)
+  ids: list[int] = [tok.bos_id] if tok.add_bos_token and tok.bos_id is not None else []
+  hidden_start, hidden = len(ids), 0
+  if not has_image:
+    # A text-only record still carries its K tile slots' image tokens (all unattended) right after BOS: the
+    # batch's vision tokens fill image tokens in row-major order, so every row must hold exactly K * n of them.
+    block_ids = tok.encode(block, add_special_tokens=False)
+    hidden = len(block_ids)
+    ids += block_ids
   loss: list[int] = [0] * len(ids)
-
-  def add(tokens, *, train=False, visible=1):
-    ids.extend(tokens)
-    attn.extend([visible] * len(tokens) if isinstance(visible, int) else visible)
-    loss.extend([int(train)] * len(tokens))
-
-  placed = False
-  for i, turn in enumerate(turns):
-    role, value = turn.get("from"), str(turn.get("value", ""))
-    if role in ("human", "user"):
-      add(tok.encode(user))
-      if not placed:  # the image block goes where <image> is, or first in the first user turn
-        before, _, after = value.partition("<image>") if "<image>" in value else ("", "", value)
-        add(tok.encode(before.strip()))
-        _add_image_block(add, tok, spec, n_tiles)
-        value, placed = after, True
-      add(tok.encode(value.replace("<image>", " ").strip()))
-      add(tok.encode(assistant))
-    elif role in ("gpt", "assistant"):
-      answer = tok.encode(value.strip())
-      if not answer:
-        raise BadRecord(f"empty answer in turn {i}")
-      add(answer + tok.encode(end), train=True)
-    else:
-      raise BadRecord(f"turn {i} has role {role!r}, expected 'human' or 'gpt'")
+  for text, trained in pieces:
+    piece = tok.encode(text.replace(IMAGE_PLACEHOLDER, block), add_special_tokens=False)
+    ids += piece
+    loss += [int(trained)] * len(piece)
+  ids_arr = np.asarray(ids, np.int64)
+  attn = np.ones(len(ids), np.int32)
+  where = np.flatnonzero(ids_arr == tok.image_token_id)
+  if len(where) != k * n:
+    raise ValueError(f"tokenizer {tok.source} gives {len(where)} {IMG_CONTEXT} ids for {k * n} vision tokens; it "
+                     f"must hold {IMG_CONTEXT} as one added token")
+  attn[where[n_tiles * n:]] = 0
+  attn[hidden_start:hidden_start + hidden] = 0
+  if len(where) and where[-1] >= spec.max_text_len:  # every row must keep all K * n image tokens (see above)
+    raise ValueError(f"max_text_len {spec.max_text_len} cuts into the {k * n} image tokens of a prompt; raise "
+                     "--config.data.max_text_len")
   if len(ids) > spec.max_text_len and sum(loss[:spec.max_text_len]) == 0:  # truncation left nothing to learn
     raise ValueError(f"max_text_len {spec.max_text_len} leaves no answer token after the prompt and "
-                     f"{k * spec.tokens_per_tile} image tokens; raise --config.data.max_text_len")
+                     f"{k * n} image tokens; raise --config.data.max_text_len")
   t = spec.max_text_len
-  return {"pixel_values": pixels, "input_ids": _pad(ids[:t], t, tok.pad_id), "attention_mask": _pad(attn[:t], t, 0),
-          "loss_mask": _pad(loss[:t], t, 0)}
+  return {"pixel_values": pixels, "input_ids": _pad(ids[:t], t, tok.pad_id if tok.pad_id is not None else 0),
+          "attention_mask": _pad(attn[:t].tolist(), t, 0), "loss_mask": _pad(loss[:t], t, 0)}
 
 
 def _full_image(record: dict):
   if "image" in record:
     return transforms.to_pil(record["image"])
   return transforms.load_image(record["image_path"])
-
-
-def _add_image_block(add, tok, spec: FeatureSpec, n_tiles: int) -> None:
-  """<img> IMG_CONTEXT x (K * tokens_per_tile) </img>; tokens of empty tile slots are not attended."""
-  n = spec.tokens_per_tile
-  start = [tok.ids["img_start"]] if tok.ids["img_start"] is not None else []
-  end = [tok.ids["img_end"]] if tok.ids["img_end"] is not None else []
-  add(start, visible=1 if n_tiles else 0)
-  add([tok.image_token_id] * (spec.max_tiles * n), visible=[1] * (n_tiles * n) + [0] * ((spec.max_tiles - n_tiles) * n))
-  add(end, visible=1 if n_tiles else 0)
 
 
 def make_feature_fn(spec: FeatureSpec, tok):

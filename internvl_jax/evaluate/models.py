@@ -1,11 +1,15 @@
-"""Models for evaluation: loading one (a train.py workdir or a local Hugging Face folder) with its tokenizer, and
-the jitted functions the evaluators call (image / text embeddings for contrastive models, greedy answers for chat
-models).
+"""Models for evaluation: loading one (a train.py workdir or a local Hugging Face folder) with its tokenizer and
+chat format, and the jitted functions the evaluators call (image / text embeddings for contrastive models, greedy
+answers for chat models).
 
   m = load_workdir(DIR, task)  # latest checkpoint of DIR (or of DIR/<stage> for a multi-stage run such as the demo)
-  m = load_hf(DIR)             # convert.load_pretrained + DIR/tokenizer.json
+  m = load_hf(DIR)             # convert.load_pretrained + the folder's tokenizer files and conversation template
   m.embed_images(pixels [B, S, S, 3] float32) -> [B, E] float32;  m.embed_texts(list of B str) -> [B, E] float32
-  m.generate(pixels [B, S, S, 3], prompts list of B str, max_new_tokens) -> list of B answers
+  m.generate(pixels [N, S, S, 3], prompts (B lists of ids), max_new_tokens) -> list of B answers
+
+Released InternVL-C/G folders get their texts exactly as the published evaluation tokenises them (EOS forced,
+padded / cut to 80 tokens, pooled at the EOS: tokenizer.contrastive_text_ids); released chat folders are prompted,
+stopped and answered as the official chat() does (data/chat_format.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from internvl_jax.data import chat_format as chat_format_lib
 from internvl_jax.data import features as features_lib
 from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.models import internvl
@@ -35,19 +40,19 @@ class EvalModel:
   """A loaded model and what the evaluators need to feed it.
 
   kind: 'contrastive' | 'chat'; image_size: S of the model's square input; text_prefix: prepended to every text
-  embedded ('summarize:' for InternVL-C/G); max_text_len: token length texts are padded / cut to; template: the
-  chat template of data/features.py; tokens_per_tile: vision tokens per image for chat prompts; name: what was
-  loaded (recorded in the result JSON).
+  embedded ('summarize:' for InternVL-C/G); max_text_len: token length texts are padded / cut to; text_layout:
+  'train' (a train.py run's caption layout) or 'released' (the published InternVL-C/G evaluation's); chat: the
+  chat model's prompt / stop format; name: what was loaded (recorded in the result JSON).
   """
   model: nnx.Module
   kind: str
-  tokenizer: Any  # data.tokenizer.Tokenizer (chat models and our workdirs) or a raw tokenizers.Tokenizer
+  tokenizer: tokenizer_lib.Tokenizer
   image_size: int
   name: str
   text_prefix: str = ""
   max_text_len: int = 32
-  template: str = "plain"
-  tokens_per_tile: int = 0
+  text_layout: str = "train"
+  chat: chat_format_lib.ChatFormat | None = None
 
   def __post_init__(self):
     graphdef, state = nnx.split(self.model)
@@ -71,17 +76,17 @@ class EvalModel:
 
   def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
     """Texts (text_prefix prepended) -> {"input_ids", "attention_mask"}: int32 [B, max_text_len], right-padded.
-    Our tokenizers get the training layout ([bos] text [eos]); others their own special tokens."""
+    Released C/G folders: the published layout (tokenizer.contrastive_text_ids); train.py runs: the training
+    caption layout (features.caption_tokens), so a model is scored on the texts it trained on."""
+    texts = [self.text_prefix + t for t in texts]
+    if self.text_layout == "released":
+      ids, mask = tokenizer_lib.contrastive_text_ids(self.tokenizer, texts, self.max_text_len)
+      return {"input_ids": ids, "attention_mask": mask}
     n = self.max_text_len
     ids = np.zeros((len(texts), n), np.int32)
     mask = np.zeros((len(texts), n), np.int32)
     for i, text in enumerate(texts):
-      text = self.text_prefix + text
-      if isinstance(self.tokenizer, tokenizer_lib.Tokenizer):
-        ids[i], mask[i] = features_lib.caption_tokens(self.tokenizer, text or " ", n)
-      else:
-        row = self.tokenizer.encode(text).ids[:n]
-        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+      ids[i], mask[i] = features_lib.caption_tokens(self.tokenizer, text or " ", n)
     return {"input_ids": ids, "attention_mask": mask}
 
   def embed_tokens(self, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -93,35 +98,26 @@ class EvalModel:
 
   # ------------------------------------------------------------------------------------------------- chat models
 
-  def prompt_ids(self, question: str) -> list[int]:
-    """The token ids of a one-turn prompt with one image, up to where the answer starts, laid out exactly as the
-    training features lay it out (data/features.instruct with a placeholder answer, cut at the answer)."""
-    spec = features_lib.FeatureSpec(task="instruct", image_size=self.image_size, max_text_len=1 << 16,
-                                    tokens_per_tile=self.tokens_per_tile, template=self.template)
-    record = {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
-              "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": "x"}]}
-    feats = features_lib.instruct(record, self.tokenizer, spec, None)
-    start = int(np.argmax(feats["loss_mask"]))  # first answer token
-    return feats["input_ids"][:start].tolist()
+  def prompt_ids(self, question: str, num_tiles: int = 1) -> list[int]:
+    """The token ids of a one-turn prompt with one image of `num_tiles` tiles, up to where the answer starts, laid
+    out as the official chat() lays it out (or, for a train.py run, as its training features do)."""
+    return self.chat.input_ids(question, [num_tiles])
 
   def generate(self, pixels: np.ndarray, prompts: list[list[int]], max_new_tokens: int,
-               prompt_len: int | None = None) -> list[str]:
-    """Greedy answers. pixels float32 [B, S, S, 3] (one image per prompt); prompts: B lists of token ids from
-    prompt_ids, left-padded here to prompt_len (default: the longest; pass a fixed one to compile once)."""
+               prompt_len: int | None = None, min_new_tokens: int = 0) -> list[str]:
+    """Greedy answers. pixels float32 [N, S, S, 3]: every prompt's tiles, in prompt order; prompts: B lists of
+    token ids from prompt_ids, left-padded here to prompt_len (default: the longest; pass a fixed one to compile
+    once). Generation stops at the chat format's stop ids; answers are cut there and at its stop string."""
     from internvl_jax.generate import generate  # local: only chat tasks need it
     t = prompt_len or max(len(p) for p in prompts)
-    ids = np.full((len(prompts), t), self.tokenizer.pad_id, np.int32)
+    pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0  # masked out either way
+    ids = np.full((len(prompts), t), pad, np.int32)
     mask = np.zeros((len(prompts), t), np.int32)
     for i, p in enumerate(prompts):
       ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
     out = np.asarray(generate(self.model, ids, jnp.asarray(pixels), mask, max_new_tokens=max_new_tokens,
-                              eos_token_id=self.tokenizer.eos_id))[:, t:]
-    answers = []
-    for row in out.tolist():
-      if self.tokenizer.eos_id in row:
-        row = row[:row.index(self.tokenizer.eos_id)]
-      answers.append(self.tokenizer.decode(row).strip())
-    return answers
+                              eos_token_id=list(self.chat.stop_ids), min_new_tokens=min_new_tokens))[:, t:]
+    return [self.chat.answer(row) for row in out]
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -156,7 +152,7 @@ def load_workdir(workdir: str, task: str) -> EvalModel:
   tok_path = os.path.join(workdir, "tokenizer.json")
   if not os.path.exists(tok_path):
     raise FileNotFoundError(f"{workdir} has no tokenizer.json; it is written by train.py at the start of a run")
-  tok = tokenizer_lib.load(tok_path)
+  tok = tokenizer_lib.load(workdir)  # its tokenizer.json (+ tokenizer_config.json)
   params, step = checkpoint.read_params(workdir)
   abstract = nnx.eval_shape(state_lib.model_factory(cfg.task, cfg.model, cfg.seed))
   graphdef, state = nnx.split(abstract)
@@ -169,39 +165,30 @@ def load_workdir(workdir: str, task: str) -> EvalModel:
   size = config_checks.input_size(cfg)
   name = f"{workdir} (step {step})"
   if cfg.task == "instruct":
-    return EvalModel(model, "chat", tok, size, name, template=cfg.data.get("template", "plain"),
-                     tokens_per_tile=config_checks.tokens_per_tile(cfg), max_text_len=cfg.data.max_text_len)
+    return EvalModel(model, "chat", tok, size, name, max_text_len=cfg.data.max_text_len,
+                     chat=chat_format_lib.ChatFormat.from_run(cfg, tok))
   return EvalModel(model, "contrastive", tok, size, name, text_prefix=cfg.model.get("text_prefix", ""),
                    max_text_len=cfg.data.max_text_len)
 
 
 def load_hf(folder: str, max_text_len: int = HF_MAX_TEXT_LEN) -> EvalModel:
-  """A local Hugging Face folder (config.json + safetensors + tokenizer.json) through convert.load_pretrained.
-  Chat models need a tokenizer with an image-context token whose id is the model's image_token_id."""
-  import tokenizers
-
+  """A local Hugging Face folder as released: config.json + safetensors through convert.load_pretrained, the
+  tokenizer from its tokenizer files (tokenizer.json, a sentencepiece tokenizer.model, or vocab.json + merges.txt,
+  with tokenizer_config.json), and for chat models the conversation template it names or ships."""
   from internvl_jax import convert  # local: pulls in the converters
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"--hf folder {folder} does not exist")
-  tok_path = os.path.join(folder, "tokenizer.json")
-  if not os.path.exists(tok_path):
-    raise FileNotFoundError(f"{folder} has no tokenizer.json; save the model's fast tokenizer there "
-                            "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
+  tok = tokenizer_lib.load(folder)  # before the weights: a folder without tokenizer files fails in a second
   model = convert.load_pretrained(folder)
+  cfg = model.config
   if isinstance(model, internvl.InternVLContrastive):
-    cfg = model.config
-    return EvalModel(model, "contrastive", tokenizers.Tokenizer.from_file(tok_path), int(cfg.vision.image_size),
-                     f"hf:{folder}", text_prefix=cfg.get("text_prefix", ""), max_text_len=max_text_len)
+    return EvalModel(model, "contrastive", tok, convert.configs.input_size(cfg), f"hf:{folder}",
+                     text_prefix=cfg.get("text_prefix", ""), max_text_len=max_text_len, text_layout="released")
   if isinstance(model, internvl.InternVLChat):
-    cfg = model.config
-    tok = tokenizer_lib.load(tok_path)
     if tok.image_token_id != cfg.image_token_id:
-      raise ValueError(f"{tok_path} puts the image token at id {tok.image_token_id} but the model expects "
-                       f"{cfg.image_token_id}; use the tokenizer saved with this checkpoint")
-    size = int(cfg.vision.image_size)
-    grid = size // cfg.vision.patch_size
-    template = "chatml" if tok.token_id("<|im_start|>") is not None else "plain"
-    return EvalModel(model, "chat", tok, size, f"hf:{folder}", template=template,
-                     tokens_per_tile=int(round(grid * cfg.downsample_ratio)) ** 2)
+      raise ValueError(f"the tokenizer of {folder} puts <IMG_CONTEXT> at id {tok.image_token_id} but the model "
+                       f"expects {cfg.image_token_id}; use the tokenizer saved with this checkpoint")
+    fmt = chat_format_lib.ChatFormat.from_folder(folder, cfg, tok)
+    return EvalModel(model, "chat", tok, fmt.image_size, f"hf:{folder}", chat=fmt)
   raise ValueError(f"{folder} holds a {type(model).__name__}, which cannot be evaluated; eval.py needs a "
                    "contrastive (InternVL-C/G) or chat (InternVL) checkpoint")

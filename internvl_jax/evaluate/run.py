@@ -16,8 +16,10 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
+from internvl_jax.data import chat_format
 from internvl_jax.evaluate import captioning, datasets, report, retrieval, sources, vqa, zeroshot
 from internvl_jax.evaluate.models import EvalModel
 
@@ -82,32 +84,54 @@ def run_zeroshot(model: EvalModel, data: sources.LabelSet, data_name: str, *, cl
 
 
 def _generate_all(model: EvalModel, paths: Sequence[str], questions: Sequence[str], batch_size: int,
-                  max_new_tokens: int, progress: bool) -> list[str]:
-  """Greedy answers for (image, question) pairs in fixed-shape batches (one compile: the prompt length is the
-  longest prompt's, a short last batch is padded by repeating its last row)."""
-  prompts = [model.prompt_ids(q) for q in questions]
+                  max_new_tokens: int, min_new_tokens: int, progress: bool, dynamic: bool = False,
+                  max_num: int = 6) -> list[str]:
+  """Greedy answers for (image, question) pairs in fixed-shape batches.
+
+  Without `dynamic` each image is one tile squashed to the model size (InternVL's evaluation scripts without
+  --dynamic); with it, InternVL's dynamic tiling up to max_num tiles (+ thumbnail). One compile: the prompt length
+  is the longest prompt's and each batch's tiles are padded to one fixed count (unused tiles feed no token); a
+  short last batch is padded by repeating its last row."""
+  geometry = model.chat
+  if dynamic:
+    tiles = []
+    for p in paths:
+      with Image.open(p) as im:  # the header is enough for the grid
+        tiles.append(chat_format.num_dynamic_tiles(*im.size, geometry.image_size, max_num, geometry.use_thumbnail))
+  else:
+    tiles = [1] * len(paths)
+  prompts = [model.prompt_ids(q, n) for q, n in zip(questions, tiles)]
   prompt_len = max(len(p) for p in prompts)
+  tile_budget = batch_size * max(tiles)
   answers: list[str] = []
   for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
     batch = prompts[start:start + batch_size]
-    pixels = sources.load_images(paths[start:start + batch_size], model.image_size)
+    batch_paths = list(paths[start:start + batch_size])
     n = len(batch)
     if n < batch_size:
       batch = batch + [batch[-1]] * (batch_size - n)
-      pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - n, 0)])
-    answers += model.generate(pixels, batch, max_new_tokens, prompt_len)[:n]
+      batch_paths += [batch_paths[-1]] * (batch_size - n)
+    pixels = np.concatenate([chat_format.preprocess_image(sources.decode_image(p), geometry.image_size,
+                                                          dynamic=dynamic, max_num=max_num,
+                                                          use_thumbnail=geometry.use_thumbnail)
+                             for p in batch_paths])
+    if len(pixels) < tile_budget:  # fixed shapes; the model fills image tokens from the first tiles only
+      pixels = np.concatenate([pixels, np.zeros((tile_budget - len(pixels),) + pixels.shape[1:], pixels.dtype)])
+    answers += model.generate(pixels, batch, max_new_tokens, prompt_len, min_new_tokens=min_new_tokens)[:n]
   return answers
 
 
 def run_caption(model: EvalModel, data: sources.ImageTextSet, data_name: str, *, batch_size: int = 16,
-                max_new_tokens: int = 30, prompt: str = CAPTION_PROMPT, tokenizer: str | None = None,
+                max_new_tokens: int = 30, min_new_tokens: int = 8, prompt: str = CAPTION_PROMPT,
+                tokenizer: str | None = None, dynamic: bool = False, max_num: int = 6,
                 progress: bool = True) -> dict:
-  """Greedy captions, scored with CIDEr-D and BLEU-4 (x100) against every reference caption of the image."""
+  """Greedy captions (InternVL's evaluate_caption.py: its prompt, 8 to 30 new tokens), scored with CIDEr-D and
+  BLEU-4 (x100) against every reference caption of the image."""
   model.require("caption")
   tokenizer = tokenizer or captioning.default_tokenizer()  # PTB (Java) whenever it can run, as published
   refs = data.references()
   preds = _generate_all(model, data.image_paths, [prompt] * len(data.image_paths), batch_size, max_new_tokens,
-                        progress)
+                        min_new_tokens, progress, dynamic, max_num)
   keys = [str(i) for i in range(len(preds))]
   # an empty generation still has to be scored (as a miss): the scorers need a token
   scores = captioning.caption_scores(dict(zip(keys, refs)), {k: p or "<empty>" for k, p in zip(keys, preds)},
@@ -115,26 +139,39 @@ def run_caption(model: EvalModel, data: sources.ImageTextSet, data_name: str, *,
   picks = report.query_indices(len(preds), NUM_SAMPLES)
   samples = [{"image": data.image_paths[i], "prediction": preds[i], "references": refs[i]} for i in picks]
   return report.caption_result(data_name, len(preds), scores["CIDEr"], scores["BLEU-4"], samples,
-                               tokenizer=tokenizer, model=model.name, prompt=prompt)
+                               tokenizer=tokenizer, model=model.name, prompt=prompt,
+                               **_chat_protocol(model, min_new_tokens, max_new_tokens, dynamic, max_num))
 
 
 def run_vqa(model: EvalModel, data: sources.VqaSet, data_name: str, *, batch_size: int = 16,
-            max_new_tokens: int = 10, suffix: str = VQA_SUFFIX, progress: bool = True) -> dict:
-  """Greedy short answers to "question\\nsuffix", scored with the VQAv2 accuracy (percent)."""
+            max_new_tokens: int = 10, min_new_tokens: int = 1, suffix: str = VQA_SUFFIX, dynamic: bool = False,
+            max_num: int = 6, progress: bool = True) -> dict:
+  """Greedy short answers (InternVL's evaluate_vqa.py: the question, a space and the short-answer instruction;
+  1 to 10 new tokens), scored with the official VQAv2 accuracy (percent)."""
   model.require("vqa")
-  questions = [f"{q}\n{suffix}" if suffix else q for q in data.questions]
-  preds = _generate_all(model, data.image_paths, questions, batch_size, max_new_tokens, progress)
+  questions = [f"{q} {suffix}" if suffix else q for q in data.questions]
+  preds = _generate_all(model, data.image_paths, questions, batch_size, max_new_tokens, min_new_tokens, progress,
+                        dynamic, max_num)
   acc = vqa.vqa_accuracy(preds, data.answers)
   picks = report.query_indices(len(preds), NUM_SAMPLES)
-  samples = [{"image": data.image_paths[i], "question": data.questions[i], "prediction": preds[i],
+  samples = [{"image": data.image_paths[i], "question": questions[i], "prediction": preds[i],
               "answers": data.answers[i]} for i in picks]
-  return report.vqa_result(data_name, len(preds), acc, samples, model=model.name, prompt_suffix=suffix)
+  return report.vqa_result(data_name, len(preds), acc, samples, model=model.name, prompt_suffix=suffix,
+                           **_chat_protocol(model, min_new_tokens, max_new_tokens, dynamic, max_num))
+
+
+def _chat_protocol(model: EvalModel, min_new: int, max_new: int, dynamic: bool, max_num: int) -> dict:
+  """What the result JSON records of how a chat model was prompted and stopped."""
+  fmt = model.chat
+  return {"template": fmt.template or "chat_template (Jinja)", "system_message": fmt.system,
+          "stop_ids": list(fmt.stop_ids), "min_new_tokens": min_new, "max_new_tokens": max_new,
+          "dynamic": dynamic, "max_num": max_num if dynamic else 1, "image_size": fmt.image_size}
 
 
 def run_task(task: str, model: EvalModel, data_spec: str, *, out: str | None = None, batch_size: int = 64,
              classnames: str | None = None, templates: str | None = None, vqa_suffix: str | None = None,
              max_new_tokens: int | None = None, cache_dir: str | None = None, progress: bool = True,
-             stream=sys.stdout) -> dict:
+             dynamic: bool = False, max_num: int = 6, stream=sys.stdout) -> dict:
   """Loads `data_spec` for `task`, evaluates, prints the markdown table, writes `out` (JSON) and, for retrieval
   and zeroshot, a PNG gallery beside it (same name, .png). Returns the result dict."""
   if task not in TASKS:
@@ -159,12 +196,16 @@ def run_task(task: str, model: EvalModel, data_spec: str, *, out: str | None = N
       report.zeroshot_gallery(gallery, data.image_paths, labels, names, top, logits)
   elif task == "caption":
     kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    result = run_caption(model, data, data_spec, batch_size=batch_size, progress=progress, **kw)
+    if max_new_tokens is not None and max_new_tokens < 8:  # the published minimum cannot exceed the maximum
+      kw["min_new_tokens"] = max_new_tokens
+    result = run_caption(model, data, data_spec, batch_size=batch_size, progress=progress, dynamic=dynamic,
+                         max_num=max_num, **kw)
   else:
     # the demo's questions were trained without InternVL's short-answer instruction
     suffix = vqa_suffix if vqa_suffix is not None else ("" if is_demo else VQA_SUFFIX)
     kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    result = run_vqa(model, data, data_spec, batch_size=batch_size, suffix=suffix, progress=progress, **kw)
+    result = run_vqa(model, data, data_spec, batch_size=batch_size, suffix=suffix, progress=progress,
+                     dynamic=dynamic, max_num=max_num, **kw)
   result["seconds"] = round(time.time() - start, 2)
   report.validate_result(result)
   print(report.result_table(result), file=stream, flush=True)

@@ -75,6 +75,9 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
   if size % patch:
     raise ConfigError(f"model.image_size={size} is not a multiple of the patch size {patch}; use a multiple")
   if cfg.task == "instruct":
+    from internvl_jax.data import templates  # local: only instruct runs need it
+    if cfg.data.get("template", "plain") not in templates.NAMES:
+      raise ConfigError(f"config.data.template={cfg.data.template!r} is not one of {', '.join(templates.NAMES)}")
     if m.mode != "replace":
       raise ConfigError("model.mode must be 'replace' for instruct training (image tokens in the prompt)")
     f = round(1 / m.downsample_ratio)

@@ -57,7 +57,10 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
                                                data_dir="", image_key="image", caption_key="captions.text"))
   c.data.max_text_len = 64 if task == "instruct" else 32
   c.data.max_tiles = 1  # instruct: tile slots per example (dynamic tiling when > 1)
-  c.data.template = "plain"  # 'plain' (our tokenizer's markers) | 'chatml' (Qwen2-style tokenizers)
+  # conversation template (data/templates.py): 'plain' (our word-level tokenizer's markers) or a released one,
+  # 'internvl2_5' | 'internlm2-chat' | 'Hermes-2' | 'phi3-chat', for the tokenizer of that release
+  c.data.template = "plain"
+  c.data.system_message = None  # None: the template's default system message (a record's system turn wins)
   c.data.augment = False  # random-resized-crop for training images
   c.data.max_bad_fraction = 0.05
   c.data.num_threads = 2

@@ -64,6 +64,7 @@ def feature_spec(cfg: ml_collections.ConfigDict, *, train: bool) -> features_lib
       task=cfg.task, image_size=config_checks.input_size(cfg), max_text_len=cfg.data.max_text_len,
       tokens_per_tile=config_checks.tokens_per_tile(cfg) if cfg.task == "instruct" else 0,
       max_tiles=cfg.data.get("max_tiles", 1), template=cfg.data.get("template", "plain"),
+      system=cfg.data.get("system_message", None),
       augment=train and cfg.data.get("augment", False),
       text_prefix=caption_prefix(cfg))
 
