@@ -44,7 +44,7 @@ def _tiny_tokenizer():
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.add_special_tokens(["<pad>", "</s>", "<IMG_CONTEXT>", "<img>", "</img>"])
-  return tokenizer.Tokenizer(tok)
+  return tokenizer.Tokenizer(tok, eos_token="</s>", pad_token="<pad>")
 
 
 def test_prompt_builder_expands_each_image_in_order():

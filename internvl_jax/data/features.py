@@ -156,8 +156,8 @@ def _full_image(record: dict):
 def _add_image_block(add, tok, spec: FeatureSpec, n_tiles: int) -> None:
   """<img> IMG_CONTEXT x (K * tokens_per_tile) </img>; tokens of empty tile slots are not attended."""
   n = spec.tokens_per_tile
-  start = [tok.ids["img_start"]] if tok.ids["img_start"] is not None else []
-  end = [tok.ids["img_end"]] if tok.ids["img_end"] is not None else []
+  start = [tok.token_id(tokenizer_lib.IMG_START)] if tok.token_id(tokenizer_lib.IMG_START) is not None else []
+  end = [tok.token_id(tokenizer_lib.IMG_END)] if tok.token_id(tokenizer_lib.IMG_END) is not None else []
   add(start, visible=1 if n_tiles else 0)
   add([tok.image_token_id] * (spec.max_tiles * n), visible=[1] * (n_tiles * n) + [0] * ((spec.max_tiles - n_tiles) * n))
   add(end, visible=1 if n_tiles else 0)
