@@ -63,7 +63,7 @@ def folders(tmp_path_factory):
   }
   # a LLaMA folder with the tokenizer.json transformers writes for it (as -hf folders ship)
   out["llama_json"] = tokenizer_folders.llama_sentencepiece(str(root / "llama_json"))
-  tokenizer_folders._save_fast(out["llama_json"])
+  tokenizer_folders.add_tokenizer_json(out["llama_json"])
   # config variants: legacy prefixing, eos added, a pad token the vocabulary lacks (added after it, as the
   # chinese-alpaca LLaMA folder of the official C/G code names "[PAD]" in special_tokens_map.json)
   out["llama_variants"] = tokenizer_folders.llama_sentencepiece(str(root / "llama_variants"), add_eos_token=True)

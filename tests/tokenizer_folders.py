@@ -198,11 +198,11 @@ def qwen2_bpe(folder: str, *, tokenizer_json: bool = False) -> str:
       "additional_special_tokens": ["<|im_start|>", "<|im_end|>", *INTERNVL_TOKENS],
       "eos_token": _added("<|im_end|>"), "pad_token": _added("<|endoftext|>")})
   if tokenizer_json:
-    _save_fast(folder)
+    add_tokenizer_json(folder)
   return folder
 
 
-def _save_fast(folder: str) -> None:
+def add_tokenizer_json(folder: str) -> None:
   """Adds the tokenizer.json that transformers writes for the folder's slow files (as releases that ship both)."""
   from transformers import AutoTokenizer
 

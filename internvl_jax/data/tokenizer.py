@@ -187,9 +187,11 @@ def load(path: str) -> Tokenizer:
   if not os.path.exists(path):
     raise FileNotFoundError(f"tokenizer path {path} does not exist; set config.tokenizer to a model folder (or leave "
                             "it empty to build one from the training captions)")
+  if os.path.basename(path) in (files_lib.VOCAB_JSON, files_lib.MERGES_TXT, files_lib.CONFIG):
+    path = os.path.dirname(path) or "."  # one file of a folder's set: the folder
   folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
   found = _found(folder)
-  if not os.path.isdir(path):  # a file: that one, with the folder's settings
+  if not os.path.isdir(path):  # a tokenizer file: that one, with the folder's settings
     name = os.path.basename(path)
     kind = files_lib.TOKENIZER_JSON if name.endswith(".json") else files_lib.SPM_MODEL
     found = {kind: path}
