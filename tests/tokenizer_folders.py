@@ -7,6 +7,7 @@ Each builder writes into `folder` (created if needed) and returns it:
                           added_tokens_decoder, as InternVL-Chat-V1-5 and InternVL2-2B/8B/26B
   qwen2_bpe               vocab.json + merges.txt (byte-level BPE) + Qwen2Tokenizer config with InternVL's image
                           tokens, as InternVL2-1B / InternVL2.5 / InternVL3; optionally a tokenizer.json too
+  add_tokenizer_json      adds to a folder the tokenizer.json transformers writes for it (as -hf folders)
 
 The models are trained here, deterministically, on a small built-in English + Chinese corpus (a second or two).
 The configs follow the released files' fields; ids are those of the tiny vocabularies (e.g. <IMG_CONTEXT> is not
