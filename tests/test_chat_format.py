@@ -1,9 +1,7 @@
 import numpy as np
 import pytest
 import skimage.data
-import tokenizers
 from PIL import Image
-from tokenizers import models, pre_tokenizers
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from internvl_jax.data import chat_format, tokenizer, transforms

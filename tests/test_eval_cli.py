@@ -60,7 +60,8 @@ def test_wrong_model_for_the_task_is_one_line(workdir):
 
 
 def _tiny_tokenizer(path: str, image_token_id: int) -> None:
-  """A word-level tokenizer.json whose <IMG_CONTEXT> sits at the model's image token id."""
+  """A word-level tokenizer.json (and tokenizer_config.json) whose <IMG_CONTEXT> sits at the model's image token
+  id."""
   from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, decoders
   specials = ["<pad>", "<unk>", "<s>", "</s>", "<img>", "</img>", "<user>", "<assistant>"]
   words = "a an the provide one sentence caption for provided image red blue green yellow circle square".split()
@@ -72,6 +73,9 @@ def _tiny_tokenizer(path: str, image_token_id: int) -> None:
   tok.decoder = decoders.WordPiece(prefix="##")
   tok.add_special_tokens(specials + ["<IMG_CONTEXT>"])
   tok.save(path)
+  # its special tokens, as a released folder's tokenizer_config.json names them
+  with open(os.path.join(os.path.dirname(path), "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}, f)
 
 
 def test_hf_chat_checkpoint_captions(tmp_path):

@@ -7,6 +7,7 @@ Each builder writes into `folder` (created if needed) and returns it:
                           added_tokens_decoder, as InternVL-Chat-V1-5 and InternVL2-2B/8B/26B
   qwen2_bpe               vocab.json + merges.txt (byte-level BPE) + Qwen2Tokenizer config with InternVL's image
                           tokens, as InternVL2-1B / InternVL2.5 / InternVL3; optionally a tokenizer.json too
+  add_tokenizer_json      adds to a folder the tokenizer.json transformers writes for it (as -hf folders)
 
 The models are trained here, deterministically, on a small built-in English + Chinese corpus (a second or two).
 The configs follow the released files' fields; ids are those of the tiny vocabularies (e.g. <IMG_CONTEXT> is not
@@ -198,11 +199,11 @@ def qwen2_bpe(folder: str, *, tokenizer_json: bool = False) -> str:
       "additional_special_tokens": ["<|im_start|>", "<|im_end|>", *INTERNVL_TOKENS],
       "eos_token": _added("<|im_end|>"), "pad_token": _added("<|endoftext|>")})
   if tokenizer_json:
-    _save_fast(folder)
+    add_tokenizer_json(folder)
   return folder
 
 
-def _save_fast(folder: str) -> None:
+def add_tokenizer_json(folder: str) -> None:
   """Adds the tokenizer.json that transformers writes for the folder's slow files (as releases that ship both)."""
   from transformers import AutoTokenizer
 

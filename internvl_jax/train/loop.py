@@ -74,14 +74,13 @@ def _tokenizer(cfg, workdir: str, train_source):
   one built from the training texts. Returns (tokenizer, whether it sizes the model's vocabulary): a tokenizer
   named in the config belongs to a pretrained model whose vocabulary is fixed; any other is ours and sets it."""
   named = cfg.get("tokenizer", "")
-  init_tok = os.path.join(cfg.init.get("path", "") or "", "tokenizer.json")
-  path = named or ("" if os.path.exists(os.path.join(workdir, "tokenizer.json")) or not os.path.exists(init_tok)
-                   else init_tok)
+  init_dir = cfg.init.get("path", "") or ""
+  path = named or ("" if tokenizer_lib.saved_in(workdir) or not tokenizer_lib.saved_in(init_dir) else init_dir)
   prefix = caption_prefix(cfg)
   texts = (lambda: itertools.chain([prefix], train_source.texts())) if prefix else train_source.texts
   tok = tokenizer_lib.load_or_build(path, workdir, texts)  # a built tokenizer knows the caption prefix too
-  if path and jax.process_index() == 0:  # eval.py looks for the tokenizer in the workdir
-    tok.save(os.path.join(workdir, "tokenizer.json"))
+  if path and jax.process_index() == 0:  # eval.py looks for the tokenizer (files and settings) in the workdir
+    tok.save(workdir)
   return tok, not named
 
 
