@@ -8,7 +8,7 @@ import jinja2
 import numpy as np
 import pytest
 
-from internvl_jax.data import chat_inputs, templates
+from internvl_jax.data import chat_format, templates
 
 V1 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 V25 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -213,11 +213,11 @@ def test_processor_image_expansion_matches_ours(hf, case):
   patches = [int(proc.image_processor(images=[im], return_tensors="np")["num_patches"][0]) for im in images]
   text = templates.render_jinja(fixture["chat_template"], messages)
   ref_ids = proc(text=text, images=images, return_tensors="np")["input_ids"][0].tolist()
-  # the processor expands <IMG_CONTEXT>; ours expands <image>: the same ids once the placeholder is renamed, and
-  # directly from the first -hf release's template, which wrote '<image>\n'
-  renamed = chat_inputs.expand_image_placeholders(text.replace("<IMG_CONTEXT>", "<image>"), patches, 3)
-  first = chat_inputs.expand_image_placeholders(
-      templates.render_jinja(fixture["chat_template_first_release"], messages), patches, 3)
+  # the processor expands each <IMG_CONTEXT> of the rendered text; so does ours, and from the first -hf release's
+  # template, which wrote '<image>\n', it expands <image> to the same text
+  renamed = chat_format.expand_placeholders(text, "<IMG_CONTEXT>", patches, 3)
+  first = chat_format.expand_placeholders(
+      templates.render_jinja(fixture["chat_template_first_release"], messages), "<image>", patches, 3)
   assert renamed == first
   assert proc.tokenizer(renamed, add_special_tokens=False)["input_ids"] == ref_ids
   assert ref_ids.count(proc.image_token_id) == 3 * sum(patches)
