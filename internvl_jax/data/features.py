@@ -142,8 +142,10 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
       turns[0] = (IMAGE_PLACEHOLDER + "\n" + turns[0][0], turns[0][1])
   else:
     turns = [(q.replace(IMAGE_PLACEHOLDER, ""), a) for q, a in turns]
+  system = spec.system if system is None else system
   try:
-    pieces = templates.segments(spec.template, turns, system=spec.system if system is None else system)
+    pieces = templates.segments(spec.template, turns, system=system)
+    units = templates.train_units(spec.template, turns, system=system)
   except ValueError as e:
     raise ValueError(f"{e}; set config.data.template") from None
   # The block always holds K tile slots (fixed shapes); the image tokens of unused slots are not attended.
@@ -158,10 +160,10 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
     hidden = len(block_ids)
     ids += block_ids
   loss: list[int] = [0] * len(ids)
-  for text, trained in pieces:
-    piece = tok.encode(text.replace(IMAGE_PLACEHOLDER, block), add_special_tokens=False)
-    ids += piece
-    loss += [int(trained)] * len(piece)
+  unit_ids, unit_loss = _tokenize_units([u.replace(IMAGE_PLACEHOLDER, block) for u in units],
+                                        [(t.replace(IMAGE_PLACEHOLDER, block), m) for t, m in pieces], tok)
+  ids += unit_ids
+  loss += unit_loss
   ids_arr = np.asarray(ids, np.int64)
   attn = np.ones(len(ids), np.int32)
   where = np.flatnonzero(ids_arr == tok.image_token_id)
@@ -179,6 +181,35 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
   t = spec.max_text_len
   return {"pixel_values": pixels, "input_ids": _pad(ids[:t], t, tok.pad_id if tok.pad_id is not None else 0),
           "attention_mask": _pad(attn[:t].tolist(), t, 0), "loss_mask": _pad(loss[:t], t, 0)}
+
+
+def _tokenize_units(units: list[str], pieces: list[tuple[str, bool]], tok) -> tuple[list[int], list[int]]:
+  """The official training's tokenisation: each unit string (templates.train_units: the whole conversation, or
+  internvl2_5's blocks) tokenised on its own, without special tokens; a token is trained when it lies in a trained
+  piece (templates.segments), the boundary found by tokenising the unit up to it, as the official preprocess
+  functions count tokens of sub-strings. -> (ids, loss flags)."""
+  edges, pos = [], 0  # character ranges [start, end) of trained text over the whole conversation
+  for text, trained in pieces:
+    if trained:
+      edges.append((pos, pos + len(text)))
+    pos += len(text)
+  ids: list[int] = []
+  loss: list[int] = []
+  start = 0
+  for unit in units:
+    unit_ids = tok.encode(unit, add_special_tokens=False)
+    flags = [0] * len(unit_ids)
+    for a, b in edges:
+      a, b = max(a - start, 0), min(b - start, len(unit))
+      if a >= b:
+        continue
+      lo = len(tok.encode(unit[:a], add_special_tokens=False)) if a else 0
+      hi = len(unit_ids) if b == len(unit) else len(tok.encode(unit[:b], add_special_tokens=False))
+      flags[lo:hi] = [1] * (hi - lo)
+    ids += unit_ids
+    loss += flags
+    start += len(unit)
+  return ids, loss
 
 
 def _full_image(record: dict):

@@ -1,0 +1,104 @@
+"""Stage-3 features with the released conversation templates and tokenizers, against transformers' tokenizers on
+literal expected strings (the layout and label rule of OpenGVLab's training preprocess, docs/templates.md), and
+the property that inference prompts (data/chat_format.py) are exactly the trained prompts."""
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+import tokenizer_folders
+from internvl_jax.data import chat_format, features, tokenizer
+
+N = 2  # vision tokens per tile
+BLOCK = "<img>" + "<IMG_CONTEXT>" * N + "</img>"
+SYS_V25 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+RECORD = {"image": np.full((28, 28, 3), 90, np.uint8), "conversations": [
+    {"from": "human", "value": "What colour is the car?"}, {"from": "gpt", "value": "Red."},
+    {"from": "human", "value": "And the sky?"}, {"from": "gpt", "value": "Blue, with clouds."}]}
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+  folder = tokenizer_folders.qwen2_bpe(str(tmp_path_factory.mktemp("qwen2")))
+  return tokenizer.load(folder), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def internlm2(tmp_path_factory):
+  return tokenizer.load(tokenizer_folders.internlm2_sentencepiece(str(tmp_path_factory.mktemp("internlm2"))))
+
+
+def _features(tok, template, record, max_len=200, system=None):
+  spec = features.FeatureSpec("instruct", 28, max_len, tokens_per_tile=N, max_tiles=1, template=template,
+                              system=system)
+  f = features.make_feature_fn(spec, tok)(record, None)
+  n = int(f["attention_mask"].sum())
+  return f["input_ids"][:n].tolist(), f["loss_mask"][:n].tolist(), f
+
+
+def test_internvl2_5_units_and_labels_as_the_official_preprocess(qwen2):
+  tok, ref = qwen2
+  ids, loss, _ = _features(tok, "internvl2_5", RECORD)
+  # preprocess_internvl2_5: the system block, each user block and each assistant block tokenised on their own
+  units = [f"<|im_start|>system\n{SYS_V25}<|im_end|>\n",
+           f"<|im_start|>user\n{BLOCK}\nWhat colour is the car?<|im_end|>\n", "<|im_start|>assistant\nRed.<|im_end|>\n",
+           "<|im_start|>user\nAnd the sky?<|im_end|>\n", "<|im_start|>assistant\nBlue, with clouds.<|im_end|>\n"]
+  want = [i for u in units for i in ref(u, add_special_tokens=False)["input_ids"]]
+  assert ids == want
+  # trained: each answer and its <|im_end|>, not the role, not the newline after <|im_end|>
+  trained = [i for i, m in zip(ids, loss) if m]
+  assert trained == ref("Red.<|im_end|>Blue, with clouds.<|im_end|>", add_special_tokens=False)["input_ids"]
+
+
+def test_system_turn_of_a_record_and_of_the_config(qwen2):
+  tok, ref = qwen2
+  rec = dict(RECORD, conversations=[{"from": "system", "value": "Be brief."}] + RECORD["conversations"][:2])
+  ids, _, _ = _features(tok, "internvl2_5", rec, system="ignored: the record's own system turn wins")
+  assert ref.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<img>")
+  ids, _, _ = _features(tok, "Hermes-2", dict(RECORD, conversations=RECORD["conversations"][:2]), system="")
+  # Hermes-2: '<|im_end|>' with no newline, and the system block is written even when empty
+  want = f"<|im_start|>system\n<|im_end|><|im_start|>user\n{BLOCK}\nWhat colour is the car?<|im_end|>" \
+         "<|im_start|>assistant\nRed.<|im_end|>"
+  assert ids == ref(want, add_special_tokens=False)["input_ids"]
+
+
+def test_internlm2_gets_its_bos_and_whole_string_tokens(internlm2):
+  tok = internlm2
+  ids, loss, _ = _features(tok, "internlm2-chat", RECORD)
+  assert ids[0] == tok.bos_id and tok.add_bos_token  # InternLM2's tokenizer config adds <s>
+  sys_v1 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+  whole = (f"<|im_start|>system\n{sys_v1}<|im_end|><|im_start|>user\n{BLOCK}\nWhat colour is the car?<|im_end|>"
+           "<|im_start|>assistant\nRed.<|im_end|><|im_start|>user\nAnd the sky?<|im_end|><|im_start|>assistant\n"
+           "Blue, with clouds.<|im_end|>")
+  # preprocess_internlm tokenises the whole conversation at once: the per-piece ids must equal it
+  assert ids == tok.encode(whole, add_special_tokens=True)
+  assert tok.decode([i for i, m in zip(ids, loss) if m], skip_special_tokens=False) == \
+      "Red.<|im_end|>Blue, with clouds.<|im_end|>"
+
+
+@pytest.mark.parametrize("template", ["internvl2_5", "Hermes-2", "internlm2-chat", "plain"])
+def test_inference_prompt_is_the_trained_prompt(qwen2, internlm2, template):
+  if template == "plain":
+    tok = tokenizer.build_word_level(["what colour is the car ? red ."])
+  else:
+    tok = internlm2 if template == "internlm2-chat" else qwen2[0]
+  rec = dict(RECORD, conversations=RECORD["conversations"][:2])
+  ids, loss, _ = _features(tok, template, rec)
+  fmt = chat_format.ChatFormat(tok, 28, N, template=template)
+  prompt = fmt.input_ids("What colour is the car?", [1])
+  assert ids[:loss.index(1)] == prompt
+  last_trained = max(i for i, m in enumerate(loss) if m)
+  assert ids[last_trained] in fmt.stop_ids  # the trained end of the answer is where generation stops
+
+
+def test_text_only_records_keep_their_image_slots_unattended(qwen2):
+  tok, _ = qwen2
+  rec = {"conversations": RECORD["conversations"][:2]}
+  spec = features.FeatureSpec("instruct", 28, 120, tokens_per_tile=N, max_tiles=2, template="internvl2_5")
+  f = features.make_feature_fn(spec, tok)(rec, None)
+  img = f["input_ids"] == tok.image_token_id
+  assert img.sum() == 2 * N and not f["attention_mask"][img].any()
+  assert not f["pixel_values"].any()
+  with pytest.raises(ValueError, match="cuts into"):
+    features.make_feature_fn(features.FeatureSpec("instruct", 28, 20, tokens_per_tile=N, max_tiles=1,
+                                                  template="internvl2_5"), tok)(RECORD, None)
