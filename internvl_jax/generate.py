@@ -4,18 +4,27 @@ token per step in a `jax.lax.while_loop` (which stops early once every row has p
 Works for language models (llm.Decoder) and chat models (internvl.InternVLChat: pixel_values fill the
 image-token positions of the prompt during prefill). Prompts of different lengths are LEFT-padded (attention_mask
 0 on the left); RoPE positions count real tokens, so a padded row decodes exactly as it would alone.
+
+Stopping follows transformers' generate (which InternVL's chat() calls): a row stops at the first of any of its
+stop ids, and `min_new_tokens` bans the stop ids until that many new tokens exist (MinNewTokensLengthLogitsProcessor).
+A model whose parameters are sharded over a mesh (convert.load_pretrained(..., mesh=)) generates under that mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from internvl_jax import sharding
 from internvl_jax.models import internvl
+
+STOP_SLOTS = 4  # stop-id arrays are padded with -1 to a multiple of this: one compiled program per bucket
 
 
 def _top_p_sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -36,11 +45,20 @@ def _forward(model, ids, mask, cache, pixel_values):
   return model(ids, attention_mask=mask, cache=cache)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens",))
-def _generate(model, input_ids, pixel_values, attention_mask, key, greedy, temperature, top_p, eos_token_id, *,
-              max_new_tokens: int):
-  # greedy / temperature / top_p / eos are traced values: greedy and sampled runs share one compiled program, and
-  # lax.cond runs only the chosen branch. eos_token_id < 0 means "no EOS" (rows then pad with nothing: id 0).
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "mesh"))
+def _generate(model, input_ids, pixel_values, attention_mask, key, greedy, temperature, top_p, stop_ids,
+              min_new_tokens, *, max_new_tokens: int, mesh=None):
+  # the mesh in context turns on the models' activation constraints (sharding.constrain) while tracing
+  with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return _decode(model, input_ids, pixel_values, attention_mask, key, greedy, temperature, top_p, stop_ids,
+                   min_new_tokens, max_new_tokens)
+
+
+def _decode(model, input_ids, pixel_values, attention_mask, key, greedy, temperature, top_p, stop_ids,
+            min_new_tokens, max_new_tokens):
+  # greedy / temperature / top_p / stop ids / min_new_tokens are traced values: greedy and sampled runs and every
+  # stop set of one bucket share one compiled program, and lax.cond runs only the chosen branch. stop_ids [S] int32
+  # is padded with -1 (never a token); finished rows are filled with stop_ids[0] (id 0 when there is none).
   chat = isinstance(model, internvl.InternVLChat)
   lm = model.language if chat else model
   b, t = input_ids.shape
@@ -49,10 +67,13 @@ def _generate(model, input_ids, pixel_values, attention_mask, key, greedy, tempe
     cell = model.config.vision.patch_size * round(1 / model.config.downsample_ratio)
     prefix = (pixel_values.shape[1] // cell) * (pixel_values.shape[2] // cell)
   out = _forward(model, input_ids, attention_mask, lm.init_cache(b, prefix + t + max_new_tokens), pixel_values)
-  has_eos = eos_token_id >= 0
-  pad = jnp.where(has_eos, eos_token_id, 0).astype(jnp.int32)
+  pad = jnp.maximum(stop_ids[0], 0).astype(jnp.int32)
 
-  def pick(logits, k):
+  def pick(logits, i, k):
+    # the stop ids are banned while fewer than min_new_tokens tokens were generated (i = tokens so far)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape[-1:], 0)
+    is_stop = jnp.any(vocab[None, :] == stop_ids[:, None], axis=0)  # [V]
+    logits = jnp.where(is_stop & (i < min_new_tokens), -jnp.inf, logits)
     return jax.lax.cond(greedy, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
                         lambda: _top_p_sample(logits, k, temperature, top_p))
 
@@ -63,9 +84,9 @@ def _generate(model, input_ids, pixel_values, attention_mask, key, greedy, tempe
   def body(carry):
     i, logits, cache, tokens, done, k = carry
     k, sub = jax.random.split(k)
-    tok = jnp.where(done, pad, pick(logits, sub))
+    tok = jnp.where(done, pad, pick(logits, i, sub))
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, tok, i, axis=1)
-    done = done | (has_eos & (tok == eos_token_id))
+    done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
     step = _forward(model, tok[:, None], jnp.ones((b, 1), bool), cache, None)
     return i + 1, step.logits[:, -1], step.cache, tokens, done, k
 
@@ -75,14 +96,57 @@ def _generate(model, input_ids, pixel_values, attention_mask, key, greedy, tempe
   return jnp.concatenate([input_ids, tokens], axis=1)
 
 
+def stop_id_list(stop_ids) -> list[int]:
+  """None | int | sequence of ints -> a list of ids (one-line error for a negative or non-integer id)."""
+  if stop_ids is None:
+    return []
+  ids = [stop_ids] if isinstance(stop_ids, (int, np.integer)) else list(stop_ids)
+  for i in ids:
+    if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0:
+      raise ValueError(f"eos_token_id must be token ids >= 0 (an int or a list of ints), got {stop_ids!r}")
+  return [int(i) for i in ids]
+
+
+def truncate_at_stop(ids, stop_ids) -> list[int] | list[list[int]]:
+  """Cuts generated ids before the first stop id (any of `stop_ids`: None | int | sequence of ints).
+
+  ids: one row (sequence / 1-D array of ints) -> list[int]; or rows [B, N] (2-D array / list of lists) ->
+  B lists. The stop id itself is dropped, as the official chat() drops the separator from the answer."""
+  stops = set(stop_id_list(stop_ids))
+  if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], (int, np.integer)):
+    return [truncate_at_stop(row, stop_ids) for row in ids]  # rows of different lengths
+  arr = np.asarray(ids)
+  if arr.ndim == 2:
+    return [truncate_at_stop(row, stop_ids) for row in arr]
+  if arr.ndim != 1:
+    raise ValueError(f"truncate_at_stop needs one row [N] or rows [B, N] of token ids, got shape {arr.shape}")
+  row = [int(x) for x in arr.tolist()]
+  for n, x in enumerate(row):
+    if x in stops:
+      return row[:n]
+  return row
+
+
+def _model_mesh(model: nnx.Module):
+  """The mesh the model's parameters are laid out on, or None when they live on one device."""
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+    if isinstance(mesh, jax.sharding.Mesh) and mesh.size > 1:
+      return mesh
+  return None
+
+
 def generate(model: nnx.Module, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 16,
-             temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
-             rng: jax.Array | None = None) -> jax.Array:
-  """Generates `max_new_tokens` tokens after each prompt.
+             temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+             rng: jax.Array | None = None, min_new_tokens: int = 0) -> jax.Array:
+  """Generates up to `max_new_tokens` tokens after each prompt.
 
   input_ids [B, T] int (left-padded); pixel_values [num_tiles, H, W, 3] float (chat models only);
   attention_mask [B, T] (1 = real token; default all ones); temperature 0 = greedy, otherwise top-p sampling with
-  key `rng` (default jax.random.key(0)). After a row emits eos_token_id, the rest of that row is filled with it.
+  key `rng` (default jax.random.key(0)). eos_token_id: one stop id or several; a row stops at the first of any of
+  them and the rest of it is filled with the FIRST id (id 0 when none is given). min_new_tokens: the stop ids
+  cannot be produced before this many new tokens (transformers' rule). With a model sharded over a mesh, the batch
+  is split over the mesh's data-parallel axes ('data', 'fsdp') when B divides their size, else replicated.
   Returns [B, T + max_new_tokens] int32: the prompt followed by the new tokens.
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -93,15 +157,24 @@ def generate(model: nnx.Module, input_ids, pixel_values=None, attention_mask=Non
     raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {input_ids.shape}")
   if not bool(np.all(np.asarray(mask[:, -1]))):
     raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
-  if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got {max_new_tokens}, "
-                     f"{temperature}, {top_p}")
+  if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1 or min_new_tokens < 0:
+    raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1 and min_new_tokens >= 0; got "
+                     f"{max_new_tokens}, {temperature}, {top_p}, {min_new_tokens}")
   if pixel_values is not None and not isinstance(model, internvl.InternVLChat):
     raise ValueError("pixel_values given to a text-only model")
+  stops = stop_id_list(eos_token_id)
   if max_new_tokens == 0:
     return input_ids
+  slots = max(STOP_SLOTS, -(-len(stops) // STOP_SLOTS) * STOP_SLOTS)
+  stop_ids = np.full((slots,), -1, np.int32)
+  stop_ids[:len(stops)] = stops
   key = jax.random.key(0) if rng is None else rng
   pixels = None if pixel_values is None else jnp.asarray(pixel_values)
+  mesh = _model_mesh(model)
+  if mesh is not None:  # inputs live on the model's mesh: split over the batch where it divides
+    place = lambda x: jax.device_put(x, sharding.leading_axis_sharding(mesh, x.shape))
+    input_ids, mask = place(input_ids), place(mask)
+    pixels = None if pixels is None else place(pixels)
   return _generate(model, input_ids, pixels, mask, key, jnp.bool_(temperature == 0),
-                   jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                   jnp.int32(-1 if eos_token_id is None else eos_token_id), max_new_tokens=int(max_new_tokens))
+                   jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.asarray(stop_ids),
+                   jnp.int32(min_new_tokens), max_new_tokens=int(max_new_tokens), mesh=mesh)

@@ -91,3 +91,13 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_AXIS_RULE
   if mesh is None or mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(names, rules))
+
+
+def leading_axis_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """The layout of a batch on `mesh`: the leading axis split over the data-parallel axes ('data', 'fsdp') when it
+  divides their size, replicated otherwise (an array that cannot be split evenly cannot be placed split)."""
+  axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+  size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  if not axes or not shape or shape[0] % size:
+    return NamedSharding(mesh, P())
+  return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
