@@ -32,12 +32,13 @@ CONFIG = dict(
                        rope_theta=10000.0))
 
 
-def official_shapes() -> dict:
+def official_shapes(vocab: int = V) -> dict:
   s = {"vision_model.embeddings.class_embedding": (1, 1, DV), "vision_model.embeddings.position_embedding": (1, 17, DV),
        "vision_model.embeddings.patch_embedding.weight": (DV, 3, 14, 14),
        "vision_model.embeddings.patch_embedding.bias": (DV,), "query_tokens": (1, Q, DT),
        "text_projection": (DT, E), "logit_scale": (), "itm_head.weight": (2, DT), "itm_head.bias": (2,),
-       "qllama.model.embed_tokens.weight": (V, DT), "qllama.model.norm.weight": (DT,), "qllama.lm_head.weight": (V, DT)}
+       "qllama.model.embed_tokens.weight": (vocab, DT), "qllama.model.norm.weight": (DT,),
+       "qllama.lm_head.weight": (vocab, DT)}
   for i in range(2):
     p = f"vision_model.encoder.layers.{i}."
     s.update({p + "attn.qkv.weight": (3 * DV, DV), p + "attn.q_norm.weight": (DV,), p + "attn.k_norm.weight": (DV,),
