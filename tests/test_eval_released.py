@@ -141,3 +141,19 @@ def test_eval_py_retrieval_on_internvl_14b(releases, tmp_path):
   result = json.load(open(out))
   report.validate_result(result)
   assert result["text_prefix"] == "summarize:" and result["num_texts"] == 8
+
+
+@pytest.mark.parametrize("name", ["internvl2_1b", "internvl3_hf"])
+def test_readme_chat_example_runs_on_a_release(releases, tmp_path, name):
+  # the README's example, verbatim but for the folder, the photo and the length
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+  from PIL import Image
+  photo = str(tmp_path / "photo.png")
+  Image.fromarray(skimage.data.coffee()).save(photo)
+  code = (code.replace('"/models/InternVL3-1B"', repr(releases[name][0])).replace('"photo.jpg"', repr(photo))
+          .replace("max_new_tokens=64", "max_new_tokens=4"))
+  printed = []
+  exec(compile(code, "README.md", "exec"), {"print": printed.append})
+  assert len(printed) == 1 and isinstance(printed[0], str)
