@@ -102,3 +102,13 @@ def test_text_only_records_keep_their_image_slots_unattended(qwen2):
   with pytest.raises(ValueError, match="cuts into"):
     features.make_feature_fn(features.FeatureSpec("instruct", 28, 20, tokens_per_tile=N, max_tiles=1,
                                                   template="internvl2_5"), tok)(RECORD, None)
+
+
+def test_captions_of_a_released_c_g_tokenizer_are_the_published_text_layout(tmp_path):
+  tok = tokenizer.load(tokenizer_folders.llama_sentencepiece(str(tmp_path)))
+  texts = ["summarize:a dog on a sofa", "summarize:" + "two dogs play in the snow " * 12]
+  want, want_mask = tokenizer.contrastive_text_ids(tok, texts, 80)
+  for i, text in enumerate(texts):
+    ids, mask = features.caption_tokens(tok, text, 80)
+    np.testing.assert_array_equal(ids, want[i])
+    np.testing.assert_array_equal(mask, want_mask[i])

@@ -61,13 +61,17 @@ def image_of(record: dict, size: int, rng: np.random.Generator | None, spec: Fea
 
 
 def caption_tokens(tok: tokenizer_lib.Tokenizer, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """[bos] text [eos] truncated to max_len (eos kept last), right-padded. -> ids, mask int32 [max_len]."""
+  """[bos] text [eos], the text cut so that both stay, right-padded (pad id, else 0) -> ids, mask int32 [max_len].
+
+  BOS where the tokenizer's config adds one, EOS always: for a released InternVL-C/G (LLaMA) tokenizer this is
+  the published evaluation's text layout (tokenizer.contrastive_text_ids), so a model fine-tuned from a release
+  trains on the texts it is scored with."""
   body = tok.encode(text)
   if not body:
     raise BadRecord("caption is empty")
-  head = [tok.bos_id] if tok.bos_id is not None else []
-  ids = (head + body)[:max_len - 1] + [tok.eos_id]
-  return _pad(ids, max_len, tok.pad_id), _pad([1] * len(ids), max_len, 0)
+  head = [tok.bos_id] if tok.add_bos_token and tok.bos_id is not None else []
+  ids = head + body[:max(max_len - len(head) - 1, 0)] + [tok.eos_id]
+  return _pad(ids, max_len, tok.pad_id if tok.pad_id is not None else 0), _pad([1] * len(ids), max_len, 0)
 
 
 def _pad(values: list[int], n: int, fill: int) -> np.ndarray:
