@@ -4,6 +4,8 @@ models).
 
   m = load_workdir(DIR, task)  # latest checkpoint of DIR (or of DIR/<stage> for a multi-stage run such as the demo)
   m = load_hf(DIR)             # convert.load_pretrained + DIR/tokenizer.json
+  both take dtype= (e.g. "bfloat16") and mesh= (evaluate/placement.make_mesh): weights are cast and laid out on the
+  mesh as they are read, and the model runs sharded (batches split over data x fsdp)
   m.embed_images(pixels [B, S, S, 3] float32) -> [B, E] float32;  m.embed_texts(list of B str) -> [B, E] float32
   m.generate(pixels [B, S, S, 3], prompts list of B str, max_new_tokens) -> list of B answers
 """
@@ -21,8 +23,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from internvl_jax import sharding
 from internvl_jax.data import features as features_lib
 from internvl_jax.data import tokenizer as tokenizer_lib
+from internvl_jax.evaluate import placement
 from internvl_jax.models import internvl
 
 EMBED_TASKS = ("retrieval", "zeroshot")  # need a contrastive model
@@ -37,7 +41,8 @@ class EvalModel:
   kind: 'contrastive' | 'chat'; image_size: S of the model's square input; text_prefix: prepended to every text
   embedded ('summarize:' for InternVL-C/G); max_text_len: token length texts are padded / cut to; template: the
   chat template of data/features.py; tokens_per_tile: vision tokens per image for chat prompts; name: what was
-  loaded (recorded in the result JSON).
+  loaded (recorded in the result JSON); mesh: the jax Mesh the parameters are laid out on (default: found from
+  the parameters; None = one device).
   """
   model: nnx.Module
   kind: str
@@ -48,14 +53,31 @@ class EvalModel:
   max_text_len: int = 32
   template: str = "plain"
   tokens_per_tile: int = 0
+  mesh: Any = None
 
   def __post_init__(self):
     graphdef, state = nnx.split(self.model)
     self._graphdef, self._state = graphdef, state
+    if self.mesh is None:
+      self.mesh = sharding.model_mesh(self.model)
+    mesh = self.mesh
+
+    def img(s, x):
+      with placement.mesh_context(mesh):  # the models' activation constraints follow the mesh while tracing
+        return nnx.merge(graphdef, s).encode_image(x)
+
+    def txt(s, ids, mask):
+      with placement.mesh_context(mesh):
+        return nnx.merge(graphdef, s).encode_text(ids, mask)
+
     # One jitted program per function; the state is an argument (not a constant) so it is not baked into the HLO.
-    self._img = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x)) if self.kind == "contrastive" else None
-    self._txt = (jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s).encode_text(ids, mask))
-                 if self.kind == "contrastive" else None)
+    self._img = jax.jit(img) if self.kind == "contrastive" else None
+    self._txt = jax.jit(txt) if self.kind == "contrastive" else None
+
+  def _sharded(self, fn, *arrays) -> np.ndarray:
+    """fn(state, *arrays) with the batch padded to a multiple of data x fsdp and split over them; [B, ...] out."""
+    batch, n = placement.pad_batch(arrays, self.mesh)
+    return np.asarray(fn(self._state, *placement.place_batch(batch, self.mesh)))[:n]
 
   def require(self, task: str) -> None:
     want = "contrastive" if task in EMBED_TASKS else "chat"
@@ -67,7 +89,7 @@ class EvalModel:
 
   def embed_images(self, pixels: np.ndarray) -> np.ndarray:
     """pixels float32 [B, S, S, 3] (normalised) -> unit-norm float32 [B, E]."""
-    return np.asarray(self._img(self._state, jnp.asarray(pixels)))
+    return self._sharded(self._img, pixels)
 
   def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
     """Texts (text_prefix prepended) -> {"input_ids", "attention_mask"}: int32 [B, max_text_len], right-padded.
@@ -86,7 +108,7 @@ class EvalModel:
 
   def embed_tokens(self, batch: dict[str, np.ndarray]) -> np.ndarray:
     """tokenize()'s output [B, T] -> unit-norm float32 [B, E]."""
-    return np.asarray(self._txt(self._state, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])))
+    return self._sharded(self._txt, batch["input_ids"], batch["attention_mask"])
 
   def embed_texts(self, texts: list[str]) -> np.ndarray:
     return self.embed_tokens(self.tokenize(list(texts)))
@@ -114,8 +136,9 @@ class EvalModel:
     mask = np.zeros((len(prompts), t), np.int32)
     for i, p in enumerate(prompts):
       ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    (ids, mask, pixels), n = placement.pad_batch((ids, mask, pixels), self.mesh)  # rows split evenly on a mesh
     out = np.asarray(generate(self.model, ids, jnp.asarray(pixels), mask, max_new_tokens=max_new_tokens,
-                              eos_token_id=self.tokenizer.eos_id))[:, t:]
+                              eos_token_id=self.tokenizer.eos_id))[:n, t:]
     answers = []
     for row in out.tolist():
       if self.tokenizer.eos_id in row:
@@ -148,18 +171,28 @@ def stage_dir(workdir: str, task: str) -> str:
   return os.path.join(workdir, found[-1])
 
 
-def load_workdir(workdir: str, task: str) -> EvalModel:
-  """The latest checkpoint of a train.py workdir (see stage_dir), its config.json and tokenizer.json."""
+def load_workdir(workdir: str, task: str, dtype=None, mesh=None) -> EvalModel:
+  """The latest checkpoint of a train.py workdir (see stage_dir), its config.json and tokenizer.json.
+  dtype: parameters and compute in this dtype (default: parameters as stored, compute as trained); mesh: read the
+  parameters straight into the shardings of the logical-axis rules on this mesh."""
+  from internvl_jax.convert.loader import set_dtype
   from internvl_jax.train import checkpoint, config_checks, state as state_lib  # local: training-only imports
   workdir = stage_dir(os.path.abspath(workdir), task)
   cfg = _read_config(workdir)
+  if dtype is not None:
+    set_dtype(cfg.model, dtype)
   tok_path = os.path.join(workdir, "tokenizer.json")
   if not os.path.exists(tok_path):
     raise FileNotFoundError(f"{workdir} has no tokenizer.json; it is written by train.py at the start of a run")
   tok = tokenizer_lib.load(tok_path)
-  params, step = checkpoint.read_params(workdir)
   abstract = nnx.eval_shape(state_lib.model_factory(cfg.task, cfg.model, cfg.seed))
   graphdef, state = nnx.split(abstract)
+  if mesh is not None:
+    sharding.check_divisible(state, mesh)
+  shardings = None if mesh is None else nnx.to_pure_dict(sharding.param_shardings(state, mesh))
+  params, step = checkpoint.read_params(workdir, shardings=shardings, dtype=dtype)
+  if mesh is None:  # on the device once, not copied from the host at every call
+    params = jax.tree.map(jnp.asarray, params)
   try:
     nnx.replace_by_pure_dict(state, params)
   except (KeyError, ValueError) as e:
@@ -175,8 +208,9 @@ def load_workdir(workdir: str, task: str) -> EvalModel:
                    max_text_len=cfg.data.max_text_len)
 
 
-def load_hf(folder: str, max_text_len: int = HF_MAX_TEXT_LEN) -> EvalModel:
-  """A local Hugging Face folder (config.json + safetensors + tokenizer.json) through convert.load_pretrained.
+def load_hf(folder: str, max_text_len: int = HF_MAX_TEXT_LEN, dtype=None, mesh=None) -> EvalModel:
+  """A local Hugging Face folder (config.json + safetensors + tokenizer.json) through convert.load_pretrained,
+  in `dtype` (default float32) and laid out on `mesh` (default one device) as the tensors are read.
   Chat models need a tokenizer with an image-context token whose id is the model's image_token_id."""
   import tokenizers
 
@@ -187,7 +221,7 @@ def load_hf(folder: str, max_text_len: int = HF_MAX_TEXT_LEN) -> EvalModel:
   if not os.path.exists(tok_path):
     raise FileNotFoundError(f"{folder} has no tokenizer.json; save the model's fast tokenizer there "
                             "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
-  model = convert.load_pretrained(folder)
+  model = convert.load_pretrained(folder, dtype=dtype or jnp.float32, mesh=mesh)
   if isinstance(model, internvl.InternVLContrastive):
     cfg = model.config
     return EvalModel(model, "contrastive", tokenizers.Tokenizer.from_file(tok_path), int(cfg.vision.image_size),

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from internvl_jax.evaluate import captioning, datasets, report, retrieval, sources, vqa, zeroshot
+from internvl_jax.evaluate import captioning, datasets, placement, report, retrieval, sources, vqa, zeroshot
 from internvl_jax.evaluate.models import EvalModel
 
 TASKS = ("retrieval", "zeroshot", "caption", "vqa")
@@ -163,6 +163,7 @@ def run_task(task: str, model: EvalModel, data_spec: str, *, out: str | None = N
     kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     result = run_vqa(model, data, data_spec, batch_size=batch_size, suffix=suffix, progress=progress, **kw)
   result["seconds"] = round(time.time() - start, 2)
+  result.update(placement.describe(model.model, model.mesh))  # dtype, mesh, parameter bytes per device
   report.validate_result(result)
   print(report.result_table(result), file=stream, flush=True)
   if out:
