@@ -113,7 +113,7 @@ def test_mesh_flag_errors_are_one_line():
   assert placement.parse_mesh("fsdp=4,tensor=2") == {"data": 1, "fsdp": 4, "tensor": 2}
   assert placement.parse_mesh(" data=2 , fsdp=-1") == {"data": 2, "fsdp": -1, "tensor": 1}
   for bad, message in (("fsdp", "is not axis=size"), ("model=2", "is not axis=size"), ("fsdp=0", "is not axis"),
-                       ("fsdp=2,fsdp=2", "is not axis"), ("fsdp=x", "is not axis"), ("fsdp=-1,data=-1", "only one")):
+                       ("fsdp=2,fsdp=2", "is not axis"), ("fsdp=00", "is not axis"), ("fsdp=x", "is not axis"), ("fsdp=-1,data=-1", "only one")):
     with pytest.raises(ValueError, match=message) as e:
       placement.parse_mesh(bad)
     assert "\n" not in str(e.value)

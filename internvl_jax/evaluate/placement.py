@@ -34,7 +34,7 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
   seen = set()
   for part in text.split(","):
     axis, eq, value = (s.strip() for s in part.partition("="))
-    if not eq or axis not in sizes or axis in seen or not (value.isdigit() or value == "-1") or value == "0":
+    if not eq or axis not in sizes or axis in seen or not (value == "-1" or value.isdigit() and int(value) >= 1):
       raise ValueError(f"--mesh {text!r}: {part.strip()!r} is not axis=size with a distinct axis in "
                        f"{', '.join(sharding.MESH_AXES)} and size >= 1 (or -1 once); e.g. --mesh fsdp=4,tensor=2")
     seen.add(axis)
@@ -106,6 +106,8 @@ def abstract_param_bytes(build, mesh_shape: dict[str, int] | None, dtype: str = 
   """param_bytes of the model `build()` returns, without allocating or needing devices: shapes from
   nnx.eval_shape, every variable cast to `dtype` (as convert.load_pretrained does), layout by the sharding rules
   on an abstract mesh of `mesh_shape` (None = one device)."""
+  if mesh_shape is not None and min(mesh_shape.values()) < 1:
+    raise ValueError(f"mesh {mesh_shape}: an abstract count needs every axis size (no -1)")
   state = nnx.state(nnx.eval_shape(build))
   size = jnp.dtype(dtype).itemsize
   if mesh_shape is None:
@@ -132,7 +134,7 @@ def describe(model: nnx.Module, mesh: Mesh | None) -> dict[str, Any]:
 
 
 def gib(n: int) -> str:
-  """Bytes as GiB and GB (device memory is sold in GB, 80 GB = 74.5 GiB)."""
+  """Bytes as GiB and GB (GB = 1e9 bytes)."""
   return f"{n / 2**30:.2f} GiB ({n / 1e9:.1f} GB)"
 
 
