@@ -191,3 +191,14 @@ print("max err", float(err))
                        timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   assert float(res.stdout.split()[-1]) < 1e-5
+
+
+def test_result_placement_fields_are_validated():
+  ok = report.vqa_result("d", 1, 50.0, [], dtype="bfloat16", mesh={"data": 1, "fsdp": 8, "tensor": 1}, devices=8,
+                         param_bytes_total=800, param_bytes_per_device=100)
+  report.validate_result(ok)
+  for field, value, message in (("param_bytes_per_device", 900, "exceeds param_bytes_total"),
+                                ("devices", 0, "devices must be a positive integer"),
+                                ("mesh", {"fsdp": "8"}, "mesh must be null or a map")):
+    with pytest.raises(ValueError, match=message):
+      report.validate_result(dict(ok, **{field: value}))
