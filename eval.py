@@ -2,11 +2,13 @@
 
   python eval.py --task {retrieval,zeroshot,caption,vqa} (--workdir DIR | --hf DIR) --data SOURCE [--out FILE.json]
                  [--batch_size N] [--image_size N] [--classnames FILE] [--templates FILE]
+                 [--dtype bfloat16] [--mesh fsdp=N[,tensor=M][,data=K]]
 
 SOURCE: demo[:N] | jsonl:PATH | tfds:NAME[:SPLIT] | flickr30k:ROOT | coco:ROOT | a folder of class sub-folders.
 --workdir: a train.py workdir (its latest checkpoint; for a multi-stage run such as the demo, the stage whose
 model fits the task). --hf: a local Hugging Face folder as released (config.json, safetensors, its tokenizer files).
 Prints a markdown table; --out writes the JSON (and, for retrieval / zeroshot, a PNG gallery beside it).
+--mesh lays the weights out over all devices as they are read (docs/eval.md, "Big models").
 """
 
 from __future__ import annotations
@@ -35,17 +37,26 @@ flags.DEFINE_bool("dynamic", False, "caption / vqa: InternVL's dynamic tiling (-
 flags.DEFINE_integer("max_num", 6, "caption / vqa with --dynamic: most tiles per image (the official default, 6)")
 flags.DEFINE_string("cache_dir", None, "where demo / tfds images are written as PNG (default: the temp folder)")
 flags.DEFINE_bool("progress", True, "show progress bars")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
+flags.DEFINE_string("mesh", None, "e.g. fsdp=8 or fsdp=4,tensor=2 (axes data, fsdp, tensor; sizes multiply to the "
+                    "device count); default: one device")
 
 
 def main(argv):
   del argv
   if FLAGS.task is None or FLAGS.data is None or (FLAGS.workdir is None) == (FLAGS.hf is None):
     raise app.UsageError("give --task, --data and exactly one of --workdir DIR or --hf DIR")
-  from internvl_jax.evaluate import models, run
+  from internvl_jax.evaluate import models, placement, run
 
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
-    model = models.load_hf(FLAGS.hf) if FLAGS.hf else models.load_workdir(FLAGS.workdir, FLAGS.task)
+    mesh = placement.make_mesh(FLAGS.mesh)
+    model = (models.load_hf(FLAGS.hf, dtype=FLAGS.dtype, mesh=mesh) if FLAGS.hf
+             else models.load_workdir(FLAGS.workdir, FLAGS.task, dtype=FLAGS.dtype, mesh=mesh))
+    info = placement.describe(model.model, model.mesh)
+    print(f"loaded {model.name}: {info['dtype']} parameters, {placement.gib(info['param_bytes_total'])} in all, "
+          f"{placement.gib(info['param_bytes_per_device'])} per device ({info['devices']} device(s), mesh "
+          f"{FLAGS.mesh or 'none'})", flush=True)
     if FLAGS.image_size:
       model.image_size = FLAGS.image_size
     run.run_task(FLAGS.task, model, FLAGS.data, out=FLAGS.out, batch_size=FLAGS.batch_size,

@@ -97,10 +97,12 @@ def _decode(model, input_ids, pixel_values, attention_mask, key, greedy, tempera
 
 
 def stop_id_list(stop_ids) -> list[int]:
-  """None | int | sequence of ints -> a list of ids (one-line error for a negative or non-integer id)."""
+  """None | int | sequence (or array) of ints -> a list of ids (one-line error for a negative or non-integer id)."""
   if stop_ids is None:
     return []
-  ids = [stop_ids] if isinstance(stop_ids, (int, np.integer)) else list(stop_ids)
+  if isinstance(stop_ids, (np.ndarray, jax.Array)):
+    stop_ids = np.asarray(stop_ids).reshape(-1).tolist()
+  ids = list(stop_ids) if isinstance(stop_ids, (list, tuple)) else [stop_ids]
   for i in ids:
     if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0:
       raise ValueError(f"eos_token_id must be token ids >= 0 (an int or a list of ints), got {stop_ids!r}")
@@ -125,15 +127,6 @@ def truncate_at_stop(ids, stop_ids) -> list[int] | list[list[int]]:
     if x in stops:
       return row[:n]
   return row
-
-
-def _model_mesh(model: nnx.Module):
-  """The mesh the model's parameters are laid out on, or None when they live on one device."""
-  for leaf in jax.tree.leaves(nnx.state(model)):
-    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
-    if isinstance(mesh, jax.sharding.Mesh) and mesh.size > 1:
-      return mesh
-  return None
 
 
 def generate(model: nnx.Module, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 16,
@@ -170,7 +163,7 @@ def generate(model: nnx.Module, input_ids, pixel_values=None, attention_mask=Non
   stop_ids[:len(stops)] = stops
   key = jax.random.key(0) if rng is None else rng
   pixels = None if pixel_values is None else jnp.asarray(pixel_values)
-  mesh = _model_mesh(model)
+  mesh = sharding.model_mesh(model)
   if mesh is not None:  # inputs live on the model's mesh: split over the batch where it divides
     place = lambda x: jax.device_put(x, sharding.leading_axis_sharding(mesh, x.shape))
     input_ids, mask = place(input_ids), place(mask)

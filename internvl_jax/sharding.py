@@ -101,3 +101,26 @@ def leading_axis_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   if not axes or not shape or shape[0] % size:
     return NamedSharding(mesh, P())
   return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
+
+
+def model_mesh(model: nnx.Module) -> Mesh | None:
+  """The mesh a module's variables are laid out on (the first found), or None when they live on one device."""
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+    if isinstance(mesh, Mesh) and mesh.size > 1:
+      return mesh
+  return None
+
+
+def check_divisible(state: nnx.State, mesh, rules=LOGICAL_AXIS_RULES) -> None:
+  """Raises a one-line ValueError naming the first variable of `state` (arrays or ShapeDtypeStructs carrying
+  logical names) that the rules would split unevenly over `mesh` (a Mesh or AbstractMesh): jax cannot place it."""
+  specs = param_specs(state, rules, mesh)
+  for (path, var), (_, spec) in zip(nnx.to_flat_state(state), nnx.to_flat_state(specs)):
+    shape = var.get_value().shape
+    for dim, axes in zip(shape, spec.get_value()):
+      ways = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+      if dim % ways:
+        raise ValueError(f"mesh {dict(mesh.shape)} cannot split parameter {'/'.join(map(str, path))} of shape "
+                         f"{tuple(shape)} evenly ({axes} = {ways} ways over a dimension of {dim}); pick axis "
+                         f"sizes that divide it")

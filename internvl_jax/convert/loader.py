@@ -84,6 +84,7 @@ def _shardings(state: nnx.State, mesh: Mesh | None) -> dict:
   if mesh is None:
     single = SingleDeviceSharding(jax.devices()[0])
     return {path: single for path, _ in nnx.to_flat_state(state)}
+  shd.check_divisible(state, mesh)  # a one-line error naming the parameter, not jax's IndivisibleError
   flat = nnx.to_flat_state(shd.param_shardings(state, mesh))
   return {path: var.get_value() for path, var in flat}
 

@@ -4,6 +4,8 @@ answers for chat models).
 
   m = load_workdir(DIR, task)  # latest checkpoint of DIR (or of DIR/<stage> for a multi-stage run such as the demo)
   m = load_hf(DIR)             # convert.load_pretrained + the folder's tokenizer files and conversation template
+  both take dtype= (e.g. "bfloat16") and mesh= (evaluate/placement.make_mesh): weights are cast and laid out on the
+  mesh as they are read, and the model runs sharded (batches split over data x fsdp)
   m.embed_images(pixels [B, S, S, 3] float32) -> [B, E] float32;  m.embed_texts(list of B str) -> [B, E] float32
   m.generate(pixels [N, S, S, 3], prompts (B lists of ids), max_new_tokens) -> list of B answers
 
@@ -25,9 +27,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from internvl_jax import sharding
 from internvl_jax.data import chat_format as chat_format_lib
 from internvl_jax.data import features as features_lib
 from internvl_jax.data import tokenizer as tokenizer_lib
+from internvl_jax.evaluate import placement
 from internvl_jax.models import internvl
 
 EMBED_TASKS = ("retrieval", "zeroshot")  # need a contrastive model
@@ -42,7 +46,8 @@ class EvalModel:
   kind: 'contrastive' | 'chat'; image_size: S of the model's square input; text_prefix: prepended to every text
   embedded ('summarize:' for InternVL-C/G); max_text_len: token length texts are padded / cut to; text_layout:
   'train' (a train.py run's caption layout) or 'released' (the published InternVL-C/G evaluation's); chat: the
-  chat model's prompt / stop format; name: what was loaded (recorded in the result JSON).
+  chat model's prompt / stop format; name: what was loaded (recorded in the result JSON); mesh: the jax Mesh the
+  parameters are laid out on (default: found from the parameters; None = one device).
   """
   model: nnx.Module
   kind: str
@@ -53,14 +58,31 @@ class EvalModel:
   max_text_len: int = 32
   text_layout: str = "train"
   chat: chat_format_lib.ChatFormat | None = None
+  mesh: Any = None
 
   def __post_init__(self):
     graphdef, state = nnx.split(self.model)
     self._graphdef, self._state = graphdef, state
+    if self.mesh is None:
+      self.mesh = sharding.model_mesh(self.model)
+    mesh = self.mesh
+
+    def img(s, x):
+      with placement.mesh_context(mesh):  # the models' activation constraints follow the mesh while tracing
+        return nnx.merge(graphdef, s).encode_image(x)
+
+    def txt(s, ids, mask):
+      with placement.mesh_context(mesh):
+        return nnx.merge(graphdef, s).encode_text(ids, mask)
+
     # One jitted program per function; the state is an argument (not a constant) so it is not baked into the HLO.
-    self._img = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x)) if self.kind == "contrastive" else None
-    self._txt = (jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s).encode_text(ids, mask))
-                 if self.kind == "contrastive" else None)
+    self._img = jax.jit(img) if self.kind == "contrastive" else None
+    self._txt = jax.jit(txt) if self.kind == "contrastive" else None
+
+  def _sharded(self, fn, *arrays) -> np.ndarray:
+    """fn(state, *arrays) with the batch padded to a multiple of data x fsdp and split over them; [B, ...] out."""
+    batch, n = placement.pad_batch(arrays, self.mesh)
+    return np.asarray(fn(self._state, *placement.place_batch(batch, self.mesh)))[:n]
 
   def require(self, task: str) -> None:
     want = "contrastive" if task in EMBED_TASKS else "chat"
@@ -72,7 +94,7 @@ class EvalModel:
 
   def embed_images(self, pixels: np.ndarray) -> np.ndarray:
     """pixels float32 [B, S, S, 3] (normalised) -> unit-norm float32 [B, E]."""
-    return np.asarray(self._img(self._state, jnp.asarray(pixels)))
+    return self._sharded(self._img, pixels)
 
   def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
     """Texts (text_prefix prepended) -> {"input_ids", "attention_mask"}: int32 [B, max_text_len], right-padded.
@@ -91,7 +113,7 @@ class EvalModel:
 
   def embed_tokens(self, batch: dict[str, np.ndarray]) -> np.ndarray:
     """tokenize()'s output [B, T] -> unit-norm float32 [B, E]."""
-    return np.asarray(self._txt(self._state, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])))
+    return self._sharded(self._txt, batch["input_ids"], batch["attention_mask"])
 
   def embed_texts(self, texts: list[str]) -> np.ndarray:
     return self.embed_tokens(self.tokenize(list(texts)))
@@ -115,8 +137,9 @@ class EvalModel:
     mask = np.zeros((len(prompts), t), np.int32)
     for i, p in enumerate(prompts):
       ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    (ids, mask, pixels), n = placement.pad_batch((ids, mask, pixels), self.mesh)  # rows split evenly on a mesh
     out = np.asarray(generate(self.model, ids, jnp.asarray(pixels), mask, max_new_tokens=max_new_tokens,
-                              eos_token_id=list(self.chat.stop_ids), min_new_tokens=min_new_tokens))[:, t:]
+                              eos_token_id=list(self.chat.stop_ids), min_new_tokens=min_new_tokens))[:n, t:]
     return [self.chat.answer(row) for row in out]
 
 
@@ -144,18 +167,27 @@ def stage_dir(workdir: str, task: str) -> str:
   return os.path.join(workdir, found[-1])
 
 
-def load_workdir(workdir: str, task: str) -> EvalModel:
-  """The latest checkpoint of a train.py workdir (see stage_dir), its config.json and tokenizer.json."""
+def load_workdir(workdir: str, task: str, dtype=None, mesh=None) -> EvalModel:
+  """The latest checkpoint of a train.py workdir (see stage_dir), its config.json and tokenizer.json.
+  dtype: parameters and compute in this dtype (default: parameters as stored, compute as trained); mesh: read the
+  parameters straight into the shardings of the logical-axis rules on this mesh."""
+  from internvl_jax.convert.loader import set_dtype
   from internvl_jax.train import checkpoint, config_checks, state as state_lib  # local: training-only imports
   workdir = stage_dir(os.path.abspath(workdir), task)
   cfg = _read_config(workdir)
-  tok_path = os.path.join(workdir, "tokenizer.json")
-  if not os.path.exists(tok_path):
-    raise FileNotFoundError(f"{workdir} has no tokenizer.json; it is written by train.py at the start of a run")
+  if dtype is not None:
+    set_dtype(cfg.model, dtype)
+  if not tokenizer_lib.saved_in(workdir):
+    raise FileNotFoundError(f"{workdir} has no saved tokenizer; train.py writes one at the start of a run")
   tok = tokenizer_lib.load(workdir)  # its tokenizer.json (+ tokenizer_config.json)
-  params, step = checkpoint.read_params(workdir)
   abstract = nnx.eval_shape(state_lib.model_factory(cfg.task, cfg.model, cfg.seed))
   graphdef, state = nnx.split(abstract)
+  if mesh is not None:
+    sharding.check_divisible(state, mesh)
+  shardings = None if mesh is None else nnx.to_pure_dict(sharding.param_shardings(state, mesh))
+  params, step = checkpoint.read_params(workdir, shardings=shardings, dtype=dtype)
+  if mesh is None:  # on the device once, not copied from the host at every call
+    params = jax.tree.map(jnp.asarray, params)
   try:
     nnx.replace_by_pure_dict(state, params)
   except (KeyError, ValueError) as e:
@@ -171,15 +203,16 @@ def load_workdir(workdir: str, task: str) -> EvalModel:
                    max_text_len=cfg.data.max_text_len)
 
 
-def load_hf(folder: str, max_text_len: int = HF_MAX_TEXT_LEN) -> EvalModel:
+def load_hf(folder: str, max_text_len: int = HF_MAX_TEXT_LEN, dtype=None, mesh=None) -> EvalModel:
   """A local Hugging Face folder as released: config.json + safetensors through convert.load_pretrained, the
   tokenizer from its tokenizer files (tokenizer.json, a sentencepiece tokenizer.model, or vocab.json + merges.txt,
-  with tokenizer_config.json), and for chat models the conversation template it names or ships."""
+  with tokenizer_config.json), and for chat models the conversation template it names or ships; in `dtype`
+  (default float32) and laid out on `mesh` (default one device) as the tensors are read."""
   from internvl_jax import convert  # local: pulls in the converters
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"--hf folder {folder} does not exist")
   tok = tokenizer_lib.load(folder)  # before the weights: a folder without tokenizer files fails in a second
-  model = convert.load_pretrained(folder)
+  model = convert.load_pretrained(folder, dtype=dtype or jnp.float32, mesh=mesh)
   cfg = model.config
   if isinstance(model, internvl.InternVLContrastive):
     return EvalModel(model, "contrastive", tok, convert.configs.input_size(cfg), f"hf:{folder}",

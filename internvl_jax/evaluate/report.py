@@ -10,6 +10,9 @@ Schemas (values in percent unless named otherwise; CIDEr / BLEU-4 x100 as papers
   vqa        {"task", "data", "num_questions", "accuracy", "samples": [{"image", "question", "prediction",
               "answers"}]}
 Builders may add fields via **extra (e.g. the checkpoint evaluated); validate_result checks the required ones.
+eval.py adds, for every task, how the model ran (evaluate/placement.describe; checked when present):
+  {"dtype": parameter dtype(s) e.g. "bfloat16", "mesh": {"data", "fsdp", "tensor"} sizes or null (one device),
+   "devices", "param_bytes_total", "param_bytes_per_device"}
 """
 
 from __future__ import annotations
@@ -68,9 +71,16 @@ def validate_result(result: Mapping[str, Any]) -> None:
   for key in required[task]:
     if key not in result:
       raise ValueError(f"{task} result lacks {key!r}")
-  for key in ("num_images", "num_texts", "num_questions"):
+  for key in ("num_images", "num_texts", "num_questions", "devices", "param_bytes_total", "param_bytes_per_device"):
     if key in result and (not isinstance(result[key], int) or result[key] <= 0):
       raise ValueError(f"{key} must be a positive integer, got {result[key]!r}")
+  if result.get("param_bytes_per_device", 0) > result.get("param_bytes_total", float("inf")):
+    raise ValueError(f"param_bytes_per_device {result['param_bytes_per_device']} exceeds param_bytes_total "
+                     f"{result['param_bytes_total']}")
+  mesh = result.get("mesh")
+  if mesh is not None and (not isinstance(mesh, dict) or
+                           not all(isinstance(v, int) and v > 0 for v in mesh.values())):
+    raise ValueError(f"mesh must be null or a map of axis sizes, got {mesh!r}")
   if task == "retrieval":
     for direction in ("image_to_text", "text_to_image"):
       values = [result[direction].get(k) for k in RECALL_KEYS]

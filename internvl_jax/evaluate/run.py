@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from internvl_jax.data import chat_format
-from internvl_jax.evaluate import captioning, datasets, report, retrieval, sources, vqa, zeroshot
+from internvl_jax.evaluate import captioning, datasets, placement, report, retrieval, sources, vqa, zeroshot
 from internvl_jax.evaluate.models import EvalModel
 
 TASKS = ("retrieval", "zeroshot", "caption", "vqa")
@@ -207,6 +207,7 @@ def run_task(task: str, model: EvalModel, data_spec: str, *, out: str | None = N
     result = run_vqa(model, data, data_spec, batch_size=batch_size, suffix=suffix, progress=progress,
                      dynamic=dynamic, max_num=max_num, **kw)
   result["seconds"] = round(time.time() - start, 2)
+  result.update(placement.describe(model.model, model.mesh))  # dtype, mesh, parameter bytes per device
   report.validate_result(result)
   print(report.result_table(result), file=stream, flush=True)
   if out:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +226,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   mesh = _mesh_in_context()
   if mesh is not None:
     batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1) or None
+    if batch and b % math.prod(mesh.shape[a] for a in batch):
+      batch = None  # a batch that does not split evenly (e.g. a short evaluation batch) runs replicated
     heads = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 and h % mesh.shape["tensor"] == 0 \
         else None
     spec = P(batch, heads)

@@ -50,9 +50,14 @@ class Checkpointer:
     self.manager.close()
 
 
-def read_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+def read_params(workdir: str, step: int | None = None, shardings: dict | None = None,
+                dtype=None) -> tuple[dict, int]:
   """The model variables (params and frozen, merged into one nested dict of numpy arrays) of a workdir's
-  checkpoint (the latest unless `step`), with the step read. For initialising another run from it."""
+  checkpoint (the latest unless `step`), with the step read. For initialising another run from it, or evaluating.
+
+  shardings: a nested dict of jax Shardings shaped like that merged dict (e.g. nnx.to_pure_dict of
+  sharding.param_shardings): each array is then read straight into its sharding as a jax.Array, with no full
+  copy on the host. dtype: cast while reading (e.g. bfloat16)."""
   root = checkpoint_dir(workdir)
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{workdir} holds no checkpoints/ folder; config.init.path must be a workdir of "
@@ -66,7 +71,14 @@ def read_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   meta = checkpointer.metadata(path)
   tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
   wanted = {k: tree[k] for k in ("params", "frozen") if k in tree}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  if shardings is None:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), wanted)
+  else:
+    key = lambda path: tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    by_path = {key(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+    # the checkpoint splits variables into params / frozen; shardings are keyed by the model's own paths
+    restore_args = jax.tree_util.tree_map_with_path(
+        lambda p, _: ocp.ArrayRestoreArgs(sharding=by_path[key(p)[1:]], dtype=dtype), wanted)
   out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
                                                                partial_restore=True))
   manager.close()
