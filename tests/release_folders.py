@@ -46,15 +46,6 @@ def _copy_tokenizer(src: str, dst: str) -> None:
       shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
-def _update_config(folder: str, **fields) -> None:
-  path = os.path.join(folder, "config.json")
-  with open(path) as f:
-    cfg = json.load(f)
-  cfg.update(fields)
-  with open(path, "w") as f:
-    json.dump(cfg, f)
-
-
 def internvl_14b(folder: str):
   from safetensors.numpy import save_file
   from test_convert_internvl14b import CONFIG, official_shapes
@@ -76,7 +67,7 @@ def _opengvlab_chat(folder: str, kind: str, template: str, text: dict, lm: str, 
     ref = hf_refs.chat_model(dict(text, vocab_size=tok.vocab_size), native, image_token_id=tok.image_token_id)
     opengvlab_layout.chat_to_opengvlab(native, folder, lm)
     _copy_tokenizer(os.path.join(tmp, "tok"), folder)  # the release's files, not the layout helper's stub
-  _update_config(folder, template=template, **config)
+  tokenizer_folders.update_json(folder, "config.json", template=template, **config)
   return folder, ref
 
 

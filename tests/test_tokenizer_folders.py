@@ -209,12 +209,7 @@ def test_contrastive_text_ids_match_official_call(folders):
 
 
 def _edit_config(folder: str, **changes) -> None:
-  path = os.path.join(folder, "tokenizer_config.json")
-  with open(path) as f:
-    config = json.load(f)
-  config.update(changes)
-  with open(path, "w") as f:
-    json.dump(config, f)
+  tokenizer_folders.update_json(folder, "tokenizer_config.json", **changes)
 
 
 def test_errors_name_file_and_field(tmp_path):

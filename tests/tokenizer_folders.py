@@ -70,6 +70,16 @@ def _added(content: str, *, special: bool = True, normalized: bool = False) -> d
           "special": special}
 
 
+def update_json(folder: str, name: str, **changes) -> None:
+  """Sets fields of the JSON file `name` in `folder` (a config edited as a user would)."""
+  path = os.path.join(folder, name)
+  with open(path) as f:
+    obj = json.load(f)
+  obj.update(changes)
+  with open(path, "w") as f:
+    json.dump(obj, f)
+
+
 def _write_json(folder: str, name: str, obj) -> None:
   with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
     json.dump(obj, f, ensure_ascii=False, indent=2)
