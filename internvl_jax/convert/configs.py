@@ -8,6 +8,7 @@ that would silently compute something else.
 from __future__ import annotations
 
 import logging
+import math
 
 import ml_collections
 
@@ -93,6 +94,35 @@ def _rope_theta(c: dict) -> float:
   return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
+def _phi3_rope(c: dict, hd: int) -> dict:
+  """Phi-3's RoPE fields (transformers Phi3Config / rope_utils): partial_rotary_factor, and 'longrope' ('su' and
+  'yarn' are its old names) with short / long factors, original_max_position_embeddings (the top-level field wins),
+  and the attention factor: given, else sqrt(1 + ln(f) / ln(original)) with f = factor or max_position_embeddings /
+  original (1 when f <= 1)."""
+  params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+  kind = params.get("rope_type") or params.get("type") or "default"
+  kind = "longrope" if kind in ("su", "yarn") else kind
+  _require(kind in ("default", "longrope"), f"Phi-3 RoPE scaling {kind!r} is not 'default' or 'longrope'")
+  factor = float(params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
+  rd = int(hd * factor)
+  _require(0 < rd <= hd and rd % 2 == 0, f"partial_rotary_factor {factor} gives an odd or empty rotary dim {rd}")
+  out = dict(rope_theta=float(params.get("rope_theta", c.get("rope_theta", 10000.0))), rotary_dim=0 if rd == hd else rd)
+  if kind == "longrope":
+    short, long = params.get("short_factor"), params.get("long_factor")
+    _require(short is not None and long is not None and len(short) == len(long) == rd // 2,
+             f"longrope needs short_factor and long_factor of length {rd // 2}")
+    original = c.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    _require(bool(original), "longrope needs original_max_position_embeddings")
+    scale = params.get("factor") or c.get("max_position_embeddings", 4096) / original
+    attn = params.get("attention_factor")
+    if attn is None:
+      attn = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
+    out.update(rope_type="longrope", rope_short_factor=tuple(map(float, short)),
+               rope_long_factor=tuple(map(float, long)), rope_original_max=int(original),
+               rope_attention_factor=float(attn))
+  return out
+
+
 def language_from_hf(c: dict, family: str) -> ml_collections.ConfigDict:
   """transformers LlamaConfig / Qwen2Config, or OpenGVLab InternLM2Config -> our decoder config.
   tie_embeddings is settled later by the loader (it depends on which tensors the files hold)."""
@@ -107,22 +137,38 @@ def language_from_hf(c: dict, family: str) -> ml_collections.ConfigDict:
   elif family == "internlm2":
     _require(not c.get("bias", False), "InternLM2 bias=True (with an output bias) is not supported")
     qkv_bias = False
+  elif family == "internlm3":
+    # Remote code: qkv_bias on q/k/v, bias on o_proj and the MLP; transformers' copy (a LlamaConfig) spells them
+    # attention_bias (q/k/v and o_proj) and mlp_bias.
+    _require(not c.get("bias", False), "InternLM3 bias=True (o_proj and MLP biases) is not supported")
+    _require("qkv_bias" in c or not c.get("attention_bias", False),
+             "InternLM3 attention_bias=True (with an o_proj bias) is not supported")
+    qkv_bias = bool(c.get("qkv_bias", False))
+  elif family == "phi3":
+    _require(not c.get("attention_bias", False), "Phi-3 attention_bias=True is not supported")
+    qkv_bias = False
   else:
     raise ConversionError(f"unknown language model family {family!r}")
   _require("vocab_size" in c, f"the {family} config has no vocab_size")
   heads = c.get("num_attention_heads", 32)
   hidden = c.get("hidden_size", 4096)
   hd = c.get("head_dim") or hidden // heads
+  extra = dict(rope_theta=_rope_theta(c)) if family != "phi3" else dict(
+      _phi3_rope(c, hd), sliding_window=int(c.get("sliding_window") or 0), hf_model_type="phi3")
   return presets.language_config(
       vocab_size=c["vocab_size"], hidden_size=hidden, num_layers=c.get("num_hidden_layers", 32), num_heads=heads,
       num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=0 if hd * heads == hidden else hd,
-      mlp_dim=c.get("intermediate_size", 11008), norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(c),
-      qkv_bias=qkv_bias, tie_embeddings=bool(c.get("tie_word_embeddings", False)), lm_head=True, causal=True)
+      mlp_dim=c.get("intermediate_size", 11008), norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=qkv_bias,
+      tie_embeddings=bool(c.get("tie_word_embeddings", False)), lm_head=True, causal=True, **extra)
 
 
 def language_to_hf(cfg: ml_collections.ConfigDict) -> dict:
   """Our decoder config -> a transformers Qwen2Config (q/k/v biases) or LlamaConfig (no biases)."""
   _require(cfg.causal and cfg.lm_head, "only causal decoders with an LM head export to transformers")
+  if cfg.get("hf_model_type") == "phi3":
+    return _phi3_to_hf(cfg)
+  _require(cfg.get("rope_type", "default") == "default" and not cfg.get("rotary_dim") and not cfg.get(
+      "sliding_window"), "longrope, partial rotary and sliding windows export only as Phi-3 (hf_model_type='phi3')")
   out = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
              head_dim=llm.head_dim(cfg), intermediate_size=cfg.mlp_dim, rms_norm_eps=cfg.norm_eps,
@@ -135,6 +181,28 @@ def language_to_hf(cfg: ml_collections.ConfigDict) -> dict:
                             f"head_dim {llm.head_dim(cfg)} differs")
   else:
     out.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False)
+  return out
+
+
+def _phi3_to_hf(cfg: ml_collections.ConfigDict) -> dict:
+  """Our decoder config -> a transformers Phi3Config (fused qkv_proj / gate_up_proj on disk)."""
+  hd = llm.head_dim(cfg)
+  _require(not cfg.qkv_bias and hd * cfg.num_heads == cfg.hidden_size,
+           "Phi-3 has no q/k/v biases and derives head_dim from hidden_size / num_heads")
+  rope = {"rope_type": cfg.rope_type, "rope_theta": float(cfg.rope_theta),
+          "partial_rotary_factor": (cfg.rotary_dim or hd) / hd}
+  out = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=cfg.vocab_size,
+             hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+             num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.mlp_dim, rms_norm_eps=cfg.norm_eps,
+             hidden_act="silu", tie_word_embeddings=bool(cfg.tie_embeddings),
+             sliding_window=int(cfg.sliding_window) or None, rope_parameters=rope,
+             # Phi3Config's defaults (32000) may lie outside a small vocabulary; our configs carry no token ids
+             bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  if cfg.rope_type == "longrope":
+    rope.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor),
+                original_max_position_embeddings=int(cfg.rope_original_max),
+                attention_factor=float(cfg.rope_attention_factor))
+    out["original_max_position_embeddings"] = int(cfg.rope_original_max)
   return out
 
 
@@ -168,7 +236,8 @@ def chat_from_native(c: dict) -> ml_collections.ConfigDict:
   """transformers InternVLConfig (model_type 'internvl')."""
   text = dict(c.get("text_config") or {})
   family = text.get("model_type", "qwen2")
-  _require(family in ("qwen2", "llama"), f"InternVL text model_type {family!r} is not 'qwen2' or 'llama'")
+  _require(family in ("qwen2", "llama", "phi3", "internlm3"),
+           f"InternVL text model_type {family!r} is not 'qwen2', 'llama', 'phi3' or 'internlm3'")
   _require(c.get("vision_feature_select_strategy", "default") == "default",
            "vision_feature_select_strategy 'full' (keeping the CLS token) is not supported")
   layer = c.get("vision_feature_layer", -1)
@@ -219,13 +288,13 @@ def chat_from_opengvlab(c: dict, image_token_id: int | None) -> ml_collections.C
 
 
 def language_family(c: dict) -> str:
-  """'llama' | 'qwen2' | 'internlm2' from a language config's model_type / architectures."""
+  """'llama' | 'qwen2' | 'internlm2' | 'internlm3' | 'phi3' from a language config's model_type / architectures."""
   names = [c.get("model_type") or ""] + list(c.get("architectures") or [])
   text = " ".join(names).lower()
-  for family in ("internlm2", "qwen2", "llama"):
+  for family in ("internlm2", "internlm3", "phi3", "qwen2", "llama"):
     if family in text:
       return family
-  raise ConversionError(f"unknown language model {names}; supported: LLaMA, Qwen2, InternLM2")
+  raise ConversionError(f"unknown language model {names}; supported: LLaMA, Qwen2, InternLM2, InternLM3, Phi-3")
 
 
 # ----------------------------------------------------------------------------------------------------------------

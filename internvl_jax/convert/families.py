@@ -6,6 +6,8 @@
   internvl          transformers InternVLForConditionalGeneration   internvl.InternVLChat
   internvl_chat     OpenGVLab InternVLChatModel                     internvl.InternVLChat
   llama / qwen2     transformers *ForCausalLM                       llm.Decoder
+  phi3              transformers Phi3ForCausalLM (fused qkv_proj)    llm.Decoder
+  internlm3         InternLM3ForCausalLM (remote code; LLaMA names)  llm.Decoder
   internlm2         OpenGVLab InternLM2ForCausalLM                  llm.Decoder
   internvl_14b      OpenGVLab InternVLModel (InternVL-14B-224px)    internvl.InternVLContrastive (variant c / g)
   internvl_jax      our own layout (save_pretrained of a model with  any of ours (config.json names the kind)
@@ -30,7 +32,8 @@ from internvl_jax.convert.configs import ConversionError
 from internvl_jax.models import internvl, llm, vit
 
 FAMILIES = ("internvl_vision", "intern_vit_6b", "internvl", "internvl_chat", "llama", "qwen2", "internlm2",
-            "internvl_14b", "internvl_jax")
+            "internvl_14b", "internvl_jax", "phi3", "internlm3")
+CAUSAL_LMS = ("llama", "qwen2", "internlm2", "phi3", "internlm3")
 # Our model classes by the kind name stored in our own configs (orbax_io, the internvl_jax layout).
 KINDS = {"vision": vit.InternViT, "language": llm.Decoder, "chat": internvl.InternVLChat,
          "contrastive": internvl.InternVLContrastive}
@@ -112,7 +115,7 @@ def _settle_head(cfg: ml_collections.ConfigDict, ckpt, embed: str, head: str) ->
 def _decoder_rules(family: str, cfg, src: str, dst: str, head: str | None) -> list:
   if family == "internlm2":
     return keymaps.decoder_internlm2(cfg, src, dst, head)
-  return keymaps.decoder_hf(cfg, src, dst, head)
+  return keymaps.decoder_for(cfg, src, dst, head)
 
 
 def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None, variant: str = "g") -> Spec:
@@ -124,7 +127,7 @@ def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None, var
   if family == "intern_vit_6b":
     cfg = configs.vision_from_opengvlab(hf)
     return Spec(family, cfg, vit.InternViT, keymaps.internvit_opengvlab(cfg), set())
-  if family in ("llama", "qwen2", "internlm2"):
+  if family in CAUSAL_LMS:
     cfg = configs.language_from_hf(hf, family)
     embed, head = ("model.tok_embeddings.weight", "output") if family == "internlm2" else (
         "model.embed_tokens.weight", "lm_head")
@@ -137,7 +140,7 @@ def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None, var
                            "language_model.lm_head.weight")
     head = None if cfg.language.tie_embeddings else "language_model.lm_head"
     rules = (keymaps.internvit_native(cfg.vision, "vision_tower", "vision") + keymaps.projector_native()
-             + keymaps.decoder_hf(cfg.language, "language_model.model", "language", head))
+             + keymaps.decoder_for(cfg.language, "language_model.model", "language", head))
     return Spec(family, cfg, internvl.InternVLChat, rules, ignored)
   if family == "internvl_chat":
     if image_token_id is None:

@@ -136,6 +136,27 @@ def decoder_hf(cfg: ml_collections.ConfigDict, src: str, dst: str = "", lm_head:
   return rules
 
 
+def decoder_phi3(cfg: ml_collections.ConfigDict, src: str, dst: str = "", lm_head: str | None = None) -> list[Rule]:
+  """Phi-3 names: LLaMA's, except self_attn.qkv_proj (rows q [H*hd], k [Hkv*hd], v [Hkv*hd]) and mlp.gate_up_proj
+  (rows gate [I], up [I]), each split into our separate kernels."""
+  lay, blk = _join(src, "layers.{i}"), _join(dst, "layers")
+  fused = {f"{blk}.attn.{p}.kernel" for p in "qkv"} | {f"{blk}.mlp.{p}.kernel" for p in ("gate", "up")}
+  rules = [r for r in decoder_hf(cfg, src, dst, lm_head) if r.target not in fused]
+  q, kv, mlp = cfg.num_heads * llm.head_dim(cfg), cfg.num_kv_heads * llm.head_dim(cfg), cfg.mlp_dim
+  qkv = f"{lay}.self_attn.qkv_proj.weight"
+  for p, (start, stop) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv))):
+    rules.append(Rule(f"{blk}.attn.{p}.kernel", (qkv,), T.Rows(start, stop, q + 2 * kv)))
+  for p, (start, stop) in zip(("gate", "up"), ((0, mlp), (mlp, 2 * mlp))):
+    rules.append(Rule(f"{blk}.mlp.{p}.kernel", (f"{lay}.mlp.gate_up_proj.weight",), T.Rows(start, stop, 2 * mlp)))
+  return rules
+
+
+def decoder_for(cfg: ml_collections.ConfigDict, src: str, dst: str = "", lm_head: str | None = None) -> list[Rule]:
+  """The transformers-layout rules of a decoder config: Phi-3's fused names or LLaMA / Qwen2's."""
+  make = decoder_phi3 if cfg.get("hf_model_type") == "phi3" else decoder_hf
+  return make(cfg, src, dst, lm_head)
+
+
 def decoder_internlm2(cfg: ml_collections.ConfigDict, src: str, dst: str = "",
                       lm_head: str | None = None) -> list[Rule]:
   """InternLM2 names (remote code): tok_embeddings, attention.wqkv (fused, interleaved per KV head), attention.wo,

@@ -2,7 +2,7 @@
 `transformers` loads with from_pretrained, reporting no missing or unexpected keys.
 
   InternViT     -> InternVLVisionModel (model_type internvl_vision)
-  Decoder       -> Qwen2ForCausalLM (q/k/v biases) or LlamaForCausalLM (none)
+  Decoder       -> Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (none) or Phi3ForCausalLM (hf_model_type)
   InternVLChat  -> InternVLForConditionalGeneration (model_type internvl)
   InternVLContrastive (variant c / g) -> OpenGVLab InternVL-14B layout (transformers has no InternVL-C/G class)
   anything else (e.g. a seed contrastive model) -> our own documented layout (own_layout_plan)
@@ -17,7 +17,7 @@ import os
 import numpy as np
 from flax import nnx
 
-from internvl_jax.convert import configs, families, files, keymaps
+from internvl_jax.convert import configs, families, files, keymaps, transforms
 from internvl_jax.convert.configs import ConversionError
 from internvl_jax.models import internvl, layers, llm, vit
 
@@ -30,11 +30,11 @@ def export_plan(model: nnx.Module) -> tuple[dict, list]:
     hf["architectures"] = ["InternVLVisionModel"]
     return hf, keymaps.internvit_native(cfg)
   if isinstance(model, llm.Decoder):
-    return configs.language_to_hf(cfg), keymaps.decoder_hf(cfg, "model", "", None if cfg.tie_embeddings else "lm_head")
+    return configs.language_to_hf(cfg), keymaps.decoder_for(cfg, "model", "", None if cfg.tie_embeddings else "lm_head")
   if isinstance(model, internvl.InternVLChat):
     head = None if cfg.language.tie_embeddings else "language_model.lm_head"
     rules = (keymaps.internvit_native(cfg.vision, "vision_tower", "vision") + keymaps.projector_native()
-             + keymaps.decoder_hf(cfg.language, "language_model.model", "language", head))
+             + keymaps.decoder_for(cfg.language, "language_model.model", "language", head))
     return configs.chat_to_native(cfg), rules
   if isinstance(model, internvl.InternVLContrastive) and cfg.variant in ("c", "g"):
     hf = configs.contrastive_to_14b(cfg)  # InternVL-C/G: no transformers class; OpenGVLab's InternVL-14B layout
@@ -65,8 +65,12 @@ def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
     raise AssertionError(f"export key map mismatch: {sorted(set(params) ^ set(by_target))[:5]}")
   cast = None if dtype is None else np.dtype(layers.to_dtype(dtype))
   entries = []
+  fused: dict[str, list] = {}  # source template -> [(Rows, stacked value)]: parts written as one tensor
   for target, value in params.items():
     rule = by_target[target]
+    if isinstance(rule.transform, transforms.Rows):
+      fused.setdefault(rule.sources[0], []).append((rule, value))
+      continue
     if rule.transform.save is None:
       raise ConversionError(f"parameter {target} has no transformers layout to export to")
     out_dtype = cast or np.dtype(value.dtype)
@@ -76,6 +80,12 @@ def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
       names = rule.names(i)
       for j, (name, shape) in enumerate(zip(names, shapes)):
         entries.append((name, tuple(shape), out_dtype, _maker(rule.transform, value, i, j, out_dtype)))
+  for parts in fused.values():
+    rule, value = parts[0]
+    out_dtype = cast or np.dtype(value.dtype)
+    shape = rule.transform.source_shapes(value.shape[1:] if rule.stacked else value.shape)[0]
+    for i in (range(value.shape[0]) if rule.stacked else [None]):
+      entries.append((rule.names(i)[0], tuple(shape), out_dtype, _fused_maker(parts, i, out_dtype)))
   entries.sort(key=lambda e: e[0])
   written = files.write_safetensors(out_dir, entries, max_shard_bytes)
   dtypes = {np.dtype(e[2]).name for e in entries}
@@ -83,6 +93,14 @@ def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
   return written
+
+
+def _fused_maker(parts, i, dtype):
+  """Produces layer i of a fused source tensor (e.g. Phi-3's qkv_proj) from its Rows parts when asked."""
+  def make():
+    pieces = [(r.transform, np.asarray(v[i] if i is not None else v)) for r, v in parts]
+    return transforms.fused_save(pieces).astype(dtype)
+  return make
 
 
 def _maker(transform, value, i, j, dtype):

@@ -146,3 +146,31 @@ def fuse_internlm2_wqkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: 
   ks = k.reshape((num_kv_heads, 1, head_dim) + rest)
   vs = v.reshape((num_kv_heads, 1, head_dim) + rest)
   return np.concatenate([qs, ks, vs], axis=1).reshape((-1,) + rest)
+
+
+class Rows:
+  """Rows [start, stop) of a fused torch Linear weight [total, in] <-> our kernel [in, stop - start] (Phi-3's
+  qkv_proj: q, k, v rows of unequal sizes; gate_up_proj: gate then up).
+
+  Loading slices one part; saving is done by the saver, which gathers every Rows rule of one source tensor and
+  writes the parts in row order (`fused_save` below), so `save` is None here."""
+  arity = 1
+
+  def __init__(self, start: int, stop: int, total: int):
+    self.start, self.stop, self.total = start, stop, total
+    self.save = None
+
+  def load(self, w):
+    return np.ascontiguousarray(w[self.start:self.stop].T)
+
+  def source_shapes(self, shape):
+    return ((self.total, shape[0]),)
+
+
+def fused_save(parts: list[tuple[Rows, np.ndarray]]) -> np.ndarray:
+  """(Rows, our kernel [in, rows]) for every part of one fused tensor -> the torch weight [total, in]."""
+  parts = sorted(parts, key=lambda p: p[0].start)
+  total = parts[0][0].total
+  if [p[0].start for p in parts] != [0] + [p[0].stop for p in parts[:-1]] or parts[-1][0].stop != total:
+    raise ValueError(f"fused parts {[(p[0].start, p[0].stop) for p in parts]} do not tile {total} rows")
+  return np.concatenate([np.asarray(k).T for _, k in parts], axis=0)

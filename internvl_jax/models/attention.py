@@ -26,10 +26,13 @@ SPLASH_BLOCK = 128  # splash's default block size: sequences are padded to a mul
 _logged_choice: set[str] = set()
 
 
-def causal_mask(q_len: int, k_len: int, offset: int | jax.Array = 0) -> jax.Array:
-  """[q_len, k_len] bool: query i (at absolute slot offset + i) sees keys at slots <= offset + i."""
+def causal_mask(q_len: int, k_len: int, offset: int | jax.Array = 0, window: int = 0) -> jax.Array:
+  """[q_len, k_len] bool: query i (at absolute slot offset + i) sees keys at slots <= offset + i; with window > 0
+  only the last `window` of them (slots > offset + i - window, transformers' sliding-window rule)."""
   q = jnp.arange(q_len)[:, None] + offset
   k = jnp.arange(k_len)[None, :]
+  if window:
+    return (k <= q) & (k > q - window)
   return k <= q
 
 

@@ -137,9 +137,14 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x [B, T, H, hd] rotated by cos/sin [B, T, hd]; computed in float32, returned in x.dtype."""
+  """x [B, T, H, hd] rotated by cos/sin [B, T, rd]; computed in float32, returned in x.dtype.
+  rd < hd is partial rotary (Phi-3's partial_rotary_factor): the first rd channels rotate, the rest pass."""
   x32 = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  rd = cos.shape[-1]
+  x_rot, x_pass = x32[..., :rd], x32[..., rd:]
+  half = rd // 2
+  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  out = x_rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  if rd < x.shape[-1]:
+    out = jnp.concatenate([out, x_pass], axis=-1)
   return out.astype(x.dtype)

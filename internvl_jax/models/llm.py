@@ -38,6 +38,29 @@ def default_positions(attention_mask: jax.Array, start: jax.Array | int = 0) -> 
   return jnp.maximum(pos, 0) + jnp.asarray(start, jnp.int32).reshape(-1, 1)
 
 
+def rope_tables(cfg: ml_collections.ConfigDict, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, rd] float32 for integer positions [B, T]; rd = cfg.rotary_dim (0: the whole head).
+
+  rope_type 'longrope' (Phi-3 128k): inverse frequencies are divided by rope_long_factor when the call's largest
+  position + 1 exceeds rope_original_max, by rope_short_factor otherwise (one choice for the whole call, as
+  transformers decides per forward); cos and sin are multiplied by rope_attention_factor in every case."""
+  rd = cfg.get("rotary_dim", 0) or head_dim(cfg)
+  wavelengths = cfg.rope_theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd)  # [rd/2]
+  kind = cfg.get("rope_type", "default")
+  factors, scale = 1.0, 1.0
+  if kind == "longrope":
+    use_long = jnp.max(positions) + 1 > cfg.rope_original_max
+    factors = jnp.where(use_long, jnp.asarray(cfg.rope_long_factor, jnp.float32),
+                        jnp.asarray(cfg.rope_short_factor, jnp.float32))
+    scale = float(cfg.rope_attention_factor)
+  elif kind != "default":
+    raise ValueError(f"rope_type {kind!r} is not 'default' or 'longrope'")
+  inv_freq = 1.0 / (factors * wavelengths)
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
 class DecoderAttention(nnx.Module):
   """Grouped-query self-attention with RoPE; q/k/v biases optional (Qwen2), no output bias."""
 
@@ -135,26 +158,34 @@ class Decoder(nnx.Module):
     b, t, _ = x.shape
     attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
 
+    window = cfg.get("sliding_window", 0)
+    if window and prefix_len is not None:
+      raise ValueError("a sliding-window decoder has no prefix-LM mode (prefix_len)")
     if cache is None:
       if positions is None:
         positions = default_positions(attention_mask)
       order = None
       if cfg.causal:
-        order = attention.causal_mask(t, t) if prefix_len is None else attention.prefix_causal_mask(t, prefix_len)
+        order = (attention.causal_mask(t, t, window=window) if prefix_len is None
+                 else attention.prefix_causal_mask(t, prefix_len))
       mask = attention.combine_masks(attention.padding_mask(None, attention_mask), order)
       kv_xs, index = None, None
     else:
       if not cfg.causal:
         raise ValueError("a KV cache needs a causal decoder (config.causal=True)")
       index = cache["index"]
+      if cfg.get("rope_type", "default") == "longrope" and cache["k"].shape[2] > cfg.rope_original_max:
+        raise ValueError(f"longrope decoding past rope_original_max ({cfg.rope_original_max} tokens) with a KV "
+                         "cache is not implemented (transformers recomputes the cache with the long factors there)")
       if positions is None:
         positions = default_positions(attention_mask, cache["pos"])
       key_valid = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, index))
       s = key_valid.shape[1]
-      mask = attention.combine_masks(attention.padding_mask(None, key_valid), attention.causal_mask(t, s, index))
+      mask = attention.combine_masks(attention.padding_mask(None, key_valid),
+                                     attention.causal_mask(t, s, index, window=window))
       kv_xs = (cache["k"], cache["v"])
 
-    cos, sin = layers.rope_cos_sin(positions, head_dim(cfg), cfg.rope_theta)
+    cos, sin = rope_tables(cfg, positions)
 
     def body(layer, h, kv):
       h, kv = layer(h, cos, sin, mask, kv, index)

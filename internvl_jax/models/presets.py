@@ -24,11 +24,19 @@ def vision_config(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(cfg)
 
 
+# Phi-3 fields (defaults change nothing): rotary_dim 0 = whole head (else partial rotary); rope_type 'default' |
+# 'longrope' with its short / long factors [rotary_dim / 2], original max positions and attention factor;
+# sliding_window 0 = none; hf_model_type names the transformers layout to export to ('' = llama / qwen2 by bias).
+_PHI3 = dict(rotary_dim=0, rope_type="default", rope_short_factor=(), rope_long_factor=(), rope_original_max=0,
+             rope_attention_factor=1.0, sliding_window=0, hf_model_type="")
+
+
 def language_config(**overrides) -> ml_collections.ConfigDict:
   """Decoder fields with their defaults (LLaMA-7B); overrides replace them."""
   cfg = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=0,
              mlp_dim=11008, norm_eps=1e-6, rope_theta=10000.0, qkv_bias=False, tie_embeddings=False, lm_head=True,
              causal=True, init_std=0.02, **_COMMON)
+  cfg.update(_PHI3)
   unknown = set(overrides) - set(cfg)
   if unknown:
     raise ValueError(f"unknown language config fields {sorted(unknown)}")
@@ -56,6 +64,13 @@ LANGUAGE = {
     "llama_13b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, mlp_dim=13824),
     "qwen2_0_5b": dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
                        mlp_dim=4864, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True),
+    # Phi-3-mini (InternVL2-4B / Mini-InternVL-Chat-4B): the 4k config's RoPE and window; the 128k releases add
+    # longrope factors, read from their config.json by the converter.
+    "phi3_mini": dict(vocab_size=32064, hidden_size=3072, num_layers=32, num_heads=32, num_kv_heads=32,
+                      mlp_dim=8192, norm_eps=1e-5, sliding_window=2047, hf_model_type="phi3"),
+    # InternLM3-8B (InternVL3-9B): LLaMA-shaped, 2 KV heads, head_dim 128.
+    "internlm3_8b": dict(vocab_size=128512, hidden_size=4096, num_layers=48, num_heads=32, num_kv_heads=2,
+                         mlp_dim=10240, norm_eps=1e-5, rope_theta=50000000.0),
     # BERT-base-sized bidirectional text tower of the seed_300m preset (our decoder blocks, causal=False).
     "bert_base": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                       mlp_dim=3072, causal=False, lm_head=False),

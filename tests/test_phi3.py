@@ -1,0 +1,119 @@
+"""Phi-3 (InternVL2-4B / Mini-InternVL-Chat-4B language model) against transformers' Phi3ForCausalLM on tiny
+random configs: fused qkv_proj / gate_up_proj split at load, longrope (short and long factors, attention factor),
+partial rotary, sliding window; logits, greedy generation with left padding, KV-cache decode, export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import hf_refs
+from internvl_jax import convert
+from internvl_jax.generate import generate
+
+jax.config.update("jax_default_matmul_precision", "highest")
+REL_TOL = 1e-5  # max |ours - torch| / max |torch| over the logits of real tokens (float32)
+NEW = 8
+PHI3 = dict(model_type="phi3", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+VARIANTS = {
+    # 128k-style: longrope with 16 'original' positions (prompt + NEW fit; 24-token prompts use the long factors),
+    # max_position_embeddings / original = 4 -> attention factor sqrt(1 + ln 4 / ln 16); half the head rotates.
+    "longrope": dict(PHI3, max_position_embeddings=64, original_max_position_embeddings=16, sliding_window=None,
+                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                      "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]}),
+    # 4k-style: plain RoPE and a sliding window (4 here, so that it cuts into the 7 + NEW tokens).
+    "window": dict(PHI3, max_position_embeddings=64, sliding_window=4,
+                   rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request, tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp(request.param))
+  ref = hf_refs.causal_lm(VARIANTS[request.param], folder)
+  return request.param, folder, ref, convert.load_pretrained(folder)
+
+
+def prompts(pad: bool, length: int = 7):
+  """Two prompts of `length` tokens, row 1 left-padded by 3 if pad."""
+  ids = np.random.default_rng(2).integers(0, 95, (2, length)).astype(np.int64)
+  mask = np.ones_like(ids)
+  if pad:
+    ids[1, :3], mask[1, :3] = 0, 0
+  return ids, mask
+
+
+def torch_logits(ref, ids, mask):
+  with torch.no_grad():
+    return ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+
+def test_config(pair):
+  name, _, ref, ours = pair
+  c = ours.config
+  assert c.hf_model_type == "phi3" and not c.qkv_bias
+  if name == "longrope":
+    assert (c.rope_type, c.rotary_dim, c.rope_original_max) == ("longrope", 4, 16)
+    assert c.rope_attention_factor == pytest.approx(ref.model.rotary_emb.attention_scaling, rel=1e-12)
+  else:
+    assert (c.rope_type, c.sliding_window, c.rotary_dim) == ("default", 4, 0)
+
+
+@pytest.mark.parametrize("length", [7, 24], ids=["short", "long"])
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "left_padded"])
+def test_logits_match_torch(pair, pad, length):
+  name, _, ref, ours = pair
+  ids, mask = prompts(pad, length)
+  got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+  real = mask.astype(bool)
+  abs_err, rel_err = hf_refs.errors(got[real], torch_logits(ref, ids, mask)[real])
+  print(f"phi3 {name} T={length} pad={pad}: max abs {abs_err:.2e}, max rel {rel_err:.2e}")
+  assert rel_err < REL_TOL
+
+
+def test_greedy_generate_equals_torch_with_left_padding(pair):
+  _, _, ref, ours = pair
+  ids, mask = prompts(True)
+  with torch.no_grad():
+    want = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                        max_new_tokens=NEW).numpy()
+  np.testing.assert_array_equal(np.asarray(generate(ours, ids, attention_mask=mask, max_new_tokens=NEW)), want)
+
+
+def test_cache_decode_equals_full_forward(pair):
+  """Prefill 7 tokens, then feed 5 more one at a time: each step's logits equal the full forward's."""
+  _, _, _, ours = pair
+  ids, mask = prompts(True, 12)
+  full = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+  out = ours(jnp.asarray(ids[:, :7]), attention_mask=jnp.asarray(mask[:, :7]), cache=ours.init_cache(2, 12))
+  steps = [out.logits[:, -1]]
+  cache = out.cache
+  for i in range(7, 11):
+    out = ours(jnp.asarray(ids[:, i:i + 1]), attention_mask=jnp.ones((2, 1), bool), cache=cache)
+    steps.append(out.logits[:, -1])
+    cache = out.cache
+  np.testing.assert_allclose(np.stack(steps, 1), full[:, 6:11], rtol=1e-5, atol=1e-5)
+
+
+def test_longrope_cache_past_original_length_is_refused(pair):
+  name, _, _, ours = pair
+  if name != "longrope":
+    pytest.skip("longrope only")
+  ids, mask = prompts(False)
+  with pytest.raises(ValueError, match="longrope decoding past rope_original_max"):
+    generate(ours, ids, attention_mask=mask, max_new_tokens=16)
+
+
+def test_save_pretrained_writes_phi3(pair, tmp_path):
+  from transformers import Phi3ForCausalLM
+  name, _, ref, ours = pair
+  convert.save_pretrained(ours, str(tmp_path))
+  back, info = Phi3ForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  for key, value in ref.state_dict().items():
+    np.testing.assert_array_equal(back.state_dict()[key].numpy(), value.numpy(), err_msg=key)
+  ids, mask = prompts(True, 24)
+  np.testing.assert_allclose(torch_logits(back.eval(), ids, mask), torch_logits(ref, ids, mask), rtol=1e-6,
+                             atol=1e-6)
