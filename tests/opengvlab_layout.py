@@ -122,8 +122,20 @@ def write(folder: str, tensors: dict, config: dict, image_token_id: int | None =
       json.dump({"added_tokens_decoder": {str(image_token_id): {"content": "<IMG_CONTEXT>", "special": True}}}, f)
 
 
+def phi3_remote_rope(rope: dict) -> dict:
+  """Phi-3's remote-code config spelling (as InternVL2-4B ships it): rope_theta top level, and longrope as
+  rope_scaling {"type": "su", "short_factor", "long_factor"} with original_max_position_embeddings top level."""
+  out = dict(rope_theta=rope["rope_theta"], rope_scaling=None)
+  if rope.get("partial_rotary_factor", 1.0) != 1.0:
+    out["partial_rotary_factor"] = rope["partial_rotary_factor"]
+  if rope["rope_type"] == "longrope":
+    out["rope_scaling"] = {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+  return out
+
+
 def chat_to_opengvlab(native: str, out: str, lm: str = "qwen2") -> None:
-  """lm: 'qwen2' | 'llama' | 'internlm2' (the native folder's text model must be LLaMA-shaped for 'internlm2')."""
+  """lm: 'qwen2' | 'llama' | 'internlm2' | 'internlm3' | 'phi3' (the native folder's text model must be
+  LLaMA-shaped for 'internlm2' / 'internlm3', Phi-3 for 'phi3')."""
   with open(os.path.join(native, "config.json")) as f:
     cfg = json.load(f)
   t = read(native)
@@ -136,14 +148,23 @@ def chat_to_opengvlab(native: str, out: str, lm: str = "qwen2") -> None:
   tensors.update(lm_tensors(t, "language_model.model.", "language_model.model.", "language_model.lm_head.weight",
                             "language_model.output.weight" if internlm2 else "language_model.lm_head.weight",
                             text, internlm2))
-  arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM"}[lm]
+  arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
+          "internlm3": "InternLM3ForCausalLM", "phi3": "Phi3ForCausalLM"}[lm]
   llm_config = dict(text, architectures=[arch], model_type=lm,
                     rope_theta=text["rope_parameters"]["rope_theta"], bias=False)
-  llm_config.pop("rope_parameters")
+  rope = llm_config.pop("rope_parameters")
+  if lm == "phi3":
+    llm_config.update(phi3_remote_rope(rope))
+  if lm == "internlm3":  # its remote config names: qkv_bias (q/k/v) and bias (o_proj, MLP), no attention_bias
+    hd = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    llm_config.update(qkv_bias=False, head_dim=hd)
+    llm_config.pop("attention_bias", None)
+    llm_config.pop("mlp_bias", None)
   config = dict(model_type="internvl_chat", architectures=["InternVLChatModel"],
                 vision_config=opengvlab_vision_config(cfg["vision_config"]), llm_config=llm_config,
                 select_layer=cfg["vision_feature_layer"], downsample_ratio=cfg["downsample_ratio"], ps_version="v2",
-                template="internvl2_5", force_image_size=cfg["vision_config"]["image_size"][0],
+                template="phi3-chat" if lm == "phi3" else "internvl2_5",
+                force_image_size=cfg["vision_config"]["image_size"][0],
                 use_backbone_lora=0, use_llm_lora=0, tie_word_embeddings=cfg["tie_word_embeddings"])
   write(out, tensors, config, cfg["image_token_id"])
 

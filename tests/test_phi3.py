@@ -16,7 +16,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 REL_TOL = 1e-5  # max |ours - torch| / max |torch| over the logits of real tokens (float32)
 NEW = 8
 PHI3 = dict(model_type="phi3", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+            num_key_value_heads=2, intermediate_size=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)  # Phi3Config defaults lie outside 96 ids
 VARIANTS = {
     # 128k-style: longrope with 16 'original' positions (prompt + NEW fit; 24-token prompts use the long factors),
     # max_position_embeddings / original = 4 -> attention factor sqrt(1 + ln 4 / ln 16); half the head rotates.

@@ -117,8 +117,8 @@ def _phi3_rope(c: dict, hd: int) -> dict:
     attn = params.get("attention_factor")
     if attn is None:
       attn = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
-    out.update(rope_type="longrope", rope_short_factor=tuple(map(float, short)),
-               rope_long_factor=tuple(map(float, long)), rope_original_max=int(original),
+    out.update(rope_type="longrope", rope_short_factor=[float(x) for x in short],
+               rope_long_factor=[float(x) for x in long], rope_original_max=int(original),
                rope_attention_factor=float(attn))
   return out
 

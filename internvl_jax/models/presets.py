@@ -27,7 +27,7 @@ def vision_config(**overrides) -> ml_collections.ConfigDict:
 # Phi-3 fields (defaults change nothing): rotary_dim 0 = whole head (else partial rotary); rope_type 'default' |
 # 'longrope' with its short / long factors [rotary_dim / 2], original max positions and attention factor;
 # sliding_window 0 = none; hf_model_type names the transformers layout to export to ('' = llama / qwen2 by bias).
-_PHI3 = dict(rotary_dim=0, rope_type="default", rope_short_factor=(), rope_long_factor=(), rope_original_max=0,
+_PHI3 = dict(rotary_dim=0, rope_type="default", rope_short_factor=[], rope_long_factor=[], rope_original_max=0,
              rope_attention_factor=1.0, sliding_window=0, hf_model_type="")
 
 
