@@ -2,7 +2,7 @@
 default (no gradients, no optimizer state); projector + language model are trained.
 
   python train.py --config configs/instruct.py:model=tiny --workdir DIR
-  models: tiny | seed_1b | internvl2_1b_like
+  models: tiny | seed_1b | internvl2_1b_like | internvl2_4b | internvl3_9b
 """
 
 from internvl_jax.train import defaults

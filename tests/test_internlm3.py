@@ -156,3 +156,13 @@ def test_opengvlab_chat_with_internlm3(tmp_path):
   abs_err, rel_err = hf_refs.errors(got, want.numpy())
   print(f"internlm3 opengvlab chat: max abs {abs_err:.2e}, max rel {rel_err:.2e}")
   assert rel_err < REL_TOL
+
+
+def test_presets_match_the_released_sizes():
+  """InternLM3-8B (8.8B: 48 layers, 32 heads / 2 KV heads of 128, MLP 10240, vocab 128512) and InternVL3-9B."""
+  from flax import nnx
+  from internvl_jax.models import internvl, llm, presets, summary
+  assert summary.count_params(lambda: llm.Decoder(presets.language("internlm3_8b"), rngs=nnx.Rngs(0)))["total"] \
+      == 8_804_241_408
+  chat = summary.count_params(lambda: internvl.InternVLChat(presets.chat("internvl3_9b"), rngs=nnx.Rngs(0)))
+  assert chat["total"] == 9_141_824_512

@@ -118,3 +118,13 @@ def test_save_pretrained_writes_phi3(pair, tmp_path):
   ids, mask = prompts(True, 24)
   np.testing.assert_allclose(torch_logits(back.eval(), ids, mask), torch_logits(ref, ids, mask), rtol=1e-6,
                              atol=1e-6)
+
+
+def test_presets_match_the_released_sizes():
+  """Phi-3-mini (3.8B: hidden 3072, 32 layers, 32 heads, MLP 8192, vocab 32064) and InternVL2-4B (4.2B)."""
+  from flax import nnx
+  from internvl_jax.models import internvl, llm, presets, summary
+  assert summary.count_params(lambda: llm.Decoder(presets.language("phi3_mini"), rngs=nnx.Rngs(0)))["total"] \
+      == 3_821_079_552
+  chat = summary.count_params(lambda: internvl.InternVLChat(presets.chat("internvl2_4b"), rngs=nnx.Rngs(0)))
+  assert chat["total"] == 4_147_126_272 and chat["vision"] == 304_012_288

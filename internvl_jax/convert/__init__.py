@@ -1,12 +1,13 @@
-"""Checkpoint conversion: official InternVL / InternViT / LLaMA / Qwen2 / InternLM2 weights <-> our models.
+"""Checkpoint conversion: official InternVL / InternViT / LLaMA / Qwen2 / InternLM2 / InternLM3 / Phi-3 weights <-> our models.
 
   from internvl_jax import convert
   model = convert.load_pretrained(path, dtype=jnp.float32, mesh=None)  # config.json + *.safetensors folder
   convert.save_pretrained(model, out_dir, dtype=None)                  # a transformers-native folder
 
 Reads (detected from config.json, see families.py): transformers InternVLVisionModel / InternVLForConditional-
-Generation (Qwen2 or LLaMA text), LlamaForCausalLM, Qwen2ForCausalLM; OpenGVLab InternVisionModel,
-InternVLChatModel (Qwen2 / LLaMA / InternLM2), InternLM2ForCausalLM, InternVL-14B (C/G, `variant=`); and our own
+Generation (Qwen2, LLaMA, Phi-3 or InternLM3 text), LlamaForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM,
+InternLM3 (transformers or remote code); OpenGVLab InternVisionModel, InternVLChatModel (Qwen2 / LLaMA / InternLM2 /
+InternLM3 / Phi-3), InternLM2ForCausalLM, InternVL-14B (C/G, `variant=`); and our own
 internvl_jax layout. Writes transformers-native folders (vision, LMs, chat), the InternVL-14B layout for C/G
 models, our layout otherwise. Pickled weights are never read.
 

@@ -85,7 +85,7 @@ def vision(name: str) -> ml_collections.ConfigDict:
 
 
 def language(name: str) -> ml_collections.ConfigDict:
-  """A language preset: tiny | llama_7b | llama_13b | qwen2_0_5b | bert_base."""
+  """A language preset: tiny | llama_7b | llama_13b | qwen2_0_5b | phi3_mini | internlm3_8b | bert_base."""
   if name not in LANGUAGE:
     raise ValueError(f"unknown language preset {name!r}; choose from {sorted(LANGUAGE)}")
   return language_config(**LANGUAGE[name])
@@ -142,6 +142,10 @@ _CHAT = {
     "tiny": dict(vision="tiny", language="tiny", image_token_id=127),
     "seed_1b": dict(vision="seed_1b", language="llama_7b", image_token_id=31999),
     "internvl2_1b_like": dict(vision="internvit_300m", language="qwen2_0_5b", image_token_id=151667),
+    # InternVL2-4B (InternViT-300M + Phi-3-mini) and InternVL3-9B (InternViT-300M-V2.5 + InternLM3-8B). Their
+    # <IMG_CONTEXT> ids come from the release's tokenizer when loaded; the ids here are placeholders (the last id).
+    "internvl2_4b": dict(vision="internvit_300m", language="phi3_mini", image_token_id=32063),
+    "internvl3_9b": dict(vision="internvit_300m", language="internlm3_8b", image_token_id=128511),
 }
 
 
