@@ -1,4 +1,5 @@
-"""Checkpoint conversion: official InternVL / InternViT / LLaMA / Qwen2 / InternLM2 / InternLM3 / Phi-3 weights <-> our models.
+"""Checkpoint conversion: official InternVL / InternViT / LLaMA / Qwen2 / InternLM2 / InternLM3 / Phi-3 weights <->
+our models.
 
   from internvl_jax import convert
   model = convert.load_pretrained(path, dtype=jnp.float32, mesh=None)  # config.json + *.safetensors folder
