@@ -143,8 +143,9 @@ def test_opengvlab_chat_with_internlm3(tmp_path):
   opengvlab_layout.chat_to_opengvlab(native, og, "internlm3")
   with open(f"{og}/config.json") as f:
     assert json.load(f)["llm_config"]["architectures"] == ["InternLM3ForCausalLM"]
-  ours = convert.load_pretrained(og)
+  ours, base = convert.load_pretrained(og), convert.load_pretrained(native)  # base: transformers-native -hf layout
   assert ours.config.language.head_dim == 16 and ours.config.image_token_id == IMG
+  assert ours.config.to_dict() == base.config.to_dict()
   rng = np.random.default_rng(6)
   ids = rng.integers(0, IMG, (2, 9))
   ids[0, 1:5] = IMG

@@ -98,10 +98,11 @@ def test_cache_decode_equals_full_forward(pair):
   np.testing.assert_allclose(np.stack(steps, 1), full[:, 6:11], rtol=1e-5, atol=1e-5)
 
 
-def test_longrope_cache_past_original_length_is_refused(pair):
-  name, _, _, ours = pair
-  if name != "longrope":
-    pytest.skip("longrope only")
+def test_longrope_cache_past_original_length_is_refused():
+  from flax import nnx
+  from internvl_jax.convert import configs
+  from internvl_jax.models import llm
+  ours = llm.Decoder(configs.language_from_hf(VARIANTS["longrope"], "phi3"), rngs=nnx.Rngs(0))
   ids, mask = prompts(False)
   with pytest.raises(ValueError, match="longrope decoding past rope_original_max"):
     generate(ours, ids, attention_mask=mask, max_new_tokens=16)
@@ -128,3 +129,19 @@ def test_presets_match_the_released_sizes():
       == 3_821_079_552
   chat = summary.count_params(lambda: internvl.InternVLChat(presets.chat("internvl2_4b"), rngs=nnx.Rngs(0)))
   assert chat["total"] == 4_147_126_272 and chat["vision"] == 304_012_288
+
+
+def test_unsupported_phi3_configs_are_refused():
+  from internvl_jax.convert import configs
+  base = dict(VARIANTS["longrope"], architectures=["Phi3ForCausalLM"])
+  rope = base["rope_parameters"]
+  for edit, message in ((dict(rope_parameters=dict(rope, rope_type="dynamic")), "Phi-3 RoPE scaling 'dynamic'"),
+                        (dict(rope_parameters=dict(rope, short_factor=[1.0])),
+                         "short_factor and long_factor of length 2"),
+                        (dict(attention_bias=True), "Phi-3 attention_bias=True")):
+    with pytest.raises(configs.ConversionError, match=message):
+      configs.language_from_hf(dict(base, **edit), "phi3")
+  cfg = configs.language_from_hf(base, "phi3")
+  cfg.hf_model_type = ""  # a longrope decoder has no LLaMA / Qwen2 layout
+  with pytest.raises(configs.ConversionError, match="export only as Phi-3"):
+    configs.language_to_hf(cfg)
