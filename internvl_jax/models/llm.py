@@ -1,5 +1,8 @@
 """LLaMA / Qwen2-style decoder with grouped-query attention, RoPE, SwiGLU, RMSNorm and a functional KV cache.
 
+Phi-3 and InternLM3 are this decoder too: Phi-3 adds config options (partial rotary `rotary_dim`, `rope_type`
+'longrope', `sliding_window`); its fused checkpoint tensors are split by the converter.
+
 With `causal=False` and a pooling rule the same module is the contrastive model's text tower.
 
 KV cache (a plain dict, so jit/scan/donation treat it as data):
