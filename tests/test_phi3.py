@@ -145,3 +145,16 @@ def test_unsupported_phi3_configs_are_refused():
   cfg.hf_model_type = ""  # a longrope decoder has no LLaMA / Qwen2 layout
   with pytest.raises(configs.ConversionError, match="export only as Phi-3"):
     configs.language_to_hf(cfg)
+
+
+def test_phi3_mini_4k_config_gives_the_preset():
+  """microsoft/Phi-3-mini-4k-instruct's config.json fields (remote-code spelling: rope_scaling null, top-level
+  rope_theta, sliding_window 2047) parse to the phi3_mini preset."""
+  from internvl_jax.convert import configs
+  from internvl_jax.models import presets
+  published = dict(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=3072, intermediate_size=8192,
+                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                   rms_norm_eps=1e-5, rope_scaling=None, rope_theta=10000.0, sliding_window=2047,
+                   max_position_embeddings=4096, original_max_position_embeddings=4096, hidden_act="silu",
+                   tie_word_embeddings=False, attention_bias=False, resid_pdrop=0.0, embd_pdrop=0.0)
+  assert configs.language_from_hf(published, "phi3").to_dict() == presets.language("phi3_mini").to_dict()
