@@ -81,19 +81,46 @@ def _decode(model, input_ids, pixel_values, attention_mask, key, greedy, tempera
     i, _, _, _, done, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done)
 
+  recompute_at = None if chat else longrope_recompute_step(lm.config, t, max_new_tokens)
+
+  def step(tok, cache):
+    out = _forward(model, tok[:, None], jnp.ones((b, 1), bool), cache, None)
+    return out.logits[:, -1], out.cache
+
+  def recompute(tokens):  # the whole sequence so far (static length) into a fresh cache
+    ids = jnp.concatenate([input_ids, tokens[:, :recompute_at + 1]], axis=1)
+    mask = jnp.concatenate([attention_mask.astype(bool), jnp.ones((b, recompute_at + 1), bool)], axis=1)
+    out = _forward(model, ids, mask, lm.init_cache(b, t + max_new_tokens), None)
+    return out.logits[:, -1], out.cache
+
   def body(carry):
     i, logits, cache, tokens, done, k = carry
     k, sub = jax.random.split(k)
     tok = jnp.where(done, pad, pick(logits, i, sub))
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, tok, i, axis=1)
     done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
-    step = _forward(model, tok[:, None], jnp.ones((b, 1), bool), cache, None)
-    return i + 1, step.logits[:, -1], step.cache, tokens, done, k
+    if recompute_at is None:
+      logits, cache = step(tok, cache)
+    else:
+      logits, cache = jax.lax.cond(i == recompute_at, lambda: recompute(tokens), lambda: step(tok, cache))
+    return i + 1, logits, cache, tokens, done, k
 
   carry = (jnp.zeros((), jnp.int32), out.logits[:, -1], out.cache, jnp.full((b, max_new_tokens), pad, jnp.int32),
            jnp.zeros((b,), bool), key)
   tokens = jax.lax.while_loop(cond, body, carry)[3]
   return jnp.concatenate([input_ids, tokens], axis=1)
+
+
+def longrope_recompute_step(cfg, prompt_len: int, max_new_tokens: int) -> int | None:
+  """The decode step (0-based new token) whose forward transformers' Phi-3 generate replaces by a forward of the
+  whole sequence with a fresh cache, or None. Phi3ForCausalLM drops its cache when the sequence (padded prompt +
+  new tokens) first holds original_max_position_embeddings + 1 tokens, so that every key is recomputed with the long
+  longrope factors; generating a chat model (InternVLForConditionalGeneration) does not, and the decoder's
+  per-call choice of factors (llm.rope_tables) is then what transformers computes."""
+  if cfg.get("rope_type", "default") != "longrope":
+    return None
+  at = cfg.rope_original_max - prompt_len
+  return at if 0 <= at < max_new_tokens else None
 
 
 def stop_id_list(stop_ids) -> list[int]:

@@ -14,7 +14,7 @@ from internvl_jax.generate import generate
 
 jax.config.update("jax_default_matmul_precision", "highest")
 REL_TOL = 1e-5  # max |ours - torch| / max |torch| over the logits of real tokens (float32)
-NEW = 8
+NEW = 16
 PHI3 = dict(model_type="phi3", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
             bos_token_id=None, eos_token_id=None, pad_token_id=None)  # Phi3Config defaults lie outside 96 ids
@@ -37,9 +37,9 @@ def pair(request, tmp_path_factory):
   return request.param, folder, ref, convert.load_pretrained(folder)
 
 
-def prompts(pad: bool, length: int = 7):
+def prompts(pad: bool, length: int = 7, seed: int = 2):
   """Two prompts of `length` tokens, row 1 left-padded by 3 if pad."""
-  ids = np.random.default_rng(2).integers(0, 95, (2, length)).astype(np.int64)
+  ids = np.random.default_rng(seed).integers(0, 95, (2, length)).astype(np.int64)
   mask = np.ones_like(ids)
   if pad:
     ids[1, :3], mask[1, :3] = 0, 0
@@ -74,9 +74,13 @@ def test_logits_match_torch(pair, pad, length):
   assert rel_err < REL_TOL
 
 
-def test_greedy_generate_equals_torch_with_left_padding(pair):
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "left_padded"])
+def test_greedy_generate_equals_torch(pair, pad):
+  """7 + 16 tokens: the longrope variant crosses its 16 original positions, where Phi3ForCausalLM's generate
+  recomputes the whole sequence with the long factors (generate.longrope_recompute_step); with these prompts,
+  decoding on without the recompute picks other tokens after the crossing."""
   _, _, ref, ours = pair
-  ids, mask = prompts(True)
+  ids, mask = prompts(pad, seed=0)
   with torch.no_grad():
     want = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                         max_new_tokens=NEW).numpy()
@@ -98,14 +102,14 @@ def test_cache_decode_equals_full_forward(pair):
   np.testing.assert_allclose(np.stack(steps, 1), full[:, 6:11], rtol=1e-5, atol=1e-5)
 
 
-def test_longrope_cache_past_original_length_is_refused():
-  from flax import nnx
+def test_longrope_recompute_step():
   from internvl_jax.convert import configs
-  from internvl_jax.models import llm
-  ours = llm.Decoder(configs.language_from_hf(VARIANTS["longrope"], "phi3"), rngs=nnx.Rngs(0))
-  ids, mask = prompts(False)
-  with pytest.raises(ValueError, match="longrope decoding past rope_original_max"):
-    generate(ours, ids, attention_mask=mask, max_new_tokens=16)
+  from internvl_jax.generate import longrope_recompute_step
+  cfg = configs.language_from_hf(VARIANTS["longrope"], "phi3")
+  # the forward of new token i sees t + i + 1 tokens: the first time that is 17 = 16 + 1 is i = 16 - t
+  assert [longrope_recompute_step(cfg, t, 16) for t in (7, 16, 17, 0)] == [9, 0, None, None]
+  assert longrope_recompute_step(cfg, 7, 9) is None
+  assert longrope_recompute_step(configs.language_from_hf(VARIANTS["window"], "phi3"), 7, 16) is None
 
 
 def test_save_pretrained_writes_phi3(pair, tmp_path):

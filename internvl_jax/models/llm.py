@@ -46,7 +46,8 @@ def rope_tables(cfg: ml_collections.ConfigDict, positions: jax.Array) -> tuple[j
 
   rope_type 'longrope' (Phi-3 128k): inverse frequencies are divided by rope_long_factor when the call's largest
   position + 1 exceeds rope_original_max, by rope_short_factor otherwise (one choice for the whole call, as
-  transformers decides per forward); cos and sin are multiplied by rope_attention_factor in every case."""
+  transformers decides per forward: with a cache, keys keep the factors they were written with); cos and sin are
+  multiplied by rope_attention_factor in every case. generate.longrope_recompute_step covers Phi-3's generate."""
   rd = cfg.get("rotary_dim", 0) or head_dim(cfg)
   wavelengths = cfg.rope_theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd)  # [rd/2]
   kind = cfg.get("rope_type", "default")
@@ -177,9 +178,6 @@ class Decoder(nnx.Module):
       if not cfg.causal:
         raise ValueError("a KV cache needs a causal decoder (config.causal=True)")
       index = cache["index"]
-      if cfg.get("rope_type", "default") == "longrope" and cache["k"].shape[2] > cfg.rope_original_max:
-        raise ValueError(f"longrope decoding past rope_original_max ({cfg.rope_original_max} tokens) with a KV "
-                         "cache is not implemented (transformers recomputes the cache with the long factors there)")
       if positions is None:
         positions = default_positions(attention_mask, cache["pos"])
       key_valid = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, index))
