@@ -152,3 +152,32 @@ def test_eight_devices_with_expert_4_equal_one_device(lm):
   assert r["devices"] == 8 and r["expert_spec"][:2] == ["None", "expert"]  # [L, E, D, I]: experts split 4 ways
   assert r["logits_rel"] < 1e-6 and abs(r["aux"][0] - r["aux"][1]) < 1e-6
   assert r["expert_grad_max"] > 0 and r["grad_rel"] < 1e-5
+
+
+def test_stage3_loss_adds_the_router_loss_with_the_config_coefficient():
+  from flax import nnx
+
+  from internvl_jax import losses
+  from internvl_jax.models import internvl, presets
+  from internvl_jax.train import steps
+  cfg = presets.chat("tiny")
+  cfg.language.update(qk_norm=True, num_experts=4, num_experts_per_tok=2, moe_mlp_dim=16, router_aux_loss_coef=0.5)
+  model = internvl.InternVLChat(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 100, (2, 12)).astype(np.int32)
+  ids[:, 1:5] = cfg.image_token_id
+  batch = dict(input_ids=ids, attention_mask=np.ones_like(ids), loss_mask=(np.arange(12) > 6)[None].repeat(2, 0),
+               pixel_values=rng.standard_normal((2, 1, 56, 56, 3)).astype(np.float32))
+
+
+  @nnx.jit
+  def both(model, batch):
+    loss, metrics = steps.instruct_loss_fn(model, batch, None, None)
+    out = model(batch["input_ids"], batch["pixel_values"][:, 0], batch["attention_mask"])
+    lm, _ = losses.lm_loss(out.logits, *losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"]))
+    return loss, metrics["router_aux_loss"], lm, out.aux_loss
+
+  loss, metric, lm, aux = map(float, both(model, batch))
+  assert aux > 0
+  np.testing.assert_allclose(loss, lm + 0.5 * aux, rtol=1e-6)
+  np.testing.assert_allclose(metric, aux, rtol=1e-6)
