@@ -181,3 +181,21 @@ def test_stage3_loss_adds_the_router_loss_with_the_config_coefficient():
   assert aux > 0
   np.testing.assert_allclose(loss, lm + 0.5 * aux, rtol=1e-6)
   np.testing.assert_allclose(metric, aux, rtol=1e-6)
+
+
+def test_30b_a3b_preset_counts_what_transformers_does_and_its_active_parameters():
+  from flax import nnx
+  from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+  from internvl_jax.bench import flops
+  from internvl_jax.models import llm, presets
+  cfg = presets.language("qwen3_30b_a3b")
+  ours = nnx.eval_shape(lambda: llm.Decoder(cfg, rngs=nnx.Rngs(0)))
+  n_ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
+  with torch.device("meta"):
+    theirs = Qwen3MoeForCausalLM(Qwen3MoeConfig(**convert.configs.language_to_hf(cfg)))
+  assert n_ours == sum(p.numel() for p in theirs.parameters()) == 30_532_122_624
+  # per token: attention + router + 8 of 128 experts per layer, and the LM head (Qwen's "A3B": 3.3 B with embeddings)
+  d, hd = 2048, 128
+  attn = 2 * d * 32 * hd + 2 * d * 4 * hd
+  assert flops.decoder_matmul_params(cfg) == 48 * (attn + d * 128 + 8 * 3 * d * 768) + d * 151936
