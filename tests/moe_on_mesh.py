@@ -38,11 +38,15 @@ def main(folder):
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
   many = convert.load_pretrained(folder, mesh=mesh)
   spec = many.layers.mlp.gate.get_value().sharding.spec
-  l8, a8, g8 = run(many, jax.device_put(ids, sharding.leading_axis_sharding(mesh, ids.shape)),
-                   jax.device_put(mask, sharding.leading_axis_sharding(mesh, mask.shape)))
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the train step: experts run in a shard_map
+    l8, a8, g8 = run(many, jax.device_put(ids, sharding.leading_axis_sharding(mesh, ids.shape)),
+                     jax.device_put(mask, sharding.leading_axis_sharding(mesh, mask.shape)))
+    graphdef, state = nnx.split(many)
+    uses_shard_map = "shard_map" in str(jax.make_jaxpr(lambda st, i: nnx.merge(graphdef, st)(i).logits)(
+        state, jnp.zeros((8, 3), jnp.int32)))
   l1, a1, g1 = run(one, ids, mask)
   print(json.dumps(dict(
-      devices=jax.device_count(), expert_spec=[str(s) for s in spec],
+      devices=jax.device_count(), expert_spec=[str(s) for s in spec], uses_shard_map=uses_shard_map,
       logits_rel=float(np.max(np.abs(l8 - l1)) / np.max(np.abs(l1))), aux=[a1, a8],
       grad_rel=max(float(np.max(np.abs(g8[k] - g1[k])) / max(np.max(np.abs(g1[k])), 1e-12)) for k in g1),
       expert_grad_max=float(np.max(np.abs(g1["layers/mlp/gate"]))))))

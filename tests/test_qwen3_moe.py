@@ -150,6 +150,7 @@ def test_eight_devices_with_expert_4_equal_one_device(lm):
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   print(f"8 devices (fsdp 2 x expert 4) vs 1: {r}")
   assert r["devices"] == 8 and r["expert_spec"][:2] == ["None", "expert"]  # [L, E, D, I]: experts split 4 ways
+  assert r["uses_shard_map"]  # each device runs its own experts
   assert r["logits_rel"] < 1e-6 and abs(r["aux"][0] - r["aux"][1]) < 1e-6
   assert r["expert_grad_max"] > 0 and r["grad_rel"] < 1e-5
 
