@@ -163,3 +163,15 @@ def test_qwen3_0_6b_preset_counts_the_parameters_transformers_does():
   assert n_ours == sum(p.numel() for p in theirs.parameters())  # tied: the embedding counted once
   chat_cfg = presets.chat("internvl3_5_1b")
   assert chat_cfg.language.qk_norm and chat_cfg.vision.hidden_size == 1024
+
+
+def test_chat_save_pretrained_writes_an_internvl_with_qwen3_text_transformers_loads(chat, tmp_path):
+  from transformers import InternVLForConditionalGeneration
+  ref, _, og = chat
+  convert.save_pretrained(convert.load_pretrained(og), str(tmp_path))  # OpenGVLab in, transformers-native out
+  back = InternVLForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+  assert back.config.text_config.model_type == "qwen3"
+  ids, mask, pixels = chat_inputs()
+  with torch.no_grad():
+    np.testing.assert_array_equal(ref(**torch_inputs(ids, mask, pixels)).logits.numpy(),
+                                  back(**torch_inputs(ids, mask, pixels)).logits.numpy())

@@ -200,3 +200,18 @@ def test_30b_a3b_preset_counts_what_transformers_does_and_its_active_parameters(
   d, hd = 2048, 128
   attn = 2 * d * 32 * hd + 2 * d * 4 * hd
   assert flops.decoder_matmul_params(cfg) == 48 * (attn + d * 128 + 8 * 3 * d * 768) + d * 151936
+
+
+def test_chat_save_pretrained_round_trips_through_transformers(tmp_path):
+  from transformers import InternVLForConditionalGeneration
+  native = str(tmp_path / "native")
+  ref = hf_refs.chat_model(hf_refs.QWEN3_MOE, native, image_token_id=IMG)
+  convert.save_pretrained(convert.load_pretrained(native), str(tmp_path / "out"))
+  back = InternVLForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
+  assert back.config.text_config.model_type == "qwen3_moe"
+  ids = np.random.default_rng(5).integers(0, IMG, (1, 9)).astype(np.int64)
+  ids[0, 2:6] = IMG
+  px = torch.from_numpy(np.random.default_rng(6).standard_normal((1, 3, 56, 56)).astype(np.float32))
+  with torch.no_grad():
+    np.testing.assert_array_equal(ref(input_ids=torch.from_numpy(ids), pixel_values=px).logits.numpy(),
+                                  back(input_ids=torch.from_numpy(ids), pixel_values=px).logits.numpy())
