@@ -5,9 +5,9 @@
   convert.save_pretrained(model, out_dir, dtype=None)                  # a transformers-native folder
 
 Reads (detected from config.json, see families.py): transformers InternVLVisionModel / InternVLForConditional-
-Generation (Qwen2 or LLaMA text), LlamaForCausalLM, Qwen2ForCausalLM; OpenGVLab InternVisionModel,
-InternVLChatModel (Qwen2 / LLaMA / InternLM2), InternLM2ForCausalLM, InternVL-14B (C/G, `variant=`); and our own
-internvl_jax layout. Writes transformers-native folders (vision, LMs, chat), the InternVL-14B layout for C/G
+Generation (Qwen2, Qwen3, Qwen3-MoE or LLaMA text), LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+Qwen3MoeForCausalLM; OpenGVLab InternVisionModel, InternVLChatModel (Qwen2 / Qwen3 / Qwen3-MoE / LLaMA /
+InternLM2), InternLM2ForCausalLM, InternVL-14B (C/G, `variant=`); and our own internvl_jax layout. Writes transformers-native folders (vision, LMs, chat), the InternVL-14B layout for C/G
 models, our layout otherwise. Pickled weights are never read.
 
 CLI: python -m internvl_jax.convert {import,export} (see __main__.py; checkpoint layout in orbax_io.py).

@@ -6,6 +6,7 @@
   internvl          transformers InternVLForConditionalGeneration   internvl.InternVLChat
   internvl_chat     OpenGVLab InternVLChatModel                     internvl.InternVLChat
   llama / qwen2     transformers *ForCausalLM                       llm.Decoder
+  qwen3 / qwen3_moe transformers Qwen3 / Qwen3Moe ForCausalLM       llm.Decoder (QK-norm; routed experts)
   internlm2         OpenGVLab InternLM2ForCausalLM                  llm.Decoder
   internvl_14b      OpenGVLab InternVLModel (InternVL-14B-224px)    internvl.InternVLContrastive (variant c / g)
   internvl_jax      our own layout (save_pretrained of a model with  any of ours (config.json names the kind)
@@ -30,7 +31,7 @@ from internvl_jax.convert.configs import ConversionError
 from internvl_jax.models import internvl, llm, vit
 
 FAMILIES = ("internvl_vision", "intern_vit_6b", "internvl", "internvl_chat", "llama", "qwen2", "internlm2",
-            "internvl_14b", "internvl_jax")
+            "internvl_14b", "internvl_jax", "qwen3", "qwen3_moe")
 # Our model classes by the kind name stored in our own configs (orbax_io, the internvl_jax layout).
 KINDS = {"vision": vit.InternViT, "language": llm.Decoder, "chat": internvl.InternVLChat,
          "contrastive": internvl.InternVLContrastive}
@@ -124,7 +125,7 @@ def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None, var
   if family == "intern_vit_6b":
     cfg = configs.vision_from_opengvlab(hf)
     return Spec(family, cfg, vit.InternViT, keymaps.internvit_opengvlab(cfg), set())
-  if family in ("llama", "qwen2", "internlm2"):
+  if family in ("llama", "qwen2", "internlm2", "qwen3", "qwen3_moe"):
     cfg = configs.language_from_hf(hf, family)
     embed, head = ("model.tok_embeddings.weight", "output") if family == "internlm2" else (
         "model.embed_tokens.weight", "lm_head")
