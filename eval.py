@@ -38,8 +38,8 @@ flags.DEFINE_integer("max_num", 6, "caption / vqa with --dynamic: most tiles per
 flags.DEFINE_string("cache_dir", None, "where demo / tfds images are written as PNG (default: the temp folder)")
 flags.DEFINE_bool("progress", True, "show progress bars")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
-flags.DEFINE_string("mesh", None, "e.g. fsdp=8 or fsdp=4,tensor=2 (axes data, fsdp, tensor; sizes multiply to the "
-                    "device count); default: one device")
+flags.DEFINE_string("mesh", None, "e.g. fsdp=8 or fsdp=4,tensor=2 (axes data, fsdp, expert, tensor; sizes multiply "
+                    "to the device count); default: one device")
 
 
 def main(argv):

@@ -24,12 +24,12 @@ import time
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  """'data=1,fsdp=8,tensor=1' -> {'data': 1, 'fsdp': 8, 'tensor': 1} (missing axes are 1)."""
-  out = {"data": 1, "fsdp": 1, "tensor": 1}
+  """'data=1,fsdp=8,tensor=1' -> {'data': 1, 'fsdp': 8, 'expert': 1, 'tensor': 1} (missing axes are 1)."""
+  out = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
   for part in filter(None, text.split(",")):
     k, _, v = part.partition("=")
     if k.strip() not in out or not v.strip().isdigit():
-      raise SystemExit(f"--mesh: {part!r} is not axis=size with axis in data, fsdp, tensor")
+      raise SystemExit(f"--mesh: {part!r} is not axis=size with axis in data, fsdp, expert, tensor")
     out[k.strip()] = int(v)
   return out
 
@@ -116,6 +116,13 @@ def analytic_flops(cfg) -> float | None:
   from internvl_jax.train import config_checks
 
   m, b, t, s = cfg.model, cfg.batch_size, cfg.data.max_text_len, config_checks.input_size(cfg)
+  if cfg.task == "instruct" and m.get("mode") == "replace":
+    # Vision tower frozen: forward only; projector + language model: forward and backward. A MoE language
+    # model counts its active parameters (router + top-k experts), see flops.decoder_matmul_params.
+    tiles = cfg.data.get("max_tiles", 1)
+    vision = tiles * flops.vit_forward_flops(m.vision, s, flops.chat_vision_layers(m))
+    trained = tiles * flops.chat_projector_flops(m, s) + flops.decoder_sequence_flops(m.language, t, causal=True)
+    return b * ((1.0 if m.get("freeze_vision", True) else 3.0) * vision + 3.0 * trained)
   if cfg.task != "contrastive":
     return None
   if m.variant == "seed":
@@ -218,7 +225,8 @@ CHIPS = (("h100", "H100"), ("h200", "H200"), ("tpu v4", "TPU v4"), ("tpu v5e", "
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(prog="python -m internvl_jax.plan", description=__doc__.split("\n\n")[0])
   ap.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
-  ap.add_argument("--mesh", default="data=1,fsdp=8,tensor=1", help="data=D,fsdp=F,tensor=T (fake CPU devices)")
+  ap.add_argument("--mesh", default="data=1,fsdp=8,tensor=1", help="data=D,fsdp=F,expert=E,tensor=T (fake CPU "
+                  "devices)")
   ap.add_argument("--batch_size", type=int, default=None, help="global batch (default: the config's)")
   ap.add_argument("--image_size", type=int, default=None, help="input size (default: the vision preset's)")
   ap.add_argument("--dtype", default=None, help="compute dtype of every tower, e.g. bfloat16 (default: config)")
@@ -281,6 +289,12 @@ def main(argv=None) -> dict:
   for name, count in sorted(per_tower.items(), key=lambda kv: -kv[1]):
     print(f"  {name:<20} {count:>16,}")
   print(f"  {'total':<20} {n_params:>16,}")
+  lm = cfg.model.get("language")
+  active = None
+  if lm is not None and lm.get("num_experts", 0):
+    active = flops_lib.decoder_matmul_params(lm)  # router + top-k experts + attention + LM head, per token
+    print(f"  {'LM active per token':<20} {active:>16,}   (matmul parameters: {lm.num_experts_per_tok} of "
+          f"{lm.num_experts} experts; FLOPs per token = 2 x this forward, 6 x in training, plus attention)")
   print("\nbytes per device (XLA:CPU compiled memory analysis of the sharded step)")
   notes = {"params": "trainable + frozen float32 parameters, per-device shard (exact, from the shardings)",
            "optimizer": "Adam moments (+ counts), sharded like the parameters (exact)",
@@ -297,6 +311,8 @@ def main(argv=None) -> dict:
 
   result = {"params": int(n_params), "bytes_per_device": {k: int(mem[k]) for k in mem},
             "flops_per_step": float(f_model or f_cost or 0.0), "compile_seconds": round(seconds, 2)}
+  if active:
+    result["lm_active_params_per_token"] = int(active)
 
   if args.depth_check:
     small = cfg.copy_and_resolve_references()

@@ -2,7 +2,8 @@
 
 Parameters carry logical names (`out_sharding` metadata, set in models/); activations are constrained with
 `constrain(x, names)`. Mesh axes: 'data' (pure data parallel), 'fsdp' (data parallel with sharded parameters
-and optimizer state), 'tensor' (heads / MLP split).
+and optimizer state), 'expert' (the experts of MoE layers split; size 1 unless asked for), 'tensor' (heads / MLP
+split). A mesh built elsewhere without some of these axes works too: rules naming an absent axis replicate.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated). First match wins.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("layers", None),
     ("embed", "fsdp"),
+    ("expert", "expert"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -32,10 +34,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh. shape maps axis -> size; one axis may be -1 to take the remaining devices
-  (default: everything on 'fsdp')."""
+  """A ('data', 'fsdp', 'expert', 'tensor') mesh. shape maps axis -> size; one axis may be -1 to take the remaining
+  devices (default: everything on 'fsdp')."""
   devices = list(jax.devices() if devices is None else devices)
-  sizes = {"data": 1, "fsdp": -1, "tensor": 1}
+  sizes = {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
   sizes.update(shape or {})
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
@@ -66,7 +68,7 @@ def logical_to_mesh_spec(names: Sequence[str | None] | None, rules=LOGICAL_AXIS_
   for name in names:
     target = table.get(name) if name is not None else None
     axes = (target,) if isinstance(target, str) else tuple(target or ())
-    axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+    axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape.get(a, 1) > 1))
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*out)

@@ -21,6 +21,15 @@ LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=32, num_hidden_layer
              num_key_value_heads=2, intermediate_size=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
              rope_parameters={"rope_type": "default", "rope_theta": 500.0}, head_dim=16)
 
+# Qwen3: head_dim 16 given explicitly (hidden / heads would be 8), per-head q/k RMSNorm.
+QWEN3 = dict(model_type="qwen3", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, intermediate_size=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+# Qwen3-MoE: 4 experts, top-2, layer 0 dense through mlp_only_layers, layers 1 and 2 routed.
+QWEN3_MOE = dict(QWEN3, model_type="qwen3_moe", num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=24, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0],
+                 router_aux_loss_coef=0.01)
+
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
   """Adds N(0, scale) noise to every parameter (deterministic)."""

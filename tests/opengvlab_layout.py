@@ -134,8 +134,9 @@ def phi3_remote_rope(rope: dict) -> dict:
 
 
 def chat_to_opengvlab(native: str, out: str, lm: str = "qwen2") -> None:
-  """lm: 'qwen2' | 'llama' | 'internlm2' | 'internlm3' | 'phi3' (the native folder's text model must be
-  LLaMA-shaped for 'internlm2' / 'internlm3', Phi-3 for 'phi3')."""
+  """lm: 'qwen2' | 'llama' | 'qwen3' | 'qwen3_moe' | 'internlm2' | 'internlm3' | 'phi3' (the native folder's text
+  model must be LLaMA-shaped for 'internlm2' / 'internlm3', Phi-3 for 'phi3'). Qwen3 / Qwen3-MoE tensors keep their
+  names (InternVL3.5 wraps Qwen3ForCausalLM / Qwen3MoeForCausalLM as language_model)."""
   with open(os.path.join(native, "config.json")) as f:
     cfg = json.load(f)
   t = read(native)
@@ -149,7 +150,8 @@ def chat_to_opengvlab(native: str, out: str, lm: str = "qwen2") -> None:
                             "language_model.output.weight" if internlm2 else "language_model.lm_head.weight",
                             text, internlm2))
   arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
-          "internlm3": "InternLM3ForCausalLM", "phi3": "Phi3ForCausalLM"}[lm]
+          "internlm3": "InternLM3ForCausalLM", "phi3": "Phi3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+          "qwen3_moe": "Qwen3MoeForCausalLM"}[lm]
   llm_config = dict(text, architectures=[arch], model_type=lm,
                     rope_theta=text["rope_parameters"]["rope_theta"], bias=False)
   rope = llm_config.pop("rope_parameters")

@@ -110,8 +110,8 @@ def test_chat_generates_equally_on_fsdp8_and_in_bfloat16(tmp_path):
 
 def test_mesh_flag_errors_are_one_line():
   assert placement.parse_mesh(None) is None and placement.parse_mesh("none") is None
-  assert placement.parse_mesh("fsdp=4,tensor=2") == {"data": 1, "fsdp": 4, "tensor": 2}
-  assert placement.parse_mesh(" data=2 , fsdp=-1") == {"data": 2, "fsdp": -1, "tensor": 1}
+  assert placement.parse_mesh("fsdp=4,tensor=2") == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+  assert placement.parse_mesh(" data=2 , fsdp=-1") == {"data": 2, "fsdp": -1, "expert": 1, "tensor": 1}
   for bad, message in (("fsdp", "is not axis=size"), ("model=2", "is not axis=size"), ("fsdp=0", "is not axis"),
                        ("fsdp=2,fsdp=2", "is not axis"), ("fsdp=00", "is not axis"), ("fsdp=x", "is not axis"), ("fsdp=-1,data=-1", "only one")):
     with pytest.raises(ValueError, match=message) as e:
@@ -155,7 +155,7 @@ def test_eval_cli_runs_sharded_in_bfloat16_and_records_it(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   result = json.load(open(out))
   report.validate_result(result)
-  assert result["dtype"] == "bfloat16" and result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert result["dtype"] == "bfloat16" and result["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
   assert result["devices"] == 8 and result["param_bytes_per_device"] < result["param_bytes_total"] / 4
   assert re.search(r"loaded .*: bfloat16 parameters, .* GiB .* in all, .* per device \(8 device", res.stdout)
 

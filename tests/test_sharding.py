@@ -59,7 +59,7 @@ def test_constrain_is_identity_without_a_mesh():
   assert sharding.constrain(x, ("batch", "embed")) is x
 
 
-def _replicated_share(preset: str, mesh_shape=(1, 8, 1)) -> tuple[float, float]:
+def _replicated_share(preset: str, mesh_shape=(1, 8, 1, 1)) -> tuple[float, float]:
   """(share of parameter bytes whose spec uses no mesh axis, total GiB) of a contrastive preset, abstractly."""
   import math
 
@@ -90,5 +90,5 @@ def test_replicated_share_detects_an_unsharded_weight():
   # the check can fail: without the 'embed' -> 'fsdp' rule nearly everything is replicated on a pure fsdp mesh
   rules = tuple(r for r in sharding.LOGICAL_AXIS_RULES if r[0] != "embed")
   spec = sharding.logical_to_mesh_spec(("layers", "embed", "mlp"), rules,
-                                       mesh=jax.sharding.AbstractMesh((1, 8, 1), sharding.MESH_AXES))
+                                       mesh=jax.sharding.AbstractMesh((1, 8, 1, 1), sharding.MESH_AXES))
   assert all(axis is None for axis in spec)

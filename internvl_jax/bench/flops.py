@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from internvl_jax.models import moe
+
 # Dense bf16 peaks in TFLOP/s by device kind substring (lower-cased), first match wins. DESIGN §8.
 PEAK_TFLOPS_BF16 = (
     ("h100 pcie", 756.0),
@@ -61,13 +63,16 @@ def vit_forward_flops(vision: ml_collections.ConfigDict, image_size: int, num_la
 
 
 def decoder_matmul_params(lm: ml_collections.ConfigDict, include_head: bool = True) -> int:
-  """Parameters that take part in a matmul per token: q, k, v, o, SwiGLU (3 matrices) per layer, plus the LM
-  head (tied or not) when the model produces logits. The embedding lookup is a gather and is not counted."""
+  """Parameters that take part in a matmul per token: q, k, v, o, SwiGLU (3 matrices; for a MoE layer the router
+  and the top-k experts' SwiGLUs) per layer, plus the LM head (tied or not) when the model produces logits. The embedding lookup is a gather and is not counted."""
   d, hd = lm.hidden_size, (lm.get("head_dim") or lm.hidden_size // lm.num_heads)
   attn = d * lm.num_heads * hd * 2 + d * lm.num_kv_heads * hd * 2
-  per_layer = attn + 3 * d * lm.mlp_dim
+  sparse = len(moe.moe_layer_ids(lm))
+  # A MoE layer runs its router and only the top-k experts of each token: active, not total, parameters.
+  routed = d * lm.get("num_experts", 0) + lm.get("num_experts_per_tok", 0) * 3 * d * lm.get("moe_mlp_dim", 0)
+  ffn = (lm.num_layers - sparse) * 3 * d * lm.mlp_dim + sparse * routed
   head = d * lm.vocab_size if (include_head and lm.lm_head) else 0
-  return lm.num_layers * per_layer + head
+  return lm.num_layers * attn + ffn + head
 
 
 def decoder_attention_flops(lm: ml_collections.ConfigDict, keys: float) -> float:

@@ -147,23 +147,54 @@ def language_from_hf(c: dict, family: str) -> ml_collections.ConfigDict:
   elif family == "phi3":
     _require(not c.get("attention_bias", False), "Phi-3 attention_bias=True is not supported")
     qkv_bias = False
+  elif family in ("qwen3", "qwen3_moe"):
+    _qwen3_checks(c)
+    qkv_bias = False
   else:
     raise ConversionError(f"unknown language model family {family!r}")
   _require("vocab_size" in c, f"the {family} config has no vocab_size")
   heads = c.get("num_attention_heads", 32)
   hidden = c.get("hidden_size", 4096)
-  hd = c.get("head_dim") or hidden // heads
+  # Qwen3Config's head_dim defaults to 128 (not hidden / heads); Qwen3MoeConfig has no default of its own.
+  hd = c.get("head_dim") or (128 if family == "qwen3" else hidden // heads)
   extra = dict(rope_theta=_rope_theta(c)) if family != "phi3" else dict(
       _phi3_rope(c, hd), sliding_window=int(c.get("sliding_window") or 0), hf_model_type="phi3")
-  return presets.language_config(
+  cfg = presets.language_config(
       vocab_size=c["vocab_size"], hidden_size=hidden, num_layers=c.get("num_hidden_layers", 32), num_heads=heads,
       num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=0 if hd * heads == hidden else hd,
       mlp_dim=c.get("intermediate_size", 11008), norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=qkv_bias,
       tie_embeddings=bool(c.get("tie_word_embeddings", False)), lm_head=True, causal=True, **extra)
+  if family in ("qwen3", "qwen3_moe"):
+    cfg.qk_norm = True
+  if family == "qwen3_moe":
+    cfg.update(_qwen3_moe_fields(c, cfg.num_layers))
+  return cfg
+
+
+def _qwen3_checks(c: dict) -> None:
+  _require(not c.get("attention_bias", False), "Qwen3 attention_bias=True (with an output bias) is not supported")
+  _require(not c.get("use_sliding_window", False), "Qwen3 use_sliding_window=True is not supported")
+  kinds = set(c.get("layer_types") or ["full_attention"])
+  _require(kinds == {"full_attention"}, f"Qwen3 layer_types {sorted(kinds)} are not supported (only full_attention)")
+
+
+def _qwen3_moe_fields(c: dict, num_layers: int) -> dict:
+  """Qwen3MoeConfig's expert fields (its defaults where absent) -> our config fields (models/moe.py)."""
+  experts = int(c.get("num_experts", c.get("num_local_experts", 128)))
+  top_k = int(c.get("num_experts_per_tok", 8))
+  _require(0 < top_k <= experts, f"num_experts_per_tok {top_k} must be in 1..num_experts ({experts})")
+  step = int(c.get("decoder_sparse_step", 1))
+  _require(step >= 1, f"decoder_sparse_step {step} must be >= 1")
+  only = [int(i) for i in c.get("mlp_only_layers") or ()]
+  _require(all(0 <= i < num_layers for i in only), f"mlp_only_layers {list(only)} name layers outside 0..{num_layers - 1}")
+  return dict(num_experts=experts, num_experts_per_tok=top_k, moe_mlp_dim=int(c.get("moe_intermediate_size", 768)),
+              norm_topk_prob=bool(c.get("norm_topk_prob", False)), decoder_sparse_step=step, mlp_only_layers=only,
+              router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)))
 
 
 def language_to_hf(cfg: ml_collections.ConfigDict) -> dict:
-  """Our decoder config -> a transformers Qwen2Config (q/k/v biases) or LlamaConfig (no biases)."""
+  """Our decoder config -> a transformers Qwen3MoeConfig (experts), Qwen3Config (QK-norm), Qwen2Config (q/k/v
+  biases) or LlamaConfig (none of these)."""
   _require(cfg.causal and cfg.lm_head, "only causal decoders with an LM head export to transformers")
   if cfg.get("hf_model_type") == "phi3":
     return _phi3_to_hf(cfg)
@@ -174,7 +205,19 @@ def language_to_hf(cfg: ml_collections.ConfigDict) -> dict:
              head_dim=llm.head_dim(cfg), intermediate_size=cfg.mlp_dim, rms_norm_eps=cfg.norm_eps,
              hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
              tie_word_embeddings=bool(cfg.tie_embeddings))
-  if cfg.qkv_bias:
+  if cfg.get("num_experts", 0):
+    _require(cfg.get("qk_norm", False) and not cfg.qkv_bias, "only Qwen3-MoE-shaped MoE decoders (QK-norm, no "
+             "q/k/v biases) export to transformers")
+    out.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], attention_bias=False,
+               use_sliding_window=False, num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+               moe_intermediate_size=cfg.moe_mlp_dim, norm_topk_prob=bool(cfg.norm_topk_prob),
+               decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers),
+               router_aux_loss_coef=float(cfg.router_aux_loss_coef))
+  elif cfg.get("qk_norm", False):
+    _require(not cfg.qkv_bias, "transformers' Qwen3 has no q/k/v-only biases (attention_bias adds an output bias)")
+    out.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False,
+               use_sliding_window=False)
+  elif cfg.qkv_bias:
     out.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
     if llm.head_dim(cfg) * cfg.num_heads != cfg.hidden_size:
       raise ConversionError("Qwen2 in transformers derives head_dim from hidden_size / num_heads; this model's "
@@ -232,12 +275,14 @@ def input_size(cfg: ml_collections.ConfigDict) -> int:
   return int(cfg.get("image_size", 0) or cfg.vision.image_size)
 
 
+NATIVE_TEXT = ("qwen2", "llama", "qwen3", "qwen3_moe", "phi3", "internlm3")  # text_config model_types of transformers' InternVL we read
+
+
 def chat_from_native(c: dict) -> ml_collections.ConfigDict:
   """transformers InternVLConfig (model_type 'internvl')."""
   text = dict(c.get("text_config") or {})
   family = text.get("model_type", "qwen2")
-  _require(family in ("qwen2", "llama", "phi3", "internlm3"),
-           f"InternVL text model_type {family!r} is not 'qwen2', 'llama', 'phi3' or 'internlm3'")
+  _require(family in NATIVE_TEXT, f"InternVL text model_type {family!r} is not one of {', '.join(NATIVE_TEXT)}")
   _require(c.get("vision_feature_select_strategy", "default") == "default",
            "vision_feature_select_strategy 'full' (keeping the CLS token) is not supported")
   layer = c.get("vision_feature_layer", -1)
@@ -288,13 +333,18 @@ def chat_from_opengvlab(c: dict, image_token_id: int | None) -> ml_collections.C
 
 
 def language_family(c: dict) -> str:
-  """'llama' | 'qwen2' | 'internlm2' | 'internlm3' | 'phi3' from a language config's model_type / architectures."""
+  """'llama' | 'qwen2' | 'qwen3' | 'qwen3_moe' | 'internlm2' | 'internlm3' | 'phi3' from a language config's
+  model_type / architectures."""
   names = [c.get("model_type") or ""] + list(c.get("architectures") or [])
   text = " ".join(names).lower()
-  for family in ("internlm2", "internlm3", "phi3", "qwen2", "llama"):
-    if family in text:
+  # Qwen3-MoE first: its names contain 'qwen3' (model_type qwen3_moe, class Qwen3MoeForCausalLM).
+  for family, marks in (("internlm2", ("internlm2",)), ("internlm3", ("internlm3",)), ("phi3", ("phi3",)),
+                        ("qwen3_moe", ("qwen3_moe", "qwen3moe")), ("qwen3", ("qwen3",)), ("qwen2", ("qwen2",)),
+                        ("llama", ("llama",))):
+    if any(m in text for m in marks):
       return family
-  raise ConversionError(f"unknown language model {names}; supported: LLaMA, Qwen2, InternLM2, InternLM3, Phi-3")
+  raise ConversionError(f"unknown language model {names}; supported: LLaMA, Qwen2, Qwen3, Qwen3-MoE, InternLM2, "
+                        "InternLM3, Phi-3")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import re
 import ml_collections
 
 from internvl_jax.convert import transforms as T
-from internvl_jax.models import llm
+from internvl_jax.models import llm, moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,14 +25,29 @@ class Rule:
   sources: tuple[str, ...]  # canonical source names, "{i}" = layer index
   transform: object
   stride: int = 1  # our slot i reads source layer i * stride (QLLaMA cross-attention lives in every 2nd layer)
+  layer_ids: tuple[int, ...] | None = None  # our slot i reads source layer layer_ids[i] (e.g. the MoE layers)
+  experts: int = 0  # > 0: sources hold "{j}" too; our [L, E, ...] parameter is filled one expert tensor at a time
 
-  def names(self, slot: int | None = None) -> tuple[str, ...]:
-    """The source names for our stacked slot `slot` (None: an unstacked rule)."""
-    return self.sources if slot is None else tuple(s.format(i=slot * self.stride) for s in self.sources)
+  def names(self, slot: int | None = None, expert: int | None = None) -> tuple[str, ...]:
+    """The source names for our stacked slot `slot` (None: an unstacked rule) and expert `expert`."""
+    if slot is None:
+      return self.sources
+    layer = self.layer_ids[slot] if self.layer_ids is not None else slot * self.stride
+    return tuple(s.format(i=layer, j=expert) for s in self.sources)
 
   @property
   def stacked(self) -> bool:
     return any("{i}" in s for s in self.sources)
+
+  def pieces(self, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]]:
+    """(index into our parameter of `shape`, source names, shape of our piece) for each piece it is built from:
+    the whole parameter, one layer [i], or one expert of one layer [i, j]."""
+    shape = tuple(shape)
+    if not self.stacked:
+      return [((), self.sources, shape)]
+    if self.experts:
+      return [((i, j), self.names(i, j), shape[2:]) for i in range(shape[0]) for j in range(shape[1])]
+    return [((i,), self.names(i), shape[1:]) for i in range(shape[0])]
 
 
 def _join(prefix: str, name: str) -> str:
@@ -118,21 +133,42 @@ def internvit_opengvlab(cfg: ml_collections.ConfigDict, src: str = "", dst: str 
 
 
 def decoder_hf(cfg: ml_collections.ConfigDict, src: str, dst: str = "", lm_head: str | None = None) -> list[Rule]:
-  """LLaMA / Qwen2 names: `{src}.embed_tokens`, `{src}.layers.{i}.self_attn.q_proj`, ...; lm_head: its full
-  source name prefix (e.g. "lm_head") when the model has a separate output matrix."""
+  """LLaMA / Qwen2 / Qwen3 / Qwen3-MoE names: `{src}.embed_tokens`, `{src}.layers.{i}.self_attn.q_proj`, ...;
+  lm_head: its full source name prefix (e.g. "lm_head") when the model has a separate output matrix. A model
+  mixing dense and MoE layers keeps them in two stacks (llm.Decoder), each slot naming its source layer."""
   s, d = (lambda n: _join(src, n)), (lambda n: _join(dst, n))
-  lay, blk = s("layers.{i}"), d("layers")
+  lay = s("layers.{i}")
   rules = [_same(d("embed.embedding"), s("embed_tokens.weight"))]
+  sparse = moe.moe_layer_ids(cfg)
+  if 0 < len(sparse) < cfg.num_layers:
+    dense = tuple(i for i in range(cfg.num_layers) if i not in sparse)
+    rules += [dataclasses.replace(r, layer_ids=sparse) for r in _decoder_layer(cfg, lay, d("layers"), True)]
+    rules += [dataclasses.replace(r, layer_ids=dense) for r in _decoder_layer(cfg, lay, d("dense_layers"), False)]
+  else:
+    rules += _decoder_layer(cfg, lay, d("layers"), bool(sparse))
+  rules.append(_same(d("norm.scale"), s("norm.weight")))
+  if lm_head is not None:
+    rules += _linear(d("lm_head"), lm_head, bias=False)
+  return rules
+
+
+def _decoder_layer(cfg: ml_collections.ConfigDict, lay: str, blk: str, sparse: bool) -> list[Rule]:
+  rules = []
   for p in "qkv":
     rules += _linear(f"{blk}.attn.{p}", f"{lay}.self_attn.{p}_proj", cfg.qkv_bias)
   rules += _linear(f"{blk}.attn.o", f"{lay}.self_attn.o_proj", bias=False)
-  for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-    rules += _linear(f"{blk}.mlp.{ours}", f"{lay}.mlp.{theirs}", bias=False)
+  if cfg.get("qk_norm", False):
+    rules += [_same(f"{blk}.attn.{p}_norm.scale", f"{lay}.self_attn.{p}_norm.weight") for p in "qk"]
+  if sparse:  # Qwen3-MoE on disk: router `mlp.gate`, one tensor per expert `mlp.experts.{j}.{gate,up,down}_proj`
+    rules += _linear(f"{blk}.mlp.router", f"{lay}.mlp.gate", bias=False)
+    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+      rules.append(Rule(f"{blk}.mlp.{ours}", (f"{lay}.mlp.experts.{{j}}.{theirs}.weight",), T.Linear(),
+                        experts=cfg.num_experts))
+  else:
+    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+      rules += _linear(f"{blk}.mlp.{ours}", f"{lay}.mlp.{theirs}", bias=False)
   rules += [_same(f"{blk}.input_norm.scale", f"{lay}.input_layernorm.weight"),
-            _same(f"{blk}.post_attention_norm.scale", f"{lay}.post_attention_layernorm.weight"),
-            _same(d("norm.scale"), s("norm.weight"))]
-  if lm_head is not None:
-    rules += _linear(d("lm_head"), lm_head, bias=False)
+            _same(f"{blk}.post_attention_norm.scale", f"{lay}.post_attention_layernorm.weight")]
   return rules
 
 

@@ -42,10 +42,13 @@ def set_dtype(cfg, dtype) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_setter(sharding):
-  """buf[L, ...], x[...], i -> buf with slot i replaced, updated in place (donated) and kept in `sharding`."""
-  return jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0),
-                 donate_argnums=0, out_shardings=sharding)
+def _piece_setter(sharding, depth: int):
+  """buf[L, ...] (or [L, E, ...]), x, index int32 [depth] -> buf with slot index (layer, or layer and expert)
+  replaced, updated in place (donated) and kept in `sharding`."""
+  def put(buf, x, index):
+    x = x.astype(buf.dtype).reshape((1,) * depth + x.shape)
+    return jax.lax.dynamic_update_slice(buf, x, tuple(index) + (0,) * (buf.ndim - depth))
+  return jax.jit(put, donate_argnums=0, out_shardings=sharding)
 
 
 def check(spec: families.Spec, targets: dict, ckpt: files.Checkpoint) -> None:
@@ -58,11 +61,8 @@ def check(spec: families.Spec, targets: dict, ckpt: files.Checkpoint) -> None:
                          f"rules for absent parameters {_few(unknown)}")
   needed = {}
   for target, var in targets.items():
-    rule = by_target[target]
-    shape = tuple(var.shape[1:]) if rule.stacked else tuple(var.shape)
-    expected = rule.transform.source_shapes(shape)
-    for i in (range(var.shape[0]) if rule.stacked else [None]):
-      for name, exp in zip(rule.names(i), expected):
+    for _, names, shape in by_target[target].pieces(var.shape):
+      for name, exp in zip(names, by_target[target].transform.source_shapes(shape)):
         needed[name] = tuple(exp)
   present = ckpt.names()
   missing = set(needed) - present
@@ -117,12 +117,11 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *, i
     for p, var in flat:
       rule = by_target[".".join(map(str, p))]
       sharding = shardings[p]
-      if rule.stacked:
+      if rule.stacked:  # one layer (or one expert of one layer) at a time, written in place
         value = jnp.zeros(var.shape, dtype, device=sharding)
-        setter = _layer_setter(sharding)
-        for i in range(var.shape[0]):
-          x = rule.transform.load(*(ckpt.read(n) for n in rule.names(i)))
-          value = setter(value, np.asarray(x).astype(dtype), i)
+        for index, names, _ in rule.pieces(var.shape):
+          x = rule.transform.load(*(ckpt.read(n) for n in names))
+          value = _piece_setter(sharding, len(index))(value, np.asarray(x).astype(dtype), np.asarray(index, np.int32))
       else:
         x = rule.transform.load(*(ckpt.read(n) for n in rule.sources))
         value = jax.device_put(np.asarray(x).astype(dtype), sharding)

@@ -2,7 +2,8 @@
 `transformers` loads with from_pretrained, reporting no missing or unexpected keys.
 
   InternViT     -> InternVLVisionModel (model_type internvl_vision)
-  Decoder       -> Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (none) or Phi3ForCausalLM (hf_model_type)
+  Decoder       -> Qwen3MoeForCausalLM (experts), Qwen3ForCausalLM (QK-norm), Qwen2ForCausalLM (q/k/v biases),
+                   Phi3ForCausalLM (hf_model_type) or LlamaForCausalLM (none)
   InternVLChat  -> InternVLForConditionalGeneration (model_type internvl)
   InternVLContrastive (variant c / g) -> OpenGVLab InternVL-14B layout (transformers has no InternVL-C/G class)
   anything else (e.g. a seed contrastive model) -> our own documented layout (own_layout_plan)
@@ -74,18 +75,15 @@ def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
     if rule.transform.save is None:
       raise ConversionError(f"parameter {target} has no transformers layout to export to")
     out_dtype = cast or np.dtype(value.dtype)
-    layer_shape = value.shape[1:] if rule.stacked else value.shape
-    shapes = rule.transform.source_shapes(layer_shape)
-    for i in (range(value.shape[0]) if rule.stacked else [None]):
-      names = rule.names(i)
-      for j, (name, shape) in enumerate(zip(names, shapes)):
-        entries.append((name, tuple(shape), out_dtype, _maker(rule.transform, value, i, j, out_dtype)))
+    for index, names, piece_shape in rule.pieces(value.shape):
+      for j, (name, shape) in enumerate(zip(names, rule.transform.source_shapes(piece_shape))):
+        entries.append((name, tuple(shape), out_dtype, _maker(rule.transform, value, index, j, out_dtype)))
   for parts in fused.values():
     rule, value = parts[0]
     out_dtype = cast or np.dtype(value.dtype)
-    shape = rule.transform.source_shapes(value.shape[1:] if rule.stacked else value.shape)[0]
-    for i in (range(value.shape[0]) if rule.stacked else [None]):
-      entries.append((rule.names(i)[0], tuple(shape), out_dtype, _fused_maker(parts, i, out_dtype)))
+    for index, names, piece_shape in rule.pieces(value.shape):
+      shape = rule.transform.source_shapes(piece_shape)[0]
+      entries.append((names[0], tuple(shape), out_dtype, _fused_maker(parts, index, out_dtype)))
   entries.sort(key=lambda e: e[0])
   written = files.write_safetensors(out_dir, entries, max_shard_bytes)
   dtypes = {np.dtype(e[2]).name for e in entries}
@@ -95,18 +93,20 @@ def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
   return written
 
 
-def _fused_maker(parts, i, dtype):
-  """Produces layer i of a fused source tensor (e.g. Phi-3's qkv_proj) from its Rows parts when asked."""
+def _fused_maker(parts, index, dtype):
+  """Produces piece `index` (a layer) of a fused source tensor (e.g. Phi-3's qkv_proj) from its Rows parts when
+  asked."""
   def make():
-    pieces = [(r.transform, np.asarray(v[i] if i is not None else v)) for r, v in parts]
+    pieces = [(r.transform, np.asarray(v[index] if index else v)) for r, v in parts]
     return transforms.fused_save(pieces).astype(dtype)
   return make
 
 
-def _maker(transform, value, i, j, dtype):
-  """Produces source tensor j of layer i only when the writer asks for it (one layer in host memory)."""
+def _maker(transform, value, index, j, dtype):
+  """Produces source tensor j of piece `index` (a layer, or one expert of a layer) only when the writer asks for
+  it (one piece in host memory)."""
   def make():
-    x = np.asarray(value[i] if i is not None else value)
+    x = np.asarray(value[index] if index else value)
     return np.asarray(transform.save(x)[j]).astype(dtype)
   return make
 

@@ -45,7 +45,8 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
 
 
 def make_mesh(text: str | None) -> Mesh | None:
-  """The ('data', 'fsdp', 'tensor') mesh of a --mesh string over all of jax.devices(), or None (see parse_mesh).
+  """The ('data', 'fsdp', 'expert', 'tensor') mesh of a --mesh string over all of jax.devices(), or None (see
+  parse_mesh).
   The mesh must use every device: a one-line ValueError says how many there are."""
   sizes = parse_mesh(text)
   if sizes is None:

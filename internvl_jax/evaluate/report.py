@@ -11,7 +11,7 @@ Schemas (values in percent unless named otherwise; CIDEr / BLEU-4 x100 as papers
               "answers"}]}
 Builders may add fields via **extra (e.g. the checkpoint evaluated); validate_result checks the required ones.
 eval.py adds, for every task, how the model ran (evaluate/placement.describe; checked when present):
-  {"dtype": parameter dtype(s) e.g. "bfloat16", "mesh": {"data", "fsdp", "tensor"} sizes or null (one device),
+  {"dtype": parameter dtype(s) e.g. "bfloat16", "mesh": {"data", "fsdp", "expert", "tensor"} sizes or null (one device),
    "devices", "param_bytes_total", "param_bytes_per_device"}
 """
 

@@ -151,4 +151,4 @@ class InternVLChat(nnx.Module):
     out = self.language(inputs_embeds=jnp.concatenate([vision, text], axis=1),
                         attention_mask=jnp.concatenate([jnp.ones((b, nv), bool), mask], axis=1), cache=cache)
     return llm.DecoderOutput(None if out.logits is None else out.logits[:, nv:], out.last_hidden_state[:, nv:],
-                             out.cache)
+                             out.cache, out.aux_loss)

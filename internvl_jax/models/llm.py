@@ -1,4 +1,9 @@
-"""LLaMA / Qwen2-style decoder with grouped-query attention, RoPE, SwiGLU, RMSNorm and a functional KV cache.
+"""LLaMA / Qwen2 / Qwen3-style decoder with grouped-query attention, RoPE, SwiGLU, RMSNorm and a functional KV cache.
+
+Options: q/k/v biases (Qwen2), per-head RMSNorm on q and k before RoPE (Qwen3, `qk_norm`), routed experts in
+some or all layers (Qwen3-MoE, `num_experts` > 0, see moe.py). A model whose layers mix dense and MoE
+feed-forwards keeps two stacks (`layers`: the MoE layers, `dense_layers`: the others) and runs each run of
+consecutive same-kind layers as one scan.
 
 Phi-3 and InternLM3 are this decoder too: Phi-3 adds config options (partial rotary `rotary_dim`, `rope_type`
 'longrope', `sliding_window`); its fused checkpoint tensors are split by the converter.
@@ -21,13 +26,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from internvl_jax.models import attention, layers, stack
+from internvl_jax.models import attention, layers, moe, stack
 
 
 class DecoderOutput(NamedTuple):
   logits: jax.Array | None  # [B, T, vocab] float32 (None when the model has no LM head output requested)
   last_hidden_state: jax.Array  # [B, T, D] after the final norm
   cache: dict | None
+  aux_loss: jax.Array | None = None  # float32 [] router load-balancing loss (MoE models; coefficient not applied)
 
 
 def head_dim(cfg: ml_collections.ConfigDict) -> int:
@@ -79,13 +85,20 @@ class DecoderAttention(nnx.Module):
     self.k = layers.dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
     self.v = layers.dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
     self.o = layers.dense(cfg.num_heads * hd, d, ("heads", "embed"), use_bias=False, **kw)
+    # Qwen3: RMSNorm over each head's head_dim on q and k (one scale [hd] shared by the heads), before RoPE.
+    qk_norm = cfg.get("qk_norm", False)
+    self.q_norm = layers.RMSNorm(hd, eps=cfg.norm_eps, dtype=dtype) if qk_norm else None
+    self.k_norm = layers.RMSNorm(hd, eps=cfg.norm_eps, dtype=dtype) if qk_norm else None
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None):
     """x [B, T, D]; cos/sin [B, T, hd]; mask bool [B, 1, T, S]; kv: this layer's cached (k, v) [B, S, Hkv, hd]
     or None. Returns (out [B, T, D], (k, v) updated or None)."""
     b, t, _ = x.shape
-    q = layers.apply_rope(self.q(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-    k = layers.apply_rope(self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+    q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     if kv is not None:
       k_cache, v_cache = kv
@@ -97,21 +110,30 @@ class DecoderAttention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm: x + attn(norm(x)); x + swiglu(norm(x))."""
+  """Pre-norm: x + attn(norm(x)); x + ffn(norm(x)), ffn a SwiGLU or (sparse=True) routed experts."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, sparse: bool = False):
     dtype = layers.to_dtype(cfg.dtype)
     self.input_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
     self.attn = DecoderAttention(cfg, rngs=rngs)
     self.post_attention_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
-    self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.mlp_dim, dtype=dtype, init_std=cfg.init_std, rngs=rngs)
+    self.sparse = sparse
+    self.mlp = moe.MoE(cfg, rngs=rngs) if sparse else layers.SwiGLU(
+        cfg.hidden_size, cfg.mlp_dim, dtype=dtype, init_std=cfg.init_std, rngs=rngs)
 
   def self_attention(self, x, cos, sin, mask, kv=None, index=None):
     h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
     return x + h, kv
 
   def feed_forward(self, x):
-    return x + self.mlp(self.post_attention_norm(x))
+    return self.feed_forward_with_stats(x)[0]
+
+  def feed_forward_with_stats(self, x, token_mask=None):
+    """-> (x + ffn(norm(x)), router stats (see moe.MoE) or None for a dense layer)."""
+    if not self.sparse:
+      return x + self.mlp(self.post_attention_norm(x)), None
+    y, stats = self.mlp(self.post_attention_norm(x), token_mask)
+    return x + y, stats
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None):
     x, kv = self.self_attention(x, cos, sin, mask, kv, index)
@@ -126,7 +148,12 @@ class Decoder(nnx.Module):
     dtype = layers.to_dtype(cfg.dtype)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
                            embedding_init=layers.logical(nnx.initializers.normal(cfg.init_std), ("vocab", "embed")))
-    self.layers = stack.stacked(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
+    sparse = moe.moe_layer_ids(cfg)
+    self.layers = stack.stacked(lambda r: DecoderLayer(cfg, rngs=r, sparse=bool(sparse)), len(sparse) or
+                                cfg.num_layers, rngs)
+    mixed = 0 < len(sparse) < cfg.num_layers
+    self.dense_layers = stack.stacked(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers - len(sparse),
+                                      rngs) if mixed else None
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
     separate_head = cfg.lm_head and not cfg.tie_embeddings
     self.lm_head = layers.dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
@@ -189,16 +216,47 @@ class Decoder(nnx.Module):
     cos, sin = rope_tables(cfg, positions)
 
     def body(layer, h, kv):
-      h, kv = layer(h, cos, sin, mask, kv, index)
-      return h, kv
+      h, kv = layer.self_attention(h, cos, sin, mask, kv, index)
+      h, stats = layer.feed_forward_with_stats(h, attention_mask)
+      return h, (kv, stats)
 
-    x, new_kv = stack.run_stacked(self.layers, body, x, kv_xs, scan=cfg.scan_layers, remat=cfg.remat)
+    x, new_kv, stats = self._run_layers(body, x, kv_xs)
     x = self.norm(x)
     new_cache = None
     if cache is not None:
       new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": key_valid, "index": index + t,
                    "pos": cache["pos"] + attention_mask.sum(axis=1).astype(jnp.int32)}
-    return DecoderOutput(self.logits(x) if (return_logits and cfg.lm_head) else None, x, new_cache)
+    aux = None
+    if stats is not None:
+      aux = moe.load_balancing_loss(stats[0].sum(0), stats[1].sum(0), attention_mask.sum(), stats[0].shape[0])
+    return DecoderOutput(self.logits(x) if (return_logits and cfg.lm_head) else None, x, new_cache, aux)
+
+  def _run_layers(self, body, x, kv_xs):
+    """Runs every layer in order: one scan over `layers`, or (dense and MoE layers mixed) one scan per run of
+    same-kind layers. Returns (x, (k, v) stacked over all layers or None, router stats [L_moe, E] or None)."""
+    cfg = self.config
+    run = lambda mods, h, xs: stack.run_stacked(mods, body, h, xs, scan=cfg.scan_layers, remat=cfg.remat)
+    if self.dense_layers is None:
+      x, (kv, stats) = run(self.layers, x, kv_xs)
+      return x, kv, stats
+    kinds = [moe.is_moe_layer(cfg, i) for i in range(cfg.num_layers)]
+    kvs, all_stats, start, used = [], [], 0, {True: 0, False: 0}
+    while start < cfg.num_layers:
+      kind, stop = kinds[start], start
+      while stop < cfg.num_layers and kinds[stop] == kind:
+        stop += 1
+      mods = self.layers if kind else self.dense_layers
+      part = stack.layer_range(mods, used[kind], used[kind] + stop - start)
+      xs = None if kv_xs is None else jax.tree.map(lambda a: a[start:stop], kv_xs)
+      x, (kv, stats) = run(part, x, xs)
+      kvs.append(kv)
+      if kind:
+        all_stats.append(stats)
+      used[kind] += stop - start
+      start = stop
+    kv = None if kv_xs is None else jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs)
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *all_stats)
+    return x, kv, stats
 
 
 def pool_tokens(hidden: jax.Array, attention_mask: jax.Array | None, how: str) -> jax.Array:

@@ -37,6 +37,9 @@ def language_config(**overrides) -> ml_collections.ConfigDict:
              mlp_dim=11008, norm_eps=1e-6, rope_theta=10000.0, qkv_bias=False, tie_embeddings=False, lm_head=True,
              causal=True, init_std=0.02, **_COMMON)
   cfg.update(_PHI3)
+  # Qwen3: per-head RMSNorm on q and k. Qwen3-MoE: routed experts (num_experts 0 = dense; see models/moe.py).
+  cfg.update(qk_norm=False, num_experts=0, num_experts_per_tok=0, moe_mlp_dim=0, norm_topk_prob=False,
+             decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.0)
   unknown = set(overrides) - set(cfg)
   if unknown:
     raise ValueError(f"unknown language config fields {sorted(unknown)}")
@@ -64,6 +67,15 @@ LANGUAGE = {
     "llama_13b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, mlp_dim=13824),
     "qwen2_0_5b": dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
                        mlp_dim=4864, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True),
+    # Qwen3-0.6B (InternVL3.5-1B): head_dim 128 given explicitly (16 x 128 = 2048 != hidden 1024), QK-norm.
+    "qwen3_0_6b": dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+                       head_dim=128, mlp_dim=3072, norm_eps=1e-6, rope_theta=1000000.0, tie_embeddings=True,
+                       qk_norm=True),
+    # Qwen3-30B-A3B (InternVL3.5-30B-A3B): every layer routed, 128 experts, top-8.
+    "qwen3_30b_a3b": dict(vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+                          head_dim=128, mlp_dim=6144, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+                          num_experts=128, num_experts_per_tok=8, moe_mlp_dim=768, norm_topk_prob=True,
+                          router_aux_loss_coef=0.001),
     # Phi-3-mini (InternVL2-4B / Mini-InternVL-Chat-4B): the 4k config's RoPE and window; the 128k releases add
     # longrope factors, read from their config.json by the converter.
     "phi3_mini": dict(vocab_size=32064, hidden_size=3072, num_layers=32, num_heads=32, num_kv_heads=32,
@@ -85,7 +97,8 @@ def vision(name: str) -> ml_collections.ConfigDict:
 
 
 def language(name: str) -> ml_collections.ConfigDict:
-  """A language preset: tiny | llama_7b | llama_13b | qwen2_0_5b | phi3_mini | internlm3_8b | bert_base."""
+  """A language preset: tiny | llama_7b | llama_13b | qwen2_0_5b | qwen3_0_6b | qwen3_30b_a3b | phi3_mini |
+  internlm3_8b | bert_base."""
   if name not in LANGUAGE:
     raise ValueError(f"unknown language preset {name!r}; choose from {sorted(LANGUAGE)}")
   return language_config(**LANGUAGE[name])
@@ -142,6 +155,9 @@ _CHAT = {
     "tiny": dict(vision="tiny", language="tiny", image_token_id=127),
     "seed_1b": dict(vision="seed_1b", language="llama_7b", image_token_id=31999),
     "internvl2_1b_like": dict(vision="internvit_300m", language="qwen2_0_5b", image_token_id=151667),
+    # Qwen3's tokenizer holds <think> / </think> at 151667 / 151668, so InternVL3.5's <IMG_CONTEXT> is 151671.
+    "internvl3_5_1b": dict(vision="internvit_300m", language="qwen3_0_6b", image_token_id=151671),
+    "internvl3_5_30b_a3b": dict(vision="internvit_300m", language="qwen3_30b_a3b", image_token_id=151671),
     # InternVL2-4B (InternViT-300M + Phi-3-mini) and InternVL3-9B (InternViT-300M-V2.5 + InternLM3-8B). Their
     # <IMG_CONTEXT> ids come from the release's tokenizer when loaded; the ids here are placeholders (the last id).
     "internvl2_4b": dict(vision="internvit_300m", language="phi3_mini", image_token_id=32063),

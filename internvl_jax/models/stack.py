@@ -46,6 +46,12 @@ def layer_at(layers: nnx.Module, index) -> nnx.Module:
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
 
 
+def layer_range(layers: nnx.Module, start: int, stop: int) -> nnx.Module:
+  """Layers [start, stop) of a stacked module, as a stacked module (a view on sliced parameters)."""
+  graphdef, state = nnx.split(layers)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
+
+
 def run_stacked(layers: nnx.Module | tuple, body: Callable, carry: Any, xs: Any = None, *, scan: bool = True,
                 remat: str = "none", length: int | None = None) -> tuple[Any, Any]:
   """Runs body(layer, carry, x) -> (carry, y) over the leading axis of `layers` (and of `xs`).

@@ -65,7 +65,7 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   c.data.max_bad_fraction = 0.05
   c.data.num_threads = 2
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
   c.batch_size = 32  # global
   c.eval_batch_size = 64
   c.total_steps = 1000
