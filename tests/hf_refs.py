@@ -77,3 +77,18 @@ def chat_model(text: dict, folder: str, seed: int = 0, image_token_id: int = 95,
   model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
   model.save_pretrained(folder)
   return model
+
+
+def prompts(pad: bool, length: int = 7, seed: int = 2, high: int = 95) -> tuple[np.ndarray, np.ndarray]:
+  """Two random prompts int64 [2, length] and their mask; row 1 left-padded by 3 when pad."""
+  ids = np.random.default_rng(seed).integers(0, high, (2, length)).astype(np.int64)
+  mask = np.ones_like(ids)
+  if pad:
+    ids[1, :3], mask[1, :3] = 0, 0
+  return ids, mask
+
+
+def torch_logits(ref, ids, mask) -> np.ndarray:
+  """A transformers causal LM's logits float32 [B, T, V] for int ids / mask arrays."""
+  with torch.no_grad():
+    return ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()

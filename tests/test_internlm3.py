@@ -51,24 +51,15 @@ def rewrite_config(folder: str, out: str, qkv_bias: bool) -> None:
   opengvlab_layout.write(out, opengvlab_layout.read(folder), remote_config(cfg, qkv_bias))
 
 
-def prompts(pad: bool, length: int = 7):
-  ids = np.random.default_rng(3).integers(0, 95, (2, length)).astype(np.int64)
-  mask = np.ones_like(ids)
-  if pad:
-    ids[1, :3], mask[1, :3] = 0, 0
-  return ids, mask
 
 
-def torch_logits(ref, ids, mask):
-  with torch.no_grad():
-    return ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
 
 
 def check_logits(ours, ref, pad, what):
-  ids, mask = prompts(pad)
+  ids, mask = hf_refs.prompts(pad, seed=3)
   got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
   real = mask.astype(bool)
-  abs_err, rel_err = hf_refs.errors(got[real], torch_logits(ref, ids, mask)[real])
+  abs_err, rel_err = hf_refs.errors(got[real], hf_refs.torch_logits(ref, ids, mask)[real])
   print(f"{what} pad={pad}: max abs {abs_err:.2e}, max rel {rel_err:.2e}")
   assert rel_err < REL_TOL
 
@@ -97,7 +88,7 @@ def test_lm_logits_match_llama(lm, tmp_path, layout, pad):
 def test_greedy_generate_and_cache_decode(lm):
   folder, ref = lm
   ours = convert.load_pretrained(folder)
-  ids, mask = prompts(True)
+  ids, mask = hf_refs.prompts(True, seed=3)
   with torch.no_grad():
     want = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                         max_new_tokens=NEW).numpy()

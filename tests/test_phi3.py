@@ -37,18 +37,8 @@ def pair(request, tmp_path_factory):
   return request.param, folder, ref, convert.load_pretrained(folder)
 
 
-def prompts(pad: bool, length: int = 7, seed: int = 2):
-  """Two prompts of `length` tokens, row 1 left-padded by 3 if pad."""
-  ids = np.random.default_rng(seed).integers(0, 95, (2, length)).astype(np.int64)
-  mask = np.ones_like(ids)
-  if pad:
-    ids[1, :3], mask[1, :3] = 0, 0
-  return ids, mask
 
 
-def torch_logits(ref, ids, mask):
-  with torch.no_grad():
-    return ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
 
 
 def test_config(pair):
@@ -66,10 +56,10 @@ def test_config(pair):
 @pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "left_padded"])
 def test_logits_match_torch(pair, pad, length):
   name, _, ref, ours = pair
-  ids, mask = prompts(pad, length)
+  ids, mask = hf_refs.prompts(pad, length)
   got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
   real = mask.astype(bool)
-  abs_err, rel_err = hf_refs.errors(got[real], torch_logits(ref, ids, mask)[real])
+  abs_err, rel_err = hf_refs.errors(got[real], hf_refs.torch_logits(ref, ids, mask)[real])
   print(f"phi3 {name} T={length} pad={pad}: max abs {abs_err:.2e}, max rel {rel_err:.2e}")
   assert rel_err < REL_TOL
 
@@ -80,7 +70,7 @@ def test_greedy_generate_equals_torch(pair, pad):
   recomputes the whole sequence with the long factors (generate.longrope_recompute_step); with these prompts,
   decoding on without the recompute picks other tokens after the crossing."""
   _, _, ref, ours = pair
-  ids, mask = prompts(pad, seed=0)
+  ids, mask = hf_refs.prompts(pad, seed=0)
   with torch.no_grad():
     want = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                         max_new_tokens=NEW).numpy()
@@ -90,7 +80,7 @@ def test_greedy_generate_equals_torch(pair, pad):
 def test_cache_decode_equals_full_forward(pair):
   """Prefill 7 tokens, then feed 5 more one at a time: each step's logits equal the full forward's."""
   _, _, _, ours = pair
-  ids, mask = prompts(True, 12)
+  ids, mask = hf_refs.prompts(True, 12)
   full = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
   out = ours(jnp.asarray(ids[:, :7]), attention_mask=jnp.asarray(mask[:, :7]), cache=ours.init_cache(2, 12))
   steps = [out.logits[:, -1]]
@@ -120,9 +110,9 @@ def test_save_pretrained_writes_phi3(pair, tmp_path):
   assert not info["missing_keys"] and not info["unexpected_keys"]
   for key, value in ref.state_dict().items():
     np.testing.assert_array_equal(back.state_dict()[key].numpy(), value.numpy(), err_msg=key)
-  ids, mask = prompts(True, 24)
-  np.testing.assert_allclose(torch_logits(back.eval(), ids, mask), torch_logits(ref, ids, mask), rtol=1e-6,
-                             atol=1e-6)
+  ids, mask = hf_refs.prompts(True, 24)
+  np.testing.assert_allclose(hf_refs.torch_logits(back.eval(), ids, mask), hf_refs.torch_logits(ref, ids, mask),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_presets_match_the_released_sizes():

@@ -28,12 +28,6 @@ def lm(tmp_path_factory):
   return ref, convert.load_pretrained(folder)
 
 
-def prompts(pad: bool):
-  ids = np.random.default_rng(2).integers(0, 95, (2, 7)).astype(np.int64)
-  mask = np.ones_like(ids)
-  if pad:
-    ids[1, :3], mask[1, :3] = 0, 0
-  return ids, mask
 
 
 def test_config(lm):
@@ -46,7 +40,7 @@ def test_config(lm):
 @pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "left_padded"])
 def test_logits_match_torch(lm, pad):
   ref, ours = lm
-  ids, mask = prompts(pad)
+  ids, mask = hf_refs.prompts(pad)
   with torch.no_grad():
     want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
   got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
@@ -57,7 +51,7 @@ def test_logits_match_torch(lm, pad):
 
 def test_greedy_generate_with_left_padding_equals_torch(lm):
   ref, ours = lm
-  ids, mask = prompts(True)
+  ids, mask = hf_refs.prompts(True)
   with torch.no_grad():
     want = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                         max_new_tokens=NEW).numpy()
@@ -66,7 +60,7 @@ def test_greedy_generate_with_left_padding_equals_torch(lm):
 
 def test_kv_cache_decode_equals_full_forward(lm):
   _, ours = lm
-  ids, mask = prompts(True)
+  ids, mask = hf_refs.prompts(True)
   full = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
   out = ours(jnp.asarray(ids[:, :4]), attention_mask=jnp.asarray(mask[:, :4]), cache=ours.init_cache(2, 7))
   steps = [np.asarray(out.logits)]
@@ -83,7 +77,7 @@ def test_save_pretrained_writes_a_qwen3_transformers_loads(lm, tmp_path):
   ref, ours = lm
   convert.save_pretrained(ours, str(tmp_path))
   back = Qwen3ForCausalLM.from_pretrained(str(tmp_path)).eval()
-  ids, mask = prompts(True)
+  ids, mask = hf_refs.prompts(True)
   with torch.no_grad():
     a = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     b = back(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()

@@ -33,12 +33,6 @@ def lm(tmp_path_factory):
   return ref, convert.load_pretrained(folder), folder
 
 
-def prompts(pad: bool):
-  ids = np.random.default_rng(2).integers(0, 95, (2, 7)).astype(np.int64)
-  mask = np.ones_like(ids)
-  if pad:
-    ids[1, :3], mask[1, :3] = 0, 0
-  return ids, mask
 
 
 def test_config_and_layer_stacks(lm):
@@ -54,7 +48,7 @@ def test_config_and_layer_stacks(lm):
 @pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "left_padded"])
 def test_logits_and_router_loss_match_torch(lm, pad):
   ref, ours, _ = lm
-  ids, mask = prompts(pad)
+  ids, mask = hf_refs.prompts(pad)
   with torch.no_grad():
     want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), output_router_logits=True)
   out = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
@@ -69,7 +63,7 @@ def test_logits_and_router_loss_match_torch(lm, pad):
 
 def test_greedy_generate_with_left_padding_equals_torch(lm):
   ref, ours, _ = lm
-  ids, mask = prompts(True)
+  ids, mask = hf_refs.prompts(True)
   with torch.no_grad():
     want = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                         max_new_tokens=NEW).numpy()
@@ -87,7 +81,7 @@ def test_save_pretrained_writes_per_expert_tensors_transformers_loads(lm, tmp_pa
   ref, ours, _ = lm
   convert.save_pretrained(ours, str(tmp_path))
   back = Qwen3MoeForCausalLM.from_pretrained(str(tmp_path)).eval()
-  ids, mask = prompts(True)
+  ids, mask = hf_refs.prompts(True)
   with torch.no_grad():
     a = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     b = back(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
@@ -102,7 +96,7 @@ def test_decoder_sparse_step_interleaves_dense_and_moe_layers(tmp_path):
                           str(tmp_path))
   ours = convert.load_pretrained(str(tmp_path))
   assert ours.layers.mlp.gate.shape[0] == 1 and ours.dense_layers.mlp.gate.kernel.shape[0] == 2
-  ids, mask = prompts(True)
+  ids, mask = hf_refs.prompts(True)
   with torch.no_grad():
     want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
   got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
