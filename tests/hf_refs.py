@@ -92,3 +92,22 @@ def torch_logits(ref, ids, mask) -> np.ndarray:
   """A transformers causal LM's logits float32 [B, T, V] for int ids / mask arrays."""
   with torch.no_grad():
     return ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+
+def chat_prompts(pad: bool, image_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Two prompts int64 [2, 11] with one 56x56 tile each (4 image tokens after pixel shuffle), their mask (row 1
+  left-padded by 3 if pad) and the tiles float32 [2, 56, 56, 3]."""
+  rng = np.random.default_rng(4)
+  ids = rng.integers(0, image_token_id, (2, 11)).astype(np.int64)
+  ids[0, 2:6] = image_token_id
+  ids[1, 5:9] = image_token_id
+  mask = np.ones_like(ids)
+  if pad:
+    ids[1, :3], mask[1, :3] = 0, 0
+  return ids, mask, rng.standard_normal((2, 56, 56, 3)).astype(np.float32)
+
+
+def torch_chat_inputs(ids, mask, pixels) -> dict:
+  """chat_prompts' arrays as the keyword arguments of a transformers InternVL model (NCHW pixels)."""
+  return dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+              pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())

@@ -30,24 +30,6 @@ def pair(request, tmp_path_factory):
   return request.param, ref, convert.load_pretrained(folder)
 
 
-def inputs(pad: bool):
-  """Two prompts with one 56x56 tile each (4 image tokens after pixel shuffle); row 1 left-padded by 3 if pad."""
-  rng = np.random.default_rng(4)
-  ids = rng.integers(0, IMG, (2, 11)).astype(np.int64)
-  ids[0, 2:6] = IMG
-  ids[1, 5:9] = IMG
-  mask = np.ones_like(ids)
-  if pad:
-    ids[1, :3], mask[1, :3] = 0, 0
-  pixels = rng.standard_normal((2, 56, 56, 3)).astype(np.float32)
-  return ids, mask, pixels
-
-
-def torch_inputs(ids, mask, pixels):
-  return dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-              pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())
-
-
 def test_config(pair):
   name, ref, ours = pair
   c = ours.config
@@ -60,9 +42,9 @@ def test_config(pair):
 @pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "left_padded"])
 def test_logits_match_torch(pair, pad):
   name, ref, ours = pair
-  ids, mask, pixels = inputs(pad)
+  ids, mask, pixels = hf_refs.chat_prompts(pad, IMG)
   with torch.no_grad():
-    want = ref(**torch_inputs(ids, mask, pixels)).logits.numpy()
+    want = ref(**hf_refs.torch_chat_inputs(ids, mask, pixels)).logits.numpy()
   got = np.asarray(ours(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), attention_mask=jnp.asarray(mask)).logits)
   real = mask.astype(bool)
   abs_err, rel_err = hf_refs.errors(got[real], want[real])
@@ -76,9 +58,10 @@ def test_logits_match_torch(pair, pad):
 @pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "left_padded"])
 def test_greedy_generate_equals_torch(pair, pad):
   name, ref, ours = pair
-  ids, mask, pixels = inputs(pad)
+  ids, mask, pixels = hf_refs.chat_prompts(pad, IMG)
   with torch.no_grad():
-    want = ref.generate(**torch_inputs(ids, mask, pixels), do_sample=False, max_new_tokens=NEW).numpy()
+    want = ref.generate(**hf_refs.torch_chat_inputs(ids, mask, pixels), do_sample=False,
+                        max_new_tokens=NEW).numpy()
   got = np.asarray(generate(ours, ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=NEW))
   assert got.shape == (2, 11 + NEW)
   np.testing.assert_array_equal(got, want)

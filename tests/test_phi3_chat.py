@@ -30,26 +30,9 @@ def native(tmp_path_factory):
   return folder, ref
 
 
-def inputs(pad: bool):
-  """Two prompts with one 56x56 tile each (4 image tokens); row 1 left-padded by 3 if pad."""
-  rng = np.random.default_rng(4)
-  ids = rng.integers(0, IMG, (2, 11)).astype(np.int64)
-  ids[0, 2:6] = IMG
-  ids[1, 5:9] = IMG
-  mask = np.ones_like(ids)
-  if pad:
-    ids[1, :3], mask[1, :3] = 0, 0
-  return ids, mask, rng.standard_normal((2, 56, 56, 3)).astype(np.float32)
-
-
-def torch_inputs(ids, mask, pixels):
-  return dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-              pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())
-
-
 def torch_logits(ref, ids, mask, pixels):
   with torch.no_grad():
-    return ref(**torch_inputs(ids, mask, pixels)).logits.numpy()
+    return ref(**hf_refs.torch_chat_inputs(ids, mask, pixels)).logits.numpy()
 
 
 def params(model) -> dict:
@@ -61,7 +44,7 @@ def test_native_chat_logits_match_torch(native, pad):
   folder, ref = native
   ours = convert.load_pretrained(folder)
   assert ours.config.language.rope_type == "longrope" and ours.config.language.hf_model_type == "phi3"
-  ids, mask, pixels = inputs(pad)
+  ids, mask, pixels = hf_refs.chat_prompts(pad, IMG)
   got = np.asarray(ours(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), attention_mask=jnp.asarray(mask)).logits)
   real = mask.astype(bool)
   abs_err, rel_err = hf_refs.errors(got[real], torch_logits(ref, ids, mask, pixels)[real])
@@ -74,9 +57,10 @@ def test_native_chat_greedy_generate_equals_torch(native):
   positions past 16 use the long factors against keys cached with the short ones, as our per-call choice does."""
   folder, ref = native
   ours = convert.load_pretrained(folder)
-  ids, mask, pixels = inputs(True)
+  ids, mask, pixels = hf_refs.chat_prompts(True, IMG)
   with torch.no_grad():
-    want = ref.generate(**torch_inputs(ids, mask, pixels), do_sample=False, max_new_tokens=NEW).numpy()
+    want = ref.generate(**hf_refs.torch_chat_inputs(ids, mask, pixels), do_sample=False,
+                        max_new_tokens=NEW).numpy()
   got = generate(ours, ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=NEW)
   np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -94,7 +78,7 @@ def test_opengvlab_phi3_chat_matches_native_and_torch(native, tmp_path):
   assert p_ours.keys() == p_base.keys()
   for k in p_ours:
     np.testing.assert_array_equal(p_ours[k], p_base[k], err_msg=k)
-  ids, mask, pixels = inputs(True)
+  ids, mask, pixels = hf_refs.chat_prompts(True, IMG)
   got = np.asarray(ours(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), attention_mask=jnp.asarray(mask)).logits)
   real = mask.astype(bool)
   abs_err, rel_err = hf_refs.errors(got[real], torch_logits(ref, ids, mask, pixels)[real])
@@ -109,6 +93,6 @@ def test_chat_export_loads_in_transformers(native, tmp_path):
   back, info = InternVLForConditionalGeneration.from_pretrained(str(tmp_path), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
   assert back.config.text_config.model_type == "phi3"
-  ids, mask, pixels = inputs(True)
+  ids, mask, pixels = hf_refs.chat_prompts(True, IMG)
   np.testing.assert_allclose(torch_logits(back.eval(), ids, mask, pixels), torch_logits(ref, ids, mask, pixels),
                              rtol=1e-6, atol=1e-6)

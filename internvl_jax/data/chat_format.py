@@ -29,8 +29,8 @@ from internvl_jax.data import templates
 from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.data import transforms
 
-IMAGE_PLACEHOLDER = "<image>"
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IMAGE_PLACEHOLDER = templates.IMAGE_PLACEHOLDER
+IMG_START, IMG_END, IMG_CONTEXT = tokenizer_lib.IMG_START, tokenizer_lib.IMG_END, tokenizer_lib.IMG_CONTEXT
 
 
 def tokens_per_tile(image_size: int, patch_size: int, downsample_ratio: float) -> int:

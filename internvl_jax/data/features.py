@@ -20,13 +20,12 @@ import dataclasses
 
 import numpy as np
 
-from internvl_jax.data import templates
+from internvl_jax.data import chat_format, templates
 from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.data import transforms
 from internvl_jax.data.transforms import BadRecord
 
-IMAGE_PLACEHOLDER = "<image>"
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IMAGE_PLACEHOLDER, IMG_CONTEXT = templates.IMAGE_PLACEHOLDER, tokenizer_lib.IMG_CONTEXT
 
 
 @dataclasses.dataclass
@@ -153,7 +152,7 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
   except ValueError as e:
     raise ValueError(f"{e}; set config.data.template") from None
   # The block always holds K tile slots (fixed shapes); the image tokens of unused slots are not attended.
-  block = IMG_START + IMG_CONTEXT * (k * n) + IMG_END
+  block = chat_format.image_block(k, n)
 
   ids: list[int] = [tok.bos_id] if tok.add_bos_token and tok.bos_id is not None else []
   hidden_start, hidden = len(ids), 0

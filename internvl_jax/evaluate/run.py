@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -111,10 +112,13 @@ def _generate_all(model: EvalModel, paths: Sequence[str], questions: Sequence[st
     if n < batch_size:
       batch = batch + [batch[-1]] * (batch_size - n)
       batch_paths += [batch_paths[-1]] * (batch_size - n)
-    pixels = np.concatenate([chat_format.preprocess_image(sources.decode_image(p), geometry.image_size,
-                                                          dynamic=dynamic, max_num=max_num,
-                                                          use_thumbnail=geometry.use_thumbnail)
-                             for p in batch_paths])
+    if dynamic:
+      with ThreadPoolExecutor(4) as pool:  # PIL releases the GIL while decoding and resizing
+        pixels = np.concatenate(list(pool.map(lambda p: chat_format.preprocess_image(
+            sources.decode_image(p), geometry.image_size, max_num=max_num, use_thumbnail=geometry.use_thumbnail),
+            batch_paths)))
+    else:  # one squashed tile each: the evaluation loader (threaded)
+      pixels = sources.load_images(batch_paths, geometry.image_size)
     if len(pixels) < tile_budget:  # fixed shapes; the model fills image tokens from the first tiles only
       pixels = np.concatenate([pixels, np.zeros((tile_budget - len(pixels),) + pixels.shape[1:], pixels.dtype)])
     answers += model.generate(pixels, batch, max_new_tokens, prompt_len, min_new_tokens=min_new_tokens)[:n]
