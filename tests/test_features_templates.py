@@ -28,6 +28,19 @@ def internlm2(tmp_path_factory):
   return tokenizer.load(tokenizer_folders.internlm2_sentencepiece(str(tmp_path_factory.mktemp("internlm2"))))
 
 
+HARMONY = ["<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>"]
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_like(tmp_path_factory):
+  """A BPE tokenizer folder with gpt-oss's harmony special tokens (and InternVL's image tokens) added."""
+  ref = AutoTokenizer.from_pretrained(tokenizer_folders.qwen2_bpe(str(tmp_path_factory.mktemp("base"))))
+  ref.add_special_tokens({"additional_special_tokens": HARMONY})
+  folder = str(tmp_path_factory.mktemp("gpt_oss_like"))
+  ref.save_pretrained(folder)
+  return tokenizer.load(folder), AutoTokenizer.from_pretrained(folder)
+
+
 def _features(tok, template, record, max_len=200, system=None):
   spec = features.FeatureSpec("instruct", 28, max_len, tokens_per_tile=N, max_tiles=1, template=template,
                               system=system)
@@ -76,14 +89,34 @@ def test_internlm2_gets_its_bos_and_whole_string_tokens(internlm2):
       "Red.<|im_end|>Blue, with clouds.<|im_end|>"
 
 
-@pytest.mark.parametrize("template", ["internvl2_5", "Hermes-2", "internlm2-chat", "plain"])
-def test_inference_prompt_is_the_trained_prompt(qwen2, internlm2, template):
+def test_gpt_oss_units_and_labels_as_the_official_preprocess(gpt_oss_like):
+  tok, ref = gpt_oss_like
+  ids, loss, _ = _features(tok, "internvl3_5_gpt_oss", RECORD, system="S")
+  # preprocess_internvl3_5_gpt_oss: one tokenizer call per message; an answer is '<|start|>assistant<|channel|>
+  # final<|message|>' + value + '<|end|>' ('<|return|>' for the last), its '<|start|>assistant' tokens unlabelled
+  units = ["<|start|>system<|message|>S<|end|>", f"<|start|>user<|message|>{BLOCK}\nWhat colour is the car?<|end|>",
+           "<|start|>assistant<|channel|>final<|message|>Red.<|end|>", "<|start|>user<|message|>And the sky?<|end|>",
+           "<|start|>assistant<|channel|>final<|message|>Blue, with clouds.<|return|>"]
+  unit_ids = [ref(u, add_special_tokens=False)["input_ids"] for u in units]
+  assert ids == [i for u in unit_ids for i in u]
+  skip = len(ref("<|start|>assistant", add_special_tokens=False)["input_ids"])
+  answers = (2, 4)  # the assistant units
+  want = [m for k, u in enumerate(unit_ids) for m in ([0] * skip + [1] * (len(u) - skip) if k in answers else
+                                                       [0] * len(u))]
+  assert loss == want
+
+
+@pytest.mark.parametrize("template", ["internvl2_5", "Hermes-2", "internlm2-chat", "internvl3_5_gpt_oss", "plain"])
+def test_inference_prompt_is_the_trained_prompt(qwen2, internlm2, gpt_oss_like, template):
   if template == "plain":
     tok = tokenizer.build_word_level(["what colour is the car ? red ."])
+  elif template == "internvl3_5_gpt_oss":
+    tok = gpt_oss_like[0]
   else:
     tok = internlm2 if template == "internlm2-chat" else qwen2[0]
   rec = dict(RECORD, conversations=RECORD["conversations"][:2])
-  ids, loss, _ = _features(tok, template, rec)
+  ids, loss, _ = _features(tok, template, rec, max_len=800)  # room for gpt-oss's long default system message
+  assert len(ids) < 800  # not truncated
   fmt = chat_format.ChatFormat(tok, 28, N, template=template)
   prompt = fmt.input_ids("What colour is the car?", [1])
   assert ids[:loss.index(1)] == prompt

@@ -83,7 +83,42 @@ def test_released_templates_render_as_official(name):
 def test_stop_strings():
   assert {n: templates.stop_string(n) for n in templates.NAMES} == {
       "Hermes-2": "<|im_end|>", "internlm2-chat": "<|im_end|>", "phi3-chat": "<|end|>",
-      "internvl2_5": "<|im_end|>", "plain": "</s>"}
+      "internvl2_5": "<|im_end|>", "internvl3_5_gpt_oss": "<|return|>", "plain": "</s>"}
+
+
+GPT_OSS_SYSTEM = ("You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: "
+                  "2024-06\nCurrent date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must "
+                  "be included for every message.")
+
+
+def test_gpt_oss_template_is_the_official_mpt_two_layout():
+  # internvl_chat_gpt_oss/.../conversation.py 'internvl3_5_gpt_oss' (MPT_TWO): system + sep, role + message +
+  # sep, sep2 '<|return|>' only after a last message that is an answer, a bare role for the open turn
+  name = "internvl3_5_gpt_oss"
+  assert templates.default_system(name) == GPT_OSS_SYSTEM
+  assert templates.render(name, ONE) == (
+      f"<|start|>system<|message|>{GPT_OSS_SYSTEM}<|end|><|start|>user<|message|><image>\nWhat is it?<|end|>"
+      "<|start|>assistant")
+  assert templates.render(name, TWO, system="S") == (
+      "<|start|>system<|message|>S<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant"
+      "Hello!<|end|><|start|>user<|message|>Name?<|end|><|start|>assistant")
+  assert templates.render(name, DONE, system="S").endswith("<|start|>assistantBot.<|return|>")
+
+
+def test_gpt_oss_training_text_is_preprocess_internvl3_5_gpt_oss():
+  # dataset.py preprocess_internvl3_5_gpt_oss: one unit per message; answers written as
+  # '<|start|>assistant<|channel|>final<|message|>' + value + ('<|return|>' last, '<|end|>' before); loss on all of
+  # an assistant unit but its '<|start|>assistant' tokens
+  name = "internvl3_5_gpt_oss"
+  assert templates.train_units(name, DONE, system="S") == [
+      "<|start|>system<|message|>S<|end|>", "<|start|>user<|message|>Hi<|end|>",
+      "<|start|>assistant<|channel|>final<|message|>Hello!<|end|>", "<|start|>user<|message|>Name?<|end|>",
+      "<|start|>assistant<|channel|>final<|message|>Bot.<|return|>"]
+  assert templates.segments(name, DONE, system="S") == [
+      ("<|start|>system<|message|>S<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant", False),
+      ("<|channel|>final<|message|>Hello!<|end|>", True),
+      ("<|start|>user<|message|>Name?<|end|><|start|>assistant", False),
+      ("<|channel|>final<|message|>Bot.<|return|>", True)]
 
 
 def test_plain_keeps_the_demo_layout():

@@ -32,6 +32,9 @@ IMAGE_PLACEHOLDER = "<image>"
 # the default system message of Hermes-2 / internlm2-chat / phi3-chat and the one of internvl2_5, as the 2025 head of
 # OpenGVLab's conversation.py has them
 _MSG_V1 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+_MSG_GPT_OSS = ("You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: "
+                "2024-06\nCurrent date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be "
+                "included for every message.")
 _MSG_V25 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 
 
@@ -48,6 +51,10 @@ class Template:
   per_turn_units: the official training tokenises the system block and every message block on its own
     (preprocess_internvl2_5) instead of the whole conversation at once.
   train_strips: the official training strips every message before writing it (preprocess_internlm).
+  last_sep: the "MPT_TWO" style's sep2: written instead of `sep` after the conversation's last message when that
+    is an answer (internvl3_5_gpt_oss: `<|return|>`); also the stop string. None: the MPT style.
+  train_answer_prefix: written (and trained) between the assistant role and each answer in training text only;
+    prompts (`render`, chat()) write answers without it (internvl3_5_gpt_oss: `<|channel|>final<|message|>`).
   """
   name: str
   system_template: str | None
@@ -58,11 +65,14 @@ class Template:
   trained_sep: str
   per_turn_units: bool = False
   train_strips: bool = False
+  last_sep: str | None = None
+  train_answer_prefix: str = ""
 
   @property
   def stop(self) -> str:
-    """The string generation stops at: the separator, stripped (official chat() uses its token as eos)."""
-    return self.sep.strip()
+    """The string generation stops at: sep2 if the template has one, else the separator, stripped (official
+    chat() uses its token as eos)."""
+    return (self.last_sep or self.sep).strip()
 
 
 def _chatml(name: str, message: str, sep: str, **kw) -> Template:
@@ -76,6 +86,10 @@ _TEMPLATES = {t.name: t for t in (
     Template("phi3-chat", "<|system|>\n{system_message}", _MSG_V1, ("<|user|>\n", "<|assistant|>\n"),
              "<|end|>", "<|end|>", "<|end|>"),
     _chatml("internvl2_5", _MSG_V25, "<|im_end|>\n", per_turn_units=True),
+    # InternVL3.5-GPT-OSS (internvl_chat_gpt_oss/): OpenAI's harmony layout, "MPT_TWO" style
+    Template("internvl3_5_gpt_oss", "<|start|>system<|message|>{system_message}", _MSG_GPT_OSS,
+             ("<|start|>user<|message|>", "<|start|>assistant"), "<|end|>", "<|end|>", "<|end|>",
+             per_turn_units=True, last_sep="<|return|>", train_answer_prefix="<|channel|>final<|message|>"),
     # ours, for from-scratch runs with the word-level tokenizer: <user> question <assistant> answer </s>
     Template("plain", None, "", ("<user>", "<assistant>"), "", "</s>", "</s>"),
 )}
@@ -99,8 +113,9 @@ def stop_string(name: str) -> str:
   return get(name).stop
 
 
-def _pieces(name: str, turns, system: str | None) -> list[tuple[str, bool]]:
-  """Unmerged (text, trained) pieces of the conversation, with a unit break marked by (None, False)."""
+def _pieces(name: str, turns, system: str | None, training: bool = False) -> list[tuple[str, bool]]:
+  """Unmerged (text, trained) pieces of the conversation, with a unit break marked by (None, False).
+  training: the text the official training writes (adds the template's train_answer_prefix)."""
   t = get(name)
   turns = [tuple(turn) for turn in turns]
   if not turns or any(len(turn) != 2 for turn in turns):
@@ -116,11 +131,14 @@ def _pieces(name: str, turns, system: str | None) -> list[tuple[str, bool]]:
     # the system block is written even for an empty message, as get_prompt() does
     out += [(t.system_template.format(system_message=message) + t.sep, False), (None, False)]
   user, assistant = t.roles
-  for question, answer in turns:
+  prefix = t.train_answer_prefix if training else ""
+  for i, (question, answer) in enumerate(turns):
     # a falsy message is written as the bare role, without separator (get_prompt's `if message:`)
     out += [(user + question + t.user_sep, False) if question else (user, False), (None, False)]
-    if answer:
-      out += [(assistant, False), (answer + t.trained_sep, True), (t.sep[len(t.trained_sep):], False)]
+    if answer and t.last_sep and i == len(turns) - 1:  # MPT_TWO: the last message, an answer, ends with sep2
+      out += [(assistant, False), (prefix + answer + t.last_sep, True)]
+    elif answer:
+      out += [(assistant, False), (prefix + answer + t.trained_sep, True), (t.sep[len(t.trained_sep):], False)]
     else:
       out.append((assistant, False))
     out.append((None, False))
@@ -138,11 +156,12 @@ def render(name: str, turns: Sequence[tuple[str, str | None]], *, system: str | 
 
 def segments(name: str, turns: Sequence[tuple[str, str | None]], *,
              system: str | None = None) -> list[tuple[str, bool]]:
-  """`render`'s text as consecutive pieces, True where the official training computes loss: each answer with the
-  trained part of its separator (`<|im_end|>`, `<|end|>`, `</s>`). Roles, questions, the system block and
-  internvl2_5's newline after `<|im_end|>` are False. ''.join(pieces) == render(...)."""
+  """The training text as consecutive pieces, True where the official training computes loss: each answer with the
+  trained part of its separator (`<|im_end|>`, `<|end|>`, `</s>`, gpt-oss's `<|return|>` after the last one) and
+  gpt-oss's `<|channel|>final<|message|>` before it. Roles, questions, the system block and internvl2_5's newline
+  after `<|im_end|>` are False. ''.join(pieces) == render(...) except for the gpt-oss answer prefix."""
   merged: list[tuple[str, bool]] = []
-  for text, trained in _pieces(name, turns, system):
+  for text, trained in _pieces(name, turns, system, training=True):
     if not text:
       continue
     if merged and merged[-1][1] == trained:
@@ -153,10 +172,10 @@ def segments(name: str, turns: Sequence[tuple[str, str | None]], *,
 
 
 def train_units(name: str, turns: Sequence[tuple[str, str | None]], *, system: str | None = None) -> list[str]:
-  """The strings the official training tokenises separately, whose concatenation is `render`'s text:
-  internvl2_5: the system block, then each user block and each assistant block (role + message + sep);
-  the other templates: the whole conversation as one string."""
-  pieces = _pieces(name, turns, system)
+  """The strings the official training tokenises separately, whose concatenation is the training text (`segments`):
+  internvl2_5 and internvl3_5_gpt_oss: the system block, then each user block and each assistant block (role +
+  message + sep); the other templates: the whole conversation as one string."""
+  pieces = _pieces(name, turns, system, training=True)
   if not get(name).per_turn_units:
     return ["".join(s for s, _ in pieces if s)]
   units, current = [], ""

@@ -58,7 +58,7 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   c.data.max_text_len = 64 if task == "instruct" else 32
   c.data.max_tiles = 1  # instruct: tile slots per example (dynamic tiling when > 1)
   # conversation template (data/templates.py): 'plain' (our word-level tokenizer's markers) or a released one,
-  # 'internvl2_5' | 'internlm2-chat' | 'Hermes-2' | 'phi3-chat', for the tokenizer of that release
+  # 'internvl2_5' | 'internlm2-chat' | 'Hermes-2' | 'phi3-chat' | 'internvl3_5_gpt_oss', for that release's tokenizer
   c.data.template = "plain"
   c.data.system_message = None  # None: the template's default system message (a record's system turn wins)
   c.data.augment = False  # random-resized-crop for training images
