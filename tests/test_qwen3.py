@@ -136,6 +136,9 @@ def test_opengvlab_qwen3_folder_is_detected_as_qwen3(chat):
   _, _, og = chat
   assert configs.language_family(files.read_config(og)["llm_config"]) == "qwen3"
   assert configs.language_family({"architectures": ["Qwen3MoeForCausalLM"]}) == "qwen3_moe"
+  # without tokenizer files the InternVL3.5 id is assumed: Qwen3's added tokens end at </think> = 151668, then
+  # <img>, </img>, <IMG_CONTEXT>
+  assert configs.chat_from_opengvlab(files.read_config(og), None).image_token_id == 151671
 
 
 def test_sliding_window_and_attention_bias_are_refused():

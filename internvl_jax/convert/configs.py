@@ -311,7 +311,10 @@ def chat_to_native(cfg: ml_collections.ConfigDict) -> dict:
 
 
 # Fallback IMG_CONTEXT ids when the folder has no tokenizer files (DESIGN §5).
-DEFAULT_IMAGE_TOKEN = {"qwen2": 151667, "internlm2": 92546}
+# <IMG_CONTEXT> of releases whose folder lacks tokenizer files: InternVL2 / 2.5 / 3 add <img>, </img>, <IMG_CONTEXT>
+# after Qwen2's 22 added tokens (151643..151664); Qwen3 adds four more (<tool_response>, </tool_response>, <think>,
+# </think> up to 151668), so InternVL3.5's Qwen3 / Qwen3-MoE releases have it at 151671.
+DEFAULT_IMAGE_TOKEN = {"qwen2": 151667, "qwen3": 151671, "qwen3_moe": 151671, "internlm2": 92546}
 
 
 def chat_from_opengvlab(c: dict, image_token_id: int | None) -> ml_collections.ConfigDict:
