@@ -3,9 +3,10 @@
   python -m internvl_jax.convert import <hf_dir> <out_dir> [--dtype float32]
       a Hugging Face folder (any family load_pretrained reads) -> our Orbax checkpoint (layout: orbax_io.py),
       which train.py accepts as config.init.path and `export` turns back into a transformers folder.
-  python -m internvl_jax.convert export <our_checkpoint_or_hf_dir> <out_dir> [--dtype bfloat16]
-      our checkpoint, or any folder load_pretrained reads (e.g. an OpenGVLab remote-code one) -> a
-      transformers-native folder (config.json + safetensors).
+  python -m internvl_jax.convert export <src> <out_dir> [--layout native|opengvlab] [--dtype bfloat16]
+      a train.py workdir, our checkpoint, or any folder load_pretrained reads (e.g. an OpenGVLab remote-code one)
+      -> a complete folder (release.py): weights + config, tokenizer files, chat template, generation_config.json
+      and the image processor's files; transformers-native (default) or OpenGVLab's InternVLChatModel layout.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from internvl_jax.convert import orbax_io
+from internvl_jax.convert import orbax_io, release
 from internvl_jax.convert.configs import ConversionError
 from internvl_jax.convert.loader import load_pretrained
-from internvl_jax.convert.saver import save_pretrained
 
 
 def main(argv=None) -> int:
@@ -27,9 +27,11 @@ def main(argv=None) -> int:
   imp.add_argument("src")
   imp.add_argument("out_dir")
   imp.add_argument("--dtype", default="float32", help="parameter and compute dtype (default float32)")
-  exp = sub.add_parser("export", help="our checkpoint or a Hugging Face folder -> transformers-native folder")
+  exp = sub.add_parser("export", help="a train.py workdir, our checkpoint or a model folder -> a complete folder")
   exp.add_argument("src")
   exp.add_argument("out_dir")
+  exp.add_argument("--layout", default="native", choices=release.LAYOUTS,
+                   help="native: transformers (InternVLForConditionalGeneration, ...); opengvlab: InternVLChatModel")
   exp.add_argument("--dtype", default=None, help="cast tensors (float32 | bfloat16 | float16); default: as stored")
   args = parser.parse_args(argv)
   try:
@@ -38,10 +40,13 @@ def main(argv=None) -> int:
       where = orbax_io.save_checkpoint(model, args.out_dir)
       print(f"wrote {orbax_io.model_kind(model)} checkpoint {where}")
     else:
-      model = orbax_io.load_checkpoint(args.src) if orbax_io.is_checkpoint(args.src) else load_pretrained(args.src)
-      written = save_pretrained(model, args.out_dir, dtype=args.dtype)
-      print(f"wrote {args.out_dir}: config.json + {len(written)} safetensors file(s)")
-  except ConversionError as e:
+      model, tok, chat = release.load_source(args.src)
+      written = release.write_release(model, args.out_dir, tokenizer=tok, chat=chat, layout=args.layout,
+                                      dtype=args.dtype)
+      print(f"wrote {args.out_dir} ({args.layout} layout): {', '.join(written)}")
+      if tok is None:
+        print("note: the source holds no tokenizer files; add the tokenizer before using the folder")
+  except (ConversionError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

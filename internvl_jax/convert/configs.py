@@ -78,6 +78,16 @@ def vision_to_native(v: ml_collections.ConfigDict) -> dict:
               use_absolute_position_embeddings=True, use_mask_token=False)
 
 
+def vision_to_opengvlab(v: ml_collections.ConfigDict) -> dict:
+  """Our vision config -> OpenGVLab InternVisionConfig fields (InternVL-14B and InternVLChatModel layouts)."""
+  _require(v.qkv_fused, "the OpenGVLab layout stores the ViT qkv fused")
+  return dict(model_type="intern_vit_6b", architectures=["InternVisionModel"], hidden_size=v.hidden_size,
+              num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, intermediate_size=v.mlp_dim,
+              qkv_bias=v.qkv_bias, qk_normalization=v.qk_norm, norm_type=v.norm_type, layer_norm_eps=v.norm_eps,
+              initializer_factor=v.layer_scale_init, image_size=v.image_size, patch_size=v.patch_size,
+              num_channels=v.num_channels, hidden_act="gelu", drop_path_rate=v.drop_path_rate)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Language models
 
@@ -310,6 +320,28 @@ def chat_to_native(cfg: ml_collections.ConfigDict) -> dict:
               tie_word_embeddings=bool(cfg.language.tie_embeddings))
 
 
+def chat_to_opengvlab(cfg: ml_collections.ConfigDict, *, template: str, system_message: str | None = None,
+                      max_dynamic_patch: int = 12, use_thumbnail: bool = True) -> dict:
+  """Our chat config -> an OpenGVLab InternVLChatConfig (model_type 'internvl_chat'): vision_config, llm_config
+  (the transformers config of the language model, with top-level rope_theta and rope_scaling as the
+  transformers-4 era remote code reads them), the conversation template and the tiling settings."""
+  _require(cfg.mode == "replace", "only 'replace'-mode chat models (InternVL 1.5+) have an OpenGVLab chat layout")
+  llm_cfg = language_to_hf(cfg.language)
+  rope = dict(llm_cfg.get("rope_parameters") or {})
+  llm_cfg["rope_theta"] = float(rope.pop("rope_theta", cfg.language.rope_theta))
+  if rope.get("rope_type", "default") != "default":
+    llm_cfg["rope_scaling"] = dict(rope, type=rope["rope_type"])
+  out = dict(model_type="internvl_chat", architectures=["InternVLChatModel"],
+             vision_config=vision_to_opengvlab(cfg.vision), llm_config=llm_cfg, select_layer=cfg.select_layer,
+             downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version, template=template,
+             force_image_size=input_size(cfg), dynamic_image_size=max_dynamic_patch > 1, use_thumbnail=use_thumbnail,
+             min_dynamic_patch=1, max_dynamic_patch=max_dynamic_patch, use_backbone_lora=0, use_llm_lora=0,
+             tie_word_embeddings=bool(cfg.language.tie_embeddings))
+  if system_message is not None:
+    out["system_message"] = system_message
+  return out
+
+
 # Fallback IMG_CONTEXT ids when the folder has no tokenizer files (DESIGN §5).
 # <IMG_CONTEXT> of releases whose folder lacks tokenizer files: InternVL2 / 2.5 / 3 add <img>, </img>, <IMG_CONTEXT>
 # after Qwen2's 22 added tokens (151643..151664); Qwen3 adds four more (<tool_response>, </tool_response>, <think>,
@@ -385,12 +417,7 @@ def contrastive_to_14b(cfg: ml_collections.ConfigDict) -> dict:
   _require(cfg.query_pool_heads == cfg.vision.pool_heads and cfg.vision.pool_out_dim == cfg.embed_dim,
            "the InternVL-14B layout has one attn_pool_num_heads and clip_embed_dim for both pooling blocks")
   v, t = cfg.vision, cfg.text
-  _require(v.qkv_fused, "the InternVL-14B layout stores the ViT qkv fused")
-  vision = dict(model_type="intern_vit_6b", architectures=["InternVisionModel"], hidden_size=v.hidden_size,
-                num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, intermediate_size=v.mlp_dim,
-                qkv_bias=v.qkv_bias, qk_normalization=v.qk_norm, norm_type=v.norm_type, layer_norm_eps=v.norm_eps,
-                initializer_factor=v.layer_scale_init, image_size=v.image_size, patch_size=v.patch_size,
-                num_channels=v.num_channels, hidden_act="gelu", drop_path_rate=v.drop_path_rate)
+  vision = vision_to_opengvlab(v)
   qllama = language_to_hf(t)
   _require(qllama["model_type"] == "llama", "QLLaMA is a LLaMA: no q/k/v biases")
   qllama.update(num_query_token=t.num_query_tokens, cross_attention_frequency=t.cross_attention_frequency)

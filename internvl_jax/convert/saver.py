@@ -60,6 +60,13 @@ def save_pretrained(model: nnx.Module, out_dir: str, dtype=None, *,
   dtype: None keeps each parameter's dtype; 'float32' / 'bfloat16' / 'float16' (or a jnp dtype) casts every
   tensor. Returns the safetensors files written."""
   hf, rules = export_plan(model)
+  return write_folder(model, out_dir, hf, rules, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def write_folder(model: nnx.Module, out_dir: str, hf: dict, rules: list, *, dtype=None,
+                 max_shard_bytes: int = files.MAX_SHARD_BYTES) -> list[str]:
+  """config.json (`hf`, its dtype filled in) and the parameters written under the source names of `rules` (a
+  loader key map run backwards). Returns the safetensors files written."""
   params = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   by_target = {r.target: r for r in rules}
   if set(params) != set(by_target):  # a key-map bug, never a user error

@@ -305,3 +305,53 @@ def messages_from_turns(turns: Sequence[tuple[str, str | None]], *, system: str 
     if answer is not None:
       messages.append({"role": "assistant", "content": answer})
   return messages
+
+
+# ---- a Jinja chat template for a conversation template (written into exported -hf folders) ----
+
+def _literal(text: str) -> str:
+  return json.dumps(text, ensure_ascii=False)  # a Jinja string literal: same escapes as JSON for these strings
+
+
+def to_jinja(name: str, system: str | None = None) -> str:
+  """A Jinja chat template that writes what `render(name, ...)` writes, for transformers' apply_chat_template and
+  for ChatFormat.from_folder on an exported -hf folder.
+
+  Messages: a leading `system` message sets the system message (its content, also ''), none = the template's
+  default; content a string or parts ({"type": "image"} -> `<IMG_CONTEXT>\\n`, which InternVLProcessor expands
+  into the image block, {"type": "text"} -> its text); an empty message is its bare role; add_generation_prompt
+  opens the assistant turn. `last_sep` (gpt-oss's `<|return|>`) ends a conversation whose last message is an
+  answer. system: the default system message written when the messages have none (None: the template's)."""
+  t = get(name)
+  user, assistant = t.roles
+  default = t.system_message if system is None else system
+  if t.system_template is None and default:
+    raise ValueError(f"template {name!r} has no system message; pass system=None")
+  out = ["{%- set ns = namespace(system=" + _literal(default) + ", start=0) -%}",
+         "{%- if messages and messages[0]['role'] == 'system' -%}",
+         "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}",
+         "{%- endif -%}"]
+  if t.system_template is None:
+    out.append("{%- if ns.system -%}{{ raise_exception(" + _literal(f"template {name} has no system message") +
+               ") }}{%- endif -%}")
+  else:
+    head, tail = t.system_template.split("{system_message}")
+    out.append("{{- " + _literal(head) + " + ns.system + " + _literal(tail + t.sep) + " -}}")
+  last_sep = _literal(t.last_sep) if t.last_sep else _literal(t.sep)
+  out += [
+      "{%- for message in messages[ns.start:] -%}",
+      "{%- if message['content'] is string -%}{%- set text = message['content'] -%}",
+      "{%- else -%}{%- set text = namespace(v='') -%}{%- for part in message['content'] -%}",
+      "{%- if part['type'] == 'image' -%}{%- set text.v = text.v + '<IMG_CONTEXT>\\n' -%}",
+      "{%- elif part['type'] == 'text' -%}{%- set text.v = text.v + part['text'] -%}{%- endif -%}",
+      "{%- endfor -%}{%- set text = text.v -%}{%- endif -%}",
+      "{%- if message['role'] == 'user' -%}",
+      "{{- " + _literal(user) + " -}}{%- if text -%}{{- text + " + _literal(t.user_sep) + " -}}{%- endif -%}",
+      "{%- elif message['role'] == 'assistant' -%}",
+      "{{- " + _literal(assistant) + " -}}{%- if text -%}{{- text -}}{%- if loop.last -%}{{- " + last_sep +
+      " -}}{%- else -%}{{- " + _literal(t.sep) + " -}}{%- endif -%}{%- endif -%}",
+      "{%- else -%}{{ raise_exception('roles must be user / assistant after an optional first system') }}",
+      "{%- endif -%}",
+      "{%- endfor -%}",
+      "{%- if add_generation_prompt -%}{{- " + _literal(assistant) + " -}}{%- endif -%}"]
+  return "\n".join(out)
