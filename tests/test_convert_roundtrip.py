@@ -132,16 +132,35 @@ def test_cli_import_then_export(chat, tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
 
 
-def test_seed_contrastive_exports_to_our_layout(tmp_path):
+def test_seed_contrastive_exports_with_pytorch_code_that_computes_the_same(tmp_path):
+  # no PyTorch library defines the seed design: the export carries its own modeling file, loaded by transformers'
+  # trust_remote_code; its embeddings must equal ours (a bidirectional, mean-pooled text tower, left padding)
+  from transformers import AutoModel
   from internvl_jax.models import internvl, presets
-  model = internvl.InternVLContrastive(presets.contrastive("tiny"), rngs=nnx.Rngs(3))
+  cfg = presets.contrastive("tiny")
+  cfg.text.qkv_bias = True
+  model = internvl.InternVLContrastive(cfg, rngs=nnx.Rngs(3))
   out = str(tmp_path / "seed")
   convert.save_pretrained(model, out)
   with open(os.path.join(out, "config.json")) as f:
     meta = json.load(f)
-  assert meta["model_type"] == "internvl_jax" and meta["kind"] == "contrastive"
-  with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
-    assert f.get_slice("vision.blocks.attn.qkv.kernel").get_shape() == [2, 32, 96]  # stacked, [in, out]
+  assert meta["model_type"] == "internvl_seed" and os.path.exists(os.path.join(out, "modeling_internvl_seed.py"))
+  with safe_open(os.path.join(out, "model.safetensors"), "np") as f:  # transformers' InternViT names, [out, in]
+    assert f.get_slice("vision_model.encoder.layer.1.attention.q_proj.weight").get_shape() == [32, 32]
   again = convert.load_pretrained(out)
   assert type(again) is internvl.InternVLContrastive
   assert_same_params(again, model)
+  torch_model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+  rng = np.random.default_rng(0)
+  pixels = rng.standard_normal((2, 56, 56, 3)).astype(np.float32)
+  ids = rng.integers(1, 128, (3, 7))
+  mask = np.ones_like(ids)
+  mask[1, :3] = 0  # left padding
+  mask[2, 5:] = 0  # right padding
+  img, txt, scale = model(jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask))
+  with torch.no_grad():
+    t_img, t_txt, logits = torch_model(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
+                                       input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  np.testing.assert_allclose(t_img.numpy(), np.asarray(img), atol=2e-5)
+  np.testing.assert_allclose(t_txt.numpy(), np.asarray(txt), atol=2e-5)
+  np.testing.assert_allclose(logits.numpy(), float(scale) * np.asarray(img) @ np.asarray(txt).T, rtol=1e-4)

@@ -32,6 +32,9 @@ def _require(cond: bool, message: str) -> None:
     raise ConversionError(message)
 
 
+require = _require  # for the other converter modules
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Vision
 

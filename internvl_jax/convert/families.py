@@ -11,8 +11,10 @@
   qwen3 / qwen3_moe transformers Qwen3 / Qwen3Moe ForCausalLM       llm.Decoder (QK-norm; routed experts)
   internlm2         OpenGVLab InternLM2ForCausalLM                  llm.Decoder
   internvl_14b      OpenGVLab InternVLModel (InternVL-14B-224px)    internvl.InternVLContrastive (variant c / g)
+  internvl_seed     a seed contrastive model we exported with its      internvl.InternVLContrastive (seed)
+                    PyTorch files (saver.seed_plan)
   internvl_jax      our own layout (save_pretrained of a model with  any of ours (config.json names the kind)
-                    no PyTorch layout, e.g. a seed contrastive one)
+                    no PyTorch layout)
 
 transformers' chat models and InternVL-14B share model_type 'internvl'; the 14B config has `qllama_config`.
 """
@@ -33,7 +35,7 @@ from internvl_jax.convert.configs import ConversionError
 from internvl_jax.models import internvl, llm, vit
 
 FAMILIES = ("internvl_vision", "intern_vit_6b", "internvl", "internvl_chat", "llama", "qwen2", "internlm2",
-            "internvl_14b", "internvl_jax", "qwen3", "qwen3_moe", "phi3", "internlm3")
+            "internvl_14b", "internvl_jax", "internvl_seed", "qwen3", "qwen3_moe", "phi3", "internlm3")
 CAUSAL_LMS = ("llama", "qwen2", "internlm2", "qwen3", "qwen3_moe", "phi3", "internlm3")
 # Our model classes by the kind name stored in our own configs (orbax_io, the internvl_jax layout).
 KINDS = {"vision": vit.InternViT, "language": llm.Decoder, "chat": internvl.InternVLChat,
@@ -163,6 +165,10 @@ def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None, var
       ignored |= {n for n in ckpt.names() if n.startswith("clip_projector2.")}
     rules = keymaps.internvl_14b(cfg, None if cfg.text.tie_embeddings else "qllama.lm_head")
     return Spec(family, cfg, internvl.InternVLContrastive, rules, ignored)
+  if family == "internvl_seed":
+    from internvl_jax.convert import saver  # local: saver imports this module
+    cfg = ml_collections.ConfigDict(hf["internvl_jax"])
+    return Spec(family, cfg, internvl.InternVLContrastive, saver.seed_plan(cfg)[1], set())
   if family == "internvl_jax":
     if hf.get("kind") not in KINDS:
       raise ConversionError(f"internvl_jax config.json names an unknown model kind {hf.get('kind')!r}")

@@ -50,6 +50,16 @@ class Rule:
     return [((i,), self.names(i), shape[1:]) for i in range(shape[0])]
 
 
+def linear(dst: str, src: str, bias: bool = True) -> list[Rule]:
+  """A Linear: our `{dst}.kernel` [in, out] (+ `.bias`) from a PyTorch `{src}.weight` [out, in] (+ `.bias`)."""
+  return _linear(dst, src, bias)
+
+
+def same(dst: str, src: str) -> Rule:
+  """A tensor stored as is."""
+  return _same(dst, src)
+
+
 def _join(prefix: str, name: str) -> str:
   return f"{prefix}.{name}" if prefix else name
 

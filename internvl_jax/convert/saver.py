@@ -6,14 +6,20 @@
                    Phi3ForCausalLM (hf_model_type) or LlamaForCausalLM (none)
   InternVLChat  -> InternVLForConditionalGeneration (model_type internvl)
   InternVLContrastive (variant c / g) -> OpenGVLab InternVL-14B layout (transformers has no InternVL-C/G class)
-  anything else (e.g. a seed contrastive model) -> our own documented layout (own_layout_plan)
+  InternVLContrastive (seed)          -> model_type internvl_seed: transformers InternVLVisionModel names for the
+                                         image tower, LLaMA names for the text tower, plus the PyTorch files of
+                                         convert/torch_remote/, so AutoModel.from_pretrained(out,
+                                         trust_remote_code=True) runs it (no PyTorch library defines this model)
+  anything else (e.g. a prefix-mode chat model) -> our own documented layout (own_layout_plan)
 The key maps are the loader's (keymaps.py) run backwards, so a save -> load round trip is exact.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 
 import numpy as np
 from flax import nnx
@@ -40,7 +46,40 @@ def export_plan(model: nnx.Module) -> tuple[dict, list]:
   if isinstance(model, internvl.InternVLContrastive) and cfg.variant in ("c", "g"):
     hf = configs.contrastive_to_14b(cfg)  # InternVL-C/G: no transformers class; OpenGVLab's InternVL-14B layout
     return hf, keymaps.internvl_14b(cfg, None if cfg.text.tie_embeddings else "qllama.lm_head")
+  if isinstance(model, internvl.InternVLContrastive) and cfg.variant == "seed":
+    try:
+      return seed_plan(cfg)
+    except ConversionError as e:
+      logging.warning("seed model written in the internvl_jax layout (no PyTorch files): %s", e)
   return own_layout_plan(model)
+
+
+SEED_REMOTE_FILES = ("configuration_internvl_seed.py", "modeling_internvl_seed.py")
+
+
+def seed_plan(cfg) -> tuple[dict, list]:
+  """(config.json, rules) of the internvl_seed layout (convert/torch_remote/modeling_internvl_seed.py reads it);
+  our config is kept under "internvl_jax" so load_pretrained rebuilds the model exactly."""
+  t, v = cfg.text, cfg.vision
+  configs.require(cfg.text_kind == "decoder" and v.pooling == "cls" and not t.get("num_experts", 0) and
+                  t.get("rope_type", "default") == "default" and not t.get("rotary_dim") and
+                  not t.get("sliding_window"), "the PyTorch seed model covers CLS-pooled InternViT + dense "
+                  "LLaMA-style text towers with plain RoPE")
+  text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+              num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=llm.head_dim(t),
+              intermediate_size=t.mlp_dim, rms_norm_eps=t.norm_eps, rope_theta=float(t.rope_theta),
+              attention_bias=bool(t.qkv_bias), qk_norm=bool(t.get("qk_norm", False)), causal=bool(t.causal))
+  hf = dict(model_type="internvl_seed", architectures=["InternVLSeedModel"],
+            auto_map={"AutoConfig": "configuration_internvl_seed.InternVLSeedConfig",
+                      "AutoModel": "modeling_internvl_seed.InternVLSeedModel"},
+            vision_config=configs.vision_to_native(v), text_config=text, embed_dim=cfg.embed_dim,
+            num_proj_layers=cfg.num_proj_layers, text_pooling=cfg.text_pooling,
+            internvl_jax=json.loads(cfg.to_json()))
+  rules = keymaps.internvit_native(v, "vision_model", "vision") + keymaps.decoder_hf(t, "text_model", "text")
+  for j in range(cfg.num_proj_layers):
+    rules += keymaps.linear(f"image_projection.linears.{j}", f"image_projection.{j}")
+  rules += keymaps.linear("text_projection", "text_projection") + [keymaps.same("logit_scale", "logit_scale")]
+  return hf, rules
 
 
 def own_layout_plan(model: nnx.Module) -> tuple[dict, list]:
@@ -97,6 +136,10 @@ def write_folder(model: nnx.Module, out_dir: str, hf: dict, rules: list, *, dtyp
   hf["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
+  if hf.get("model_type") == "internvl_seed":  # the PyTorch code that runs this layout
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_remote")
+    for name in SEED_REMOTE_FILES:
+      shutil.copy(os.path.join(here, name), os.path.join(out_dir, name))
   return written
 
 
