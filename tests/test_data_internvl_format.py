@@ -325,3 +325,15 @@ def test_train_cli_runs_stage3_on_a_meta_file(images):
   records = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
   assert records[-1]["records_bad"] == 0 and "eval_loss" in records[-1]
+
+
+def test_inference_tiles_with_the_cap_the_run_trained_with():
+  import configs.instruct
+  from internvl_jax.data import chat_format
+
+  cfg = configs.instruct.get_config("model=tiny")
+  cfg.data.max_tiles = 4
+  tok = tokenizer.build_word_level(["a b"])
+  assert chat_format.ChatFormat.from_run(cfg, tok).max_num == 3  # default: max_tiles - 1
+  cfg.data.max_dynamic_patch = 2
+  assert chat_format.ChatFormat.from_run(cfg, tok).max_num == 2

@@ -114,7 +114,7 @@ class InternVLMetaSource:
     """Conversation turns of every record once (repeats not repeated), for building a tokenizer."""
     for d in self.datasets:
       with open(d.annotation, "rb") as f:
-        for k, off in enumerate(d.offsets[:d.used]):
+        for off in d.offsets[:d.used]:
           f.seek(int(off))
           try:
             raw = json.loads(f.readline())
