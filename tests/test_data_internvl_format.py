@@ -140,14 +140,12 @@ def test_multi_image_blocks_follow_the_official_tile_rule(images, qwen2):
   k = t_wide + t_tall + 1  # one spare slot
   assert features.instruct_prompt(rec, _spec(k)) == "".join(units)
   f = features.make_feature_fn(_spec(k), tok)(rec, None)
-  n = int(f["attention_mask"].sum())
-  ids = f["input_ids"][:n + N].tolist()
   attended = [i for i, m in zip(f["input_ids"].tolist(), f["attention_mask"].tolist()) if m]
   want = [i for u in units for i in ref(u, add_special_tokens=False)["input_ids"]]
   assert attended == want  # the attended tokens are exactly the official prompt
   img = f["input_ids"] == tok.image_token_id
   assert img.sum() == k * N and f["attention_mask"][img].tolist() == [1] * (7 * N) + [0] * N  # spare slot hidden
-  assert ids.count(tok.token_id("</img>")) == 2
+  assert f["input_ids"].tolist().count(tok.token_id("</img>")) == 2
   # slot order: the wide image's 3 tiles and its thumbnail, then the tall image's 2 tiles and thumbnail
   wide = Image.open(images / "wide.png").convert("RGB")
   np.testing.assert_allclose(f["pixel_values"][3], transforms.normalize(wide.resize((S, S), Image.BICUBIC)),
@@ -198,8 +196,8 @@ def test_video_frames_follow_get_frame_indices(tmp_path, qwen2):
   tok, _ = qwen2
   _write_video(tmp_path / "v.mp4", 20)
   _write(tmp_path, "v.jsonl", [{"video": "v.mp4", "conversations": _conv("What happens?", "It gets brighter.")}])
-  rec = internvl_meta.InternVLMetaSource(_meta(tmp_path, {"v": {"root": str(tmp_path), "annotation": "v.jsonl",
-                                                                "repeat_time": 1}}))[0]
+  rec_meta = _meta(tmp_path, {"v": {"root": str(tmp_path), "annotation": "v.jsonl", "repeat_time": 1}})
+  rec = internvl_meta.InternVLMetaSource(rec_meta)[0]
   spec = _spec(4, min_num_frame=2, max_num_frame=6)
   # evaluation (no rng): min(max_num_frame, slots) = 4 frames, 'middle' sampling
   want = official_middle_indices(4, 20)
@@ -224,6 +222,8 @@ def test_video_frames_follow_get_frame_indices(tmp_path, qwen2):
   frames, idx = visual.video_frames(str(tmp_path / "frames"), 4, None)
   assert idx == official_middle_indices(4, 12) == [1, 4, 7, 10]
   assert [round(np.asarray(fr, np.float32).mean() / 12) for fr in frames] == idx  # img_2, img_5, ... (numeric order)
+  tok_words = tokenizer.build_word_level(internvl_meta.InternVLMetaSource(rec_meta).texts())
+  assert tok_words.unk_id not in tok_words.encode("Frame-3: what happens?")  # a built tokenizer knows the labels
   assert len(visual.video_frames(str(tmp_path / "frames"), 16, None)[0]) == 12  # fewer: all, not padded
 
 

@@ -111,7 +111,9 @@ class InternVLMetaSource:
     return _record(rec, raw, d.root)
 
   def texts(self):
-    """Conversation turns of every record once (repeats not repeated), for building a tokenizer."""
+    """Conversation turns of every record once (repeats not repeated), for building a tokenizer; with the
+    `Frame-<i>:` labels that video prompts get, when there are videos."""
+    videos = False
     for d in self.datasets:
       with open(d.annotation, "rb") as f:
         for off in d.offsets[:d.used]:
@@ -120,9 +122,14 @@ class InternVLMetaSource:
             raw = json.loads(f.readline())
           except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-          for turn in (raw.get("conversations") or []) if isinstance(raw, dict) else []:
+          if not isinstance(raw, dict):
+            continue
+          videos = videos or bool(raw.get("video"))
+          for turn in raw.get("conversations") or []:
             if isinstance(turn, dict):
               yield str(turn.get("value", "")).replace("<image>", " ").replace("<video>", " ")
+    if videos:
+      yield " ".join(f"Frame-{i}:" for i in range(1, 65))
 
 
 def _record(rec: dict, raw: dict, root: str) -> dict:

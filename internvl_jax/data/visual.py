@@ -141,6 +141,7 @@ def _decode_video(path, num_frames, sample, rng, clip):
   idx = [start + i for i in get_frame_indices(num_frames, vlen, sample, rng)]
   wanted, frames = set(idx), {}
   with av.open(path) as container:
+    container.streams.video[0].thread_type = "AUTO"  # frame-threaded decoding
     for i, frame in enumerate(container.decode(video=0)):  # decoded in order; only the chosen frames are kept
       if i in wanted:
         frames[i] = frame.to_image().convert("RGB")
