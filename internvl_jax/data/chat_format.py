@@ -182,12 +182,13 @@ class ChatFormat:
 
   @classmethod
   def from_run(cls, cfg, tokenizer: tokenizer_lib.Tokenizer) -> ChatFormat:
-    """The format a train.py stage-3 run trained with: config.data.template / system_message and the model's
-    input size."""
+    """The format a train.py stage-3 run trained with: config.data.template / system_message, the model's
+    input size and the tile cap (data.max_dynamic_patch, by default max_tiles - 1)."""
     from internvl_jax.train import config_checks  # local: a training-side import
+    max_num = int(cfg.data.get("max_dynamic_patch", 0) or 0) or max(int(cfg.data.get("max_tiles", 1)) - 1, 1)
     return cls(tokenizer, config_checks.input_size(cfg), config_checks.tokens_per_tile(cfg),
                template=cfg.data.get("template", "plain"), system=cfg.data.get("system_message", None),
-               max_num=max(int(cfg.data.get("max_tiles", 1)) - 1, 1))
+               max_num=max_num)
 
 
 def default_stop_ids(tok: tokenizer_lib.Tokenizer, template: str | None) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ Image-text stages (contrastive, alignment):
   input_ids       int32 [T]            [bos] caption [eos], right-padded with pad
   attention_mask  int32 [T]            1 = real token (the caption loss uses it as its mask too)
 Instruct stage:
-  pixel_values    float32 [K, S, S, 3] K = max_tiles slots (dynamic tiles, then zero tiles)
+  pixel_values    float32 [K, S, S, 3] K = max_tiles slots (each image's tiles in prompt order, then zero tiles)
   input_ids       int32 [T]            template with K * tokens_per_tile image tokens, right-padded
   attention_mask  int32 [T]            0 for padding and for the image tokens of empty tile slots
   loss_mask       int32 [T]            1 on answer tokens and the end-of-turn token after each answer
@@ -22,10 +22,11 @@ import numpy as np
 
 from internvl_jax.data import chat_format, templates
 from internvl_jax.data import tokenizer as tokenizer_lib
-from internvl_jax.data import transforms
+from internvl_jax.data import transforms, visual
 from internvl_jax.data.transforms import BadRecord
 
 IMAGE_PLACEHOLDER, IMG_CONTEXT = templates.IMAGE_PLACEHOLDER, tokenizer_lib.IMG_CONTEXT
+VIDEO_PLACEHOLDER = "<video>"
 
 
 @dataclasses.dataclass
@@ -37,6 +38,11 @@ class FeatureSpec:
   max_tiles: int = 1  # instruct: tile slots per example (1 = no tiling)
   template: str = "plain"  # instruct: a conversation template of data/templates.py
   system: str | None = None  # instruct: the system message (None: the template's default; a record's wins)
+  # instruct: the tile cap of dynamic tiling (None: max_tiles - 1, room for the thumbnail; a dataset's own
+  # max_dynamic_patch in an internvl meta file wins), and the frames a video record is sampled to
+  max_dynamic_patch: int | None = None
+  min_num_frame: int = 8
+  max_num_frame: int = 32
   augment: bool = False  # random-resized-crop for training images
   crop_scale: tuple = (0.8, 1.0)
   # image-text: prepended to every caption, as evaluation does (InternVL-C/G: 'summarize:'), so that a model is
@@ -118,53 +124,115 @@ def conversation_turns(record: dict) -> tuple[list[tuple[str, str]], str | None]
   return pairs, system
 
 
-def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | None) -> dict:
-  """Features of an instruction record (InternVL / LLaVA conversations), laid out by the conversation template
-  (data/templates.py) exactly as a prompt is at inference (data/chat_format.py): the system block (its default
-  message unless the record has a system turn), `<image>\n` in front of the first question when it has none,
-  the image block <img> IMG_CONTEXT x (K * tokens_per_tile) </img> where `<image>` is, BOS only where the
-  tokenizer's config adds one. Loss on each answer and the separator token after it (templates.segments)."""
+def instruct_layout(record: dict, spec: FeatureSpec, rng: np.random.Generator | None):
+  """An instruction record -> (turns, system message, tiles): turns [(question, answer)] with one `<image>` per
+  image (video frames written as `Frame-1: <image>\\nFrame-2: <image>\\n...`), tiles one list of PIL tiles per
+  image in prompt order (data/visual.py: the official per-image tile rule within the K slots).
+
+  As the official fine-tuning: a single image (`image` a path) gets `<image>\\n` in front of the first question
+  when the conversation has none; several images (`image` a list) need their placeholders written (one each); a
+  video's first question gets `<video>\\n` in front when it has no `<video>`, and `<video>\\n` becomes the frame
+  lines. A count of placeholders other than the images' is a bad record (the official code fails on it too,
+  or leaves the extra `<image>` as literal text)."""
   if "error" in record:
     raise BadRecord(record["error"])
   turns, system = conversation_turns(record)
-  k, n = spec.max_tiles, spec.tokens_per_tile
-  pixels = np.zeros((k, spec.image_size, spec.image_size, 3), np.float32)
-  n_tiles = 0
-  has_image = "image" in record or "image_path" in record
-  if has_image:
-    image = image_of(record, spec.image_size, rng, spec) if k == 1 else None
-    tiles = [image] if k == 1 else transforms.dynamic_tiles(
-        _full_image(record), spec.image_size, max_num=max(k - 1, 1), use_thumbnail=True)
-    for i, t in enumerate(tiles[:k]):
-      pixels[i] = transforms.normalize(t)
-    n_tiles = min(len(tiles), k)
-    placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns)
-    if placeholders > 1:
-      raise BadRecord(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for one image")
-    if placeholders == 0:  # as the official chat() and training do
+  k = spec.max_tiles
+  cap = record.get("max_dynamic_patch") or spec.max_dynamic_patch or max(k - 1, 1)
+  if "video_path" in record:
+    n = visual.num_frames_to_sample(spec.min_num_frame, spec.max_num_frame, k, rng)
+    frames, _ = visual.video_frames(record["video_path"], n, rng, record.get("video_clip"))
+    if len(frames) > k:  # a padded short video cannot exceed n <= k; kept as a guard
+      raise BadRecord(f"{len(frames)} video frames do not fit config.data.max_tiles={k}")
+    tiles = [[transforms.resize(f, spec.image_size)] for f in frames]  # one squashed tile per frame
+    q = turns[0][0] if VIDEO_PLACEHOLDER in turns[0][0] else VIDEO_PLACEHOLDER + "\n" + turns[0][0]
+    lines = "".join(f"Frame-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(frames)))
+    turns[0] = (q.replace(VIDEO_PLACEHOLDER + "\n", lines), turns[0][1])
+  elif "image_paths" in record:
+    images = [transforms.load_image(p) for p in record["image_paths"]]
+    tiles = visual.image_tiles(images, spec.image_size, cap, k)
+  elif "image" in record or "image_path" in record:
+    if k == 1:  # one slot: the whole image squashed (random-resized-crop with data.augment)
+      tiles = [[image_of(record, spec.image_size, rng, spec)]]
+    else:
+      image = transforms.to_pil(record["image"]) if "image" in record else transforms.load_image(record["image_path"])
+      tiles = visual.image_tiles([image], spec.image_size, cap, k)
+    if not any(IMAGE_PLACEHOLDER in q for q, _ in turns):  # as the official chat() and training do
       turns[0] = (IMAGE_PLACEHOLDER + "\n" + turns[0][0], turns[0][1])
   else:
-    turns = [(q.replace(IMAGE_PLACEHOLDER, ""), a) for q, a in turns]
+    return [(q.replace(IMAGE_PLACEHOLDER, ""), a) for q, a in turns], system, []
+  placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns)
+  if placeholders != len(tiles) or any(IMAGE_PLACEHOLDER in a for _, a in turns) or \
+      IMAGE_PLACEHOLDER in (system or ""):
+    raise BadRecord(f"the questions hold {placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(tiles)} images "
+                    f"(video frames); write one {IMAGE_PLACEHOLDER} per image, in questions only")
+  if record.get("data_augment") and rng is not None:  # the dataset's official JPEG-quality augmentation
+    tiles = [[visual.jpeg_degrade(t, rng) for t in image] for image in tiles]
+  return turns, system, tiles
+
+
+def instruct_prompt(record: dict, spec: FeatureSpec, rng: np.random.Generator | None = None) -> str:
+  """The record's conversation as the official training writes it, each image's block with its own tile count
+  (no spare slots): the text `instruct` tokenises."""
+  turns, system, tiles = instruct_layout(record, spec, rng)
+  system = spec.system if system is None else system
+  text = templates.render(spec.template, turns, system=system)
+  return _expand([text], [len(t) for t in tiles], spec.tokens_per_tile)[0]
+
+
+def _expand(strings: list[str], num_tiles: list[int], per_tile: int) -> list[str]:
+  """The i-th `<image>` over the strings, in order, -> image_block(num_tiles[i])."""
+  out, i = [], 0
+  for s in strings:
+    pieces = s.split(IMAGE_PLACEHOLDER)
+    text = [pieces[0]]
+    for piece in pieces[1:]:
+      text += [chat_format.image_block(num_tiles[i], per_tile), piece]
+      i += 1
+    out.append("".join(text))
+  return out
+
+
+def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | None) -> dict:
+  """Features of an instruction record (InternVL / LLaVA conversations), laid out by the conversation template
+  (data/templates.py) exactly as a prompt is at inference (data/chat_format.py): the system block (its default
+  message unless the record has a system turn), the images placed and tiled by instruct_layout, each `<image>`
+  replaced by <img> IMG_CONTEXT x (its tiles * tokens_per_tile) </img>, BOS only where the tokenizer's config
+  adds one. Loss on each answer and the separator token after it (templates.segments).
+
+  The K tile slots are filled with the images' tiles in prompt order; the image tokens of the unused slots are
+  appended inside the last image's block (or, text only, right after BOS) and not attended, so every row holds
+  K * tokens_per_tile image tokens (fixed shapes) while the attended prompt is the official one."""
+  turns, system, tiles = instruct_layout(record, spec, rng)
+  k, n = spec.max_tiles, spec.tokens_per_tile
+  flat = [t for image in tiles for t in image]
+  n_tiles = len(flat)
+  if n_tiles > k:
+    raise BadRecord(f"{n_tiles} tiles do not fit config.data.max_tiles={k}")
+  pixels = np.zeros((k, spec.image_size, spec.image_size, 3), np.float32)
+  for i, t in enumerate(flat):
+    pixels[i] = transforms.normalize(t)
+  counts = [len(t) for t in tiles]
+  if counts:
+    counts[-1] += k - n_tiles  # the spare slots' tokens, unattended
   system = spec.system if system is None else system
   try:
     pieces = templates.segments(spec.template, turns, system=system)
     units = templates.train_units(spec.template, turns, system=system)
   except ValueError as e:
     raise ValueError(f"{e}; set config.data.template") from None
-  # The block always holds K tile slots (fixed shapes); the image tokens of unused slots are not attended.
-  block = chat_format.image_block(k, n)
 
   ids: list[int] = [tok.bos_id] if tok.add_bos_token and tok.bos_id is not None else []
   hidden_start, hidden = len(ids), 0
-  if not has_image:
+  if not tiles:
     # A text-only record still carries its K tile slots' image tokens (all unattended) right after BOS: the
     # batch's vision tokens fill image tokens in row-major order, so every row must hold exactly K * n of them.
-    block_ids = tok.encode(block, add_special_tokens=False)
+    block_ids = tok.encode(chat_format.image_block(k, n), add_special_tokens=False)
     hidden = len(block_ids)
     ids += block_ids
   loss: list[int] = [0] * len(ids)
-  unit_ids, unit_loss = _tokenize_units([u.replace(IMAGE_PLACEHOLDER, block) for u in units],
-                                        [(t.replace(IMAGE_PLACEHOLDER, block), m) for t, m in pieces], tok)
+  texts = _expand([t for t, _ in pieces], counts, n)
+  unit_ids, unit_loss = _tokenize_units(_expand(units, counts, n), [(t, m) for t, (_, m) in zip(texts, pieces)], tok)
   ids += unit_ids
   loss += unit_loss
   ids_arr = np.asarray(ids, np.int64)
@@ -176,6 +244,8 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
   attn[where[n_tiles * n:]] = 0
   attn[hidden_start:hidden_start + hidden] = 0
   if len(where) and where[-1] >= spec.max_text_len:  # every row must keep all K * n image tokens (see above)
+    if len(tiles) > 1:  # its length varies with its images: skipped, as the official code skips truncated ones
+      raise BadRecord(f"its {len(tiles)} images end past max_text_len {spec.max_text_len}")
     raise ValueError(f"max_text_len {spec.max_text_len} cuts into the {k * n} image tokens of a prompt; raise "
                      "--config.data.max_text_len")
   if len(ids) > spec.max_text_len and sum(loss[:spec.max_text_len]) == 0:  # truncation left nothing to learn
@@ -213,12 +283,6 @@ def _tokenize_units(units: list[str], pieces: list[tuple[str, bool]], tok) -> tu
     loss += flags
     start += len(unit)
   return ids, loss
-
-
-def _full_image(record: dict):
-  if "image" in record:
-    return transforms.to_pil(record["image"])
-  return transforms.load_image(record["image_path"])
 
 
 def make_feature_fn(spec: FeatureSpec, tok):

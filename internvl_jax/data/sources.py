@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from internvl_jax.data import demo
+from internvl_jax.data import demo, internvl_meta
 
 
 class JsonlSource:
@@ -176,14 +176,17 @@ def _feature_paths(features, prefix: str = "") -> list[str]:
 
 
 def make_source(split_cfg: ml_collections.ConfigDict, image_size: int):
-  """A source from one `data.train` / `data.eval` block: source=demo|jsonl|tfds and its fields."""
+  """A source from one `data.train` / `data.eval` block: source=demo|jsonl|internvl|tfds and its fields."""
   kind = split_cfg.source
   if kind == "demo":
     return demo.DemoWorld(split_cfg.get("split", "train"), split_cfg.get("size", 20000), image_size)
   if kind == "jsonl":
     return JsonlSource(split_cfg.get("path", ""))
+  if kind == "internvl":  # OpenGVLab's fine-tuning meta JSON (data/internvl_meta.py)
+    return internvl_meta.InternVLMetaSource(split_cfg.get("path", ""))
   if kind == "tfds":
     return TfdsSource(split_cfg.get("name", ""), split_cfg.get("split", "train"),
                       split_cfg.get("image_key", "image"), split_cfg.get("caption_key", "captions.text"),
                       split_cfg.get("data_dir", ""))
-  raise ValueError(f"data source {kind!r} is not one of demo, jsonl, tfds; set --config.data.<train|eval>.source")
+  raise ValueError(f"data source {kind!r} is not one of demo, jsonl, internvl, tfds; "
+                   "set --config.data.<train|eval>.source")

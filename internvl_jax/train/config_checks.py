@@ -80,6 +80,13 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
       raise ConfigError(f"config.data.template={cfg.data.template!r} is not one of {', '.join(templates.NAMES)}")
     if m.mode != "replace":
       raise ConfigError("model.mode must be 'replace' for instruct training (image tokens in the prompt)")
+    d = cfg.data
+    if d.get("max_tiles", 1) < 1 or d.get("max_dynamic_patch", 0) < 0:
+      raise ConfigError(f"config.data.max_tiles={d.get('max_tiles')} must be >= 1 and data.max_dynamic_patch="
+                        f"{d.get('max_dynamic_patch')} >= 0 (0: max_tiles - 1)")
+    if not 1 <= d.get("min_num_frame", 8) <= d.get("max_num_frame", 32):
+      raise ConfigError(f"config.data.min_num_frame={d.get('min_num_frame')} and max_num_frame="
+                        f"{d.get('max_num_frame')} must satisfy 1 <= min <= max")
     f = round(1 / m.downsample_ratio)
     if (size // patch) % f:
       raise ConfigError(f"model.image_size={size} gives a {size // patch}-patch grid that pixel shuffle "
@@ -100,5 +107,8 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
       raise ConfigError(f"config.{field}={cfg[field]} must be >= 0 (0 = only at the end)")
   for split in ("train", "eval"):
     src = cfg.data[split].source
-    if src not in ("demo", "jsonl", "tfds", ""):
-      raise ConfigError(f"config.data.{split}.source={src!r} is not one of demo, jsonl, tfds")
+    if src not in ("demo", "jsonl", "internvl", "tfds", ""):
+      raise ConfigError(f"config.data.{split}.source={src!r} is not one of demo, jsonl, internvl, tfds")
+    if src == "internvl" and cfg.task != "instruct":
+      raise ConfigError(f"config.data.{split}.source=internvl (conversations) is for the instruct stage, not "
+                        f"{cfg.task}; use jsonl or tfds")

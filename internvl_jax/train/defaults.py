@@ -57,6 +57,10 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
                                                data_dir="", image_key="image", caption_key="captions.text"))
   c.data.max_text_len = 64 if task == "instruct" else 32
   c.data.max_tiles = 1  # instruct: tile slots per example (dynamic tiling when > 1)
+  # instruct: the dynamic-tiling cap (0: max_tiles - 1; an internvl meta dataset's own wins) and the frames a
+  # video record is sampled to (uniform in [min, max] in training, at most max_tiles: one slot each)
+  c.data.max_dynamic_patch = 0
+  c.data.min_num_frame, c.data.max_num_frame = 8, 32
   # conversation template (data/templates.py): 'plain' (our word-level tokenizer's markers) or a released one,
   # 'internvl2_5' | 'internlm2-chat' | 'Hermes-2' | 'phi3-chat' | 'internvl3_5_gpt_oss', for that release's tokenizer
   c.data.template = "plain"
