@@ -150,16 +150,37 @@ def test_sliding_window_and_attention_bias_are_refused():
       configs.language_from_hf(dict(base, **extra), "qwen3")
 
 
-def test_qwen3_0_6b_preset_counts_the_parameters_transformers_does():
+@pytest.mark.parametrize("name", ["qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b"])
+def test_qwen3_presets_count_the_parameters_transformers_does(name):
   from transformers import Qwen3Config, Qwen3ForCausalLM
-  cfg = presets.language("qwen3_0_6b")
+  cfg = presets.language(name)
   ours = nnx.eval_shape(lambda: llm.Decoder(cfg, rngs=nnx.Rngs(0)))
   n_ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
   with torch.device("meta"):
     theirs = Qwen3ForCausalLM(Qwen3Config(**convert.configs.language_to_hf(cfg)))
   assert n_ours == sum(p.numel() for p in theirs.parameters())  # tied: the embedding counted once
-  chat_cfg = presets.chat("internvl3_5_1b")
-  assert chat_cfg.language.qk_norm and chat_cfg.vision.hidden_size == 1024
+
+
+# InternVL3.5's published sizes (vision / language / total, billions, one decimal), from the release table of the
+# InternVL3.5 quick start (docs/en/internvl3.5/quick_start.md of the InternVL docs)
+PUBLISHED = {"internvl3_5_1b": (0.3, 0.8, 1.1), "internvl3_5_2b": (0.3, 2.0, 2.3), "internvl3_5_4b": (0.3, 4.4, 4.7),
+             "internvl3_5_8b": (0.3, 8.2, 8.5), "internvl3_5_14b": (0.3, 14.8, 15.1),
+             "internvl3_5_38b": (5.5, 32.8, 38.4), "internvl3_5_30b_a3b": (0.3, 30.5, 30.8),
+             "internvl3_5_241b_a28b": (5.5, 235.1, 240.7)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_internvl3_5_chat_presets_have_the_published_sizes(name):
+  from internvl_jax.models import vit
+  cfg = presets.chat(name)
+  count = lambda make: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(nnx.eval_shape(make),
+                                                                                      nnx.Param)))
+  sizes = (count(lambda: vit.InternViT(cfg.vision, rngs=nnx.Rngs(0))),
+           count(lambda: llm.Decoder(cfg.language, rngs=nnx.Rngs(0))),
+           count(lambda: internvl.InternVLChat(cfg, rngs=nnx.Rngs(0))))
+  # a tie would drop a vocab x hidden matrix: 1B would read 0.6B / 0.9B
+  assert tuple(round(n / 1e9 + 1e-9, 1) for n in sizes) == PUBLISHED[name]
+  assert cfg.language.qk_norm and cfg.image_token_id == 151671
 
 
 def test_chat_save_pretrained_writes_an_internvl_with_qwen3_text_transformers_loads(chat, tmp_path):

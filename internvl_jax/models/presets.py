@@ -61,6 +61,9 @@ VISION = {
     "seed_6b": dict(_INTERNVIT_6B, num_layers=48, image_size=224),
 }
 
+# fields every Qwen3 model shares: vocabulary, head_dim 128 given explicitly, QK-norm, RoPE base, norm eps
+_QWEN3 = dict(vocab_size=151936, head_dim=128, qk_norm=True, rope_theta=1000000.0, norm_eps=1e-6)
+
 LANGUAGE = {
     "tiny": dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
     "llama_7b": dict(),
@@ -71,11 +74,23 @@ LANGUAGE = {
     "qwen3_0_6b": dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
                        head_dim=128, mlp_dim=3072, norm_eps=1e-6, rope_theta=1000000.0, tie_embeddings=True,
                        qk_norm=True),
+    # The other Qwen3 dense models of InternVL3.5 (2B, 4B, 8B, 14B, 38B): Qwen3-1.7B / 4B / 8B / 14B / 32B.
+    "qwen3_1_7b": dict(_QWEN3, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, mlp_dim=6144,
+                       tie_embeddings=True),
+    "qwen3_4b": dict(_QWEN3, hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8, mlp_dim=9728,
+                     tie_embeddings=True),
+    "qwen3_8b": dict(_QWEN3, hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, mlp_dim=12288),
+    "qwen3_14b": dict(_QWEN3, hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, mlp_dim=17408),
+    "qwen3_32b": dict(_QWEN3, hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8, mlp_dim=25600),
     # Qwen3-30B-A3B (InternVL3.5-30B-A3B): every layer routed, 128 experts, top-8.
     "qwen3_30b_a3b": dict(vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
                           head_dim=128, mlp_dim=6144, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
                           num_experts=128, num_experts_per_tok=8, moe_mlp_dim=768, norm_topk_prob=True,
                           router_aux_loss_coef=0.001),
+    # Qwen3-235B-A22B (InternVL3.5-241B-A28B): 94 routed layers, 128 experts of width 1536, top-8.
+    "qwen3_235b_a22b": dict(_QWEN3, hidden_size=4096, num_layers=94, num_heads=64, num_kv_heads=4, mlp_dim=12288,
+                            num_experts=128, num_experts_per_tok=8, moe_mlp_dim=1536, norm_topk_prob=True,
+                            router_aux_loss_coef=0.001),
     # Phi-3-mini (InternVL2-4B / Mini-InternVL-Chat-4B): the 4k config's RoPE and window; the 128k releases add
     # longrope factors, read from their config.json by the converter.
     "phi3_mini": dict(vocab_size=32064, hidden_size=3072, num_layers=32, num_heads=32, num_kv_heads=32,
@@ -97,8 +112,8 @@ def vision(name: str) -> ml_collections.ConfigDict:
 
 
 def language(name: str) -> ml_collections.ConfigDict:
-  """A language preset: tiny | llama_7b | llama_13b | qwen2_0_5b | qwen3_0_6b | qwen3_30b_a3b | phi3_mini |
-  internlm3_8b | bert_base."""
+  """A language preset: tiny | llama_7b | llama_13b | qwen2_0_5b | qwen3_0_6b | qwen3_1_7b | qwen3_4b | qwen3_8b |
+  qwen3_14b | qwen3_32b | qwen3_30b_a3b | qwen3_235b_a22b | phi3_mini | internlm3_8b | bert_base."""
   if name not in LANGUAGE:
     raise ValueError(f"unknown language preset {name!r}; choose from {sorted(LANGUAGE)}")
   return language_config(**LANGUAGE[name])
@@ -155,9 +170,17 @@ _CHAT = {
     "tiny": dict(vision="tiny", language="tiny", image_token_id=127),
     "seed_1b": dict(vision="seed_1b", language="llama_7b", image_token_id=31999),
     "internvl2_1b_like": dict(vision="internvit_300m", language="qwen2_0_5b", image_token_id=151667),
-    # Qwen3's tokenizer holds <think> / </think> at 151667 / 151668, so InternVL3.5's <IMG_CONTEXT> is 151671.
-    "internvl3_5_1b": dict(vision="internvit_300m", language="qwen3_0_6b", image_token_id=151671),
+    # InternVL3.5: Qwen3's tokenizer holds <think> / </think> at 151667 / 151668, so <IMG_CONTEXT> is 151671. The
+    # releases untie the LM head of Qwen3-0.6B / 1.7B / 4B: their published language sizes (0.8B, 2.0B, 4.4B) are the
+    # Qwen3 counts plus a second vocab x hidden matrix. 38B and 241B use InternViT-6B-448px-V2.5 (45 layers).
+    "internvl3_5_1b": dict(vision="internvit_300m", language="qwen3_0_6b", image_token_id=151671, untie=True),
+    "internvl3_5_2b": dict(vision="internvit_300m", language="qwen3_1_7b", image_token_id=151671, untie=True),
+    "internvl3_5_4b": dict(vision="internvit_300m", language="qwen3_4b", image_token_id=151671, untie=True),
+    "internvl3_5_8b": dict(vision="internvit_300m", language="qwen3_8b", image_token_id=151671),
+    "internvl3_5_14b": dict(vision="internvit_300m", language="qwen3_14b", image_token_id=151671),
+    "internvl3_5_38b": dict(vision="internvit_6b_448", language="qwen3_32b", image_token_id=151671),
     "internvl3_5_30b_a3b": dict(vision="internvit_300m", language="qwen3_30b_a3b", image_token_id=151671),
+    "internvl3_5_241b_a28b": dict(vision="internvit_6b_448", language="qwen3_235b_a22b", image_token_id=151671),
     # InternVL2-4B (InternViT-300M + Phi-3-mini) and InternVL3-9B (InternViT-300M-V2.5 + InternLM3-8B). Their
     # <IMG_CONTEXT> ids come from the release's tokenizer when loaded; the ids here are placeholders (the last id).
     "internvl2_4b": dict(vision="internvit_300m", language="phi3_mini", image_token_id=32063),
@@ -171,6 +194,9 @@ def chat(name: str) -> ml_collections.ConfigDict:
   if name not in _CHAT:
     raise ValueError(f"unknown chat preset {name!r}; choose from {sorted(_CHAT)}")
   spec = _CHAT[name]
+  lm = language(spec["language"])
+  if spec.get("untie"):
+    lm.tie_embeddings = False
   return ml_collections.ConfigDict(dict(
-      vision=vision(spec["vision"]), language=language(spec["language"]), select_layer=-1, downsample_ratio=0.5,
+      vision=vision(spec["vision"]), language=lm, select_layer=-1, downsample_ratio=0.5,
       ps_version="v2", image_token_id=spec["image_token_id"], mode="replace", freeze_vision=False))
