@@ -216,3 +216,22 @@ def test_20b_preset_counts_what_transformers_does():
   assert theirs.config.layer_types[:2] == ["sliding_attention", "full_attention"]
   chat = presets.chat("internvl3_5_gpt_oss_20b_a4b")
   assert chat.language.hidden_size == 2880 and chat.vision.hidden_size == 1024
+
+
+@pytest.mark.slow
+def test_eight_devices_with_expert_4_equal_one_device(lm):
+  """The expert biases travel through the experts' shard_map split like their weights."""
+  import os
+  import subprocess
+  import sys
+  _, _, folder = lm
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(here, "moe_on_mesh.py"), folder], capture_output=True,
+                        text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  print(f"gpt_oss 8 devices (fsdp 2 x expert 4) vs 1: {r}")
+  assert r["devices"] == 8 and r["expert_spec"][:2] == ["None", "expert"] and r["uses_shard_map"]
+  assert r["logits_rel"] < 1e-6 and abs(r["aux"][0] - r["aux"][1]) < 1e-6
+  assert r["expert_grad_max"] > 0 and r["grad_rel"] < 1e-5

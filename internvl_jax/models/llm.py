@@ -8,6 +8,11 @@ consecutive same-kind layers as one scan.
 Phi-3 and InternLM3 are this decoder too: Phi-3 adds config options (partial rotary `rotary_dim`, `rope_type`
 'longrope', `sliding_window`); its fused checkpoint tensors are split by the converter.
 
+GPT-OSS too: attention sinks (`attention_sinks`, a learned logit per head in every softmax), q/k/v and output
+biases (`qkv_bias`, `o_bias`), `rope_type` 'yarn', windows on some layers only (`layer_types`: the window of each
+layer is a scanned input that narrows the shared causal mask, so one scan still runs all layers), and routed
+experts in every layer with biases and a clamped SwiGLU (moe.py).
+
 With `causal=False` and a pooling rule the same module is the contrastive model's text tower.
 
 KV cache (a plain dict, so jit/scan/donation treat it as data):
