@@ -39,6 +39,7 @@ def test_config_fields_and_stacks(lm):
   _, ours, _ = lm
   c = ours.config
   assert c.hf_model_type == "gpt_oss" and c.rope_type == "yarn" and c.expert_act == "gpt_oss_clamped"
+  assert c.window_cache
   assert llm.layer_windows(c) == (4, 0, 4, 0)
   assert (c.num_experts, c.num_experts_per_tok, c.moe_mlp_dim, c.swiglu_limit) == (4, 2, 32, 0.5)
   assert ours.layers.attn.sinks.shape == (4, 4) and ours.layers.attn.o.bias.shape == (4, 64)
@@ -105,19 +106,25 @@ def test_one_scan_runs_all_layers_with_their_windows(lm):
   assert text.count("ragged_dot") >= 3
 
 
-def test_kv_cache_decoding_equals_the_full_forward(lm):
+@pytest.mark.parametrize("rings", [True, False], ids=["window_rings", "full_cache"])
+def test_kv_cache_decoding_equals_the_full_forward(lm, rings):
+  """Rings (the converter's choice): sliding layers keep 4 slots, full ones 12; or every layer the full 12."""
   _, ours, _ = lm
+  ours = ours if rings else _variant(ours, window_cache=False)
   ids, mask = hf_refs.prompts(True, LEN)
   full = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+  cache = ours.init_cache(2, LEN)
+  assert cache["k"].shape[:3] == ((2, 2, LEN) if rings else (4, 2, LEN))
+  assert ("k_ring" in cache) == rings and (not rings or cache["k_ring"].shape[:3] == (2, 2, 4))
   step = nnx.jit(lambda m, i, a, c: m(i, attention_mask=a, cache=c))  # one compile for the 1-token steps
-  out = step(ours, jnp.asarray(ids[:, :5]), jnp.asarray(mask[:, :5]), ours.init_cache(2, LEN))
+  out = step(ours, jnp.asarray(ids[:, :5]), jnp.asarray(mask[:, :5]), cache)  # a prefill longer than the ring
   steps = [np.asarray(out.logits)]
   for t in range(5, LEN):  # slots 5..11: the windowed layers drop keys from the cache as decoding goes on
     out = step(ours, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), out.cache)
     steps.append(np.asarray(out.logits))
   real = mask.astype(bool)
   rel = hf_refs.errors(np.concatenate(steps, 1)[real], full[real])[1]
-  print(f"gpt_oss cache vs full forward: max rel {rel:.1e}")
+  print(f"gpt_oss cache (rings={rings}) vs full forward: max rel {rel:.1e}")
   assert rel < 1e-6
 
 

@@ -248,7 +248,8 @@ def _gpt_oss_from_hf(c: dict) -> ml_collections.ConfigDict:
       num_experts=experts, num_experts_per_tok=top_k, moe_mlp_dim=int(c.get("intermediate_size", 2880)),
       norm_topk_prob=True, router_bias=True, expert_bias=True, expert_act="gpt_oss_clamped",
       swiglu_alpha=float(c.get("swiglu_alpha", 1.702)), swiglu_limit=float(c.get("swiglu_limit", 7.0)),
-      router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)), hf_model_type="gpt_oss", **rope)
+      router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)), hf_model_type="gpt_oss", window_cache=True,
+      **rope)
 
 
 def _gpt_oss_to_hf(cfg: ml_collections.ConfigDict) -> dict:

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from internvl_jax.models import attention, layers, moe, stack
+from internvl_jax.models import attention, layers, moe, stack, window_cache
 
 
 class DecoderOutput(NamedTuple):
@@ -143,9 +143,10 @@ class DecoderAttention(nnx.Module):
     self.q_norm = layers.RMSNorm(hd, eps=cfg.norm_eps, dtype=dtype) if qk_norm else None
     self.k_norm = layers.RMSNorm(hd, eps=cfg.norm_eps, dtype=dtype) if qk_norm else None
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, ring=False):
     """x [B, T, D]; cos/sin [B, T, hd]; mask bool [B, 1, T, S]; kv: this layer's cached (k, v) [B, S, Hkv, hd]
-    or None. Returns (out [B, T, D], (k, v) updated or None)."""
+    or None; ring: kv is a sliding layer's ring [B, W, Hkv, hd] (window_cache.py) and mask covers [ring ; new]
+    keys [B, 1, T, W + T]. Returns (out [B, T, D], (k, v) updated or None)."""
     b, t, _ = x.shape
     q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -153,7 +154,12 @@ class DecoderAttention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    if kv is not None:
+    if kv is not None and ring:
+      k_ring, v_ring = kv
+      kv = (window_cache.write(k_ring, k, index), window_cache.write(v_ring, v, index))
+      k = jnp.concatenate([k_ring, k.astype(k_ring.dtype)], axis=1)
+      v = jnp.concatenate([v_ring, v.astype(v_ring.dtype)], axis=1)
+    elif kv is not None:
       k_cache, v_cache = kv
       k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
@@ -175,8 +181,8 @@ class DecoderLayer(nnx.Module):
     self.mlp = moe.MoE(cfg, rngs=rngs) if sparse else layers.SwiGLU(
         cfg.hidden_size, cfg.mlp_dim, dtype=dtype, init_std=cfg.init_std, rngs=rngs)
 
-  def self_attention(self, x, cos, sin, mask, kv=None, index=None):
-    h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+  def self_attention(self, x, cos, sin, mask, kv=None, index=None, ring=False):
+    h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index, ring)
     return x + h, kv
 
   def feed_forward(self, x):
@@ -214,13 +220,24 @@ class Decoder(nnx.Module):
                                 init_std=cfg.init_std, rngs=rngs) if separate_head else None
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
-    """An empty cache for `max_length` slots (prompt + new tokens)."""
+    """An empty cache for `max_length` slots (prompt + new tokens). With config.window_cache, sliding-window
+    layers get rings of min(window, max_length) slots instead (k_ring, v_ring [L_sliding, B, W, Hkv, hd]; k, v
+    then hold the full-attention layers only, in layer order)."""
     cfg = self.config
     dtype = layers.to_dtype(cfg.dtype) if dtype is None else dtype
-    shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, head_dim(cfg))
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "mask": jnp.zeros((batch_size, max_length), bool), "index": jnp.zeros((), jnp.int32),
-            "pos": jnp.zeros((batch_size,), jnp.int32)}
+    windows = layer_windows(cfg)
+    rings = sum(1 for w in windows if w) if cfg.get("window_cache", False) else 0
+    shape = lambda n, s: (n, batch_size, s, cfg.num_kv_heads, head_dim(cfg))
+    cache = {"k": jnp.zeros(shape(cfg.num_layers - rings, max_length), dtype),
+             "v": jnp.zeros(shape(cfg.num_layers - rings, max_length), dtype),
+             "mask": jnp.zeros((batch_size, max_length), bool), "index": jnp.zeros((), jnp.int32),
+             "pos": jnp.zeros((batch_size,), jnp.int32)}
+    if rings:
+      if self.dense_layers is not None or len({w for w in windows if w}) > 1:
+        raise ValueError("window_cache needs one layer stack (no dense / MoE mix) and one window size")
+      size = min(max(windows), max_length)
+      cache.update(k_ring=jnp.zeros(shape(rings, size), dtype), v_ring=jnp.zeros(shape(rings, size), dtype))
+    return cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden [B, T, D] -> logits [B, T, vocab] float32."""
@@ -274,6 +291,12 @@ class Decoder(nnx.Module):
       kv_xs = (cache["k"], cache["v"])
 
     cos, sin = rope_tables(cfg, positions)
+    if cache is not None and "k_ring" in cache:
+      ring_mask = window_cache.key_mask(key_valid, attention_mask, index, cache["k_ring"].shape[2], max(windows))
+      x, (k, v, k_ring, v_ring), stats = self._run_grouped(x, cos, sin, mask, ring_mask, cache, index,
+                                                           attention_mask)
+      return self._finish(x, cache, {"k": k, "v": v, "k_ring": k_ring, "v_ring": v_ring, "mask": key_valid},
+                          stats, attention_mask, return_logits)
 
     def body(layer, h, xs):
       kv, w = xs
@@ -284,15 +307,52 @@ class Decoder(nnx.Module):
       return h, (kv, stats)
 
     x, new_kv, stats = self._run_layers(body, x, (kv_xs, layer_window))
+    new = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "mask": key_valid}
+    return self._finish(x, cache, new, stats, attention_mask, return_logits)
+
+  def _finish(self, x, cache, new, stats, attention_mask, return_logits) -> DecoderOutput:
+    """Final norm, logits, the cache's index / positions moved on, the router loss."""
+    cfg = self.config
     x = self.norm(x)
     new_cache = None
     if cache is not None:
-      new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": key_valid, "index": index + t,
-                   "pos": cache["pos"] + attention_mask.sum(axis=1).astype(jnp.int32)}
+      new_cache = dict(new, index=cache["index"] + attention_mask.shape[1],
+                       pos=cache["pos"] + attention_mask.sum(axis=1).astype(jnp.int32))
     aux = None
     if stats is not None:
       aux = moe.load_balancing_loss(stats[0].sum(0), stats[1].sum(0), attention_mask.sum(), stats[0].shape[0])
     return DecoderOutput(self.logits(x) if (return_logits and cfg.lm_head) else None, x, new_cache, aux)
+
+  def _run_grouped(self, x, cos, sin, mask, ring_mask, cache, index, attention_mask):
+    """The cached call with rings (window_cache.py): one scan over groups of `period` layers (GPT-OSS: a
+    sliding and a full one), each layer with its own kind of cache. Returns (x, (k, v, k_ring, v_ring) stacked
+    over their layers, router stats [L, E] or None)."""
+    cfg = self.config
+    kinds = layer_windows(cfg)[:window_cache.period(layer_windows(cfg))]
+    groups, n_ring = cfg.num_layers // len(kinds), sum(1 for w in kinds if w)
+    split = lambda a, n: a.reshape((groups, n) + a.shape[1:])
+    xs = (split(cache["k"], len(kinds) - n_ring), split(cache["v"], len(kinds) - n_ring),
+          split(cache["k_ring"], n_ring), split(cache["v_ring"], n_ring))
+
+    def body(group, h, xs):
+      outs, used, stats = ([], [], [], []), [0, 0], []
+      for j, w in enumerate(kinds):
+        layer, r = stack.layer_at(group, j), int(bool(w))  # r: 0 full-cache layer, 1 ring layer
+        i = used[r]
+        kv = (xs[2 * r][i], xs[2 * r + 1][i])
+        h, kv = layer.self_attention(h, cos, sin, ring_mask if w else mask, kv, index, ring=bool(w))
+        outs[2 * r].append(kv[0])
+        outs[2 * r + 1].append(kv[1])
+        used[r] += 1
+        h, st = layer.feed_forward_with_stats(h, attention_mask)
+        stats.append(st)
+      new = tuple(jnp.stack(o) if o else like for o, like in zip(outs, xs))  # a kind absent: its empty slice
+      return h, (new, None if stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *stats))
+
+    x, (new, stats) = stack.run_stacked(stack.regroup(self.layers, len(kinds)), body, x, xs, scan=cfg.scan_layers,
+                                        remat=cfg.remat)
+    merge = lambda a: a.reshape((-1,) + a.shape[2:])  # [groups, n, ...] -> layer order
+    return x, tuple(merge(a) for a in new), None if stats is None else jax.tree.map(merge, stats)
 
   def _run_layers(self, body, x, xs):
     """Runs every layer in order: one scan over `layers`, or (dense and MoE layers mixed) one scan per run of

@@ -34,10 +34,11 @@ _PHI3 = dict(rotary_dim=0, rope_type="default", rope_short_factor=[], rope_long_
 # GPT-OSS fields (defaults change nothing): rope_type 'yarn' with rope_factor, rope_beta_fast / slow, rope_truncate
 # (and rope_original_max, rope_attention_factor above); o_bias (attention output bias), attention_sinks (a learned
 # logit per head), layer_types ('sliding_attention' | 'full_attention' per layer; [] = sliding_window on all);
-# router_bias, expert_bias, expert_act ('swiglu' | 'gpt_oss_clamped') with swiglu_alpha / swiglu_limit (moe.py).
+# router_bias, expert_bias, expert_act ('swiglu' | 'gpt_oss_clamped') with swiglu_alpha / swiglu_limit (moe.py);
+# window_cache: sliding layers keep only their window in the KV cache (window_cache.py).
 _GPT_OSS = dict(rope_factor=1.0, rope_beta_fast=32.0, rope_beta_slow=1.0, rope_truncate=True, o_bias=False,
                 attention_sinks=False, layer_types=[], router_bias=False, expert_bias=False, expert_act="swiglu",
-                swiglu_alpha=1.702, swiglu_limit=7.0)
+                swiglu_alpha=1.702, swiglu_limit=7.0, window_cache=False)
 
 
 def language_config(**overrides) -> ml_collections.ConfigDict:
@@ -104,7 +105,7 @@ LANGUAGE = {
                         rope_original_max=4096, rope_attention_factor=0.1 * math.log(32.0) + 1.0,
                         num_experts=32, num_experts_per_tok=4, moe_mlp_dim=2880, norm_topk_prob=True,
                         router_bias=True, expert_bias=True, expert_act="gpt_oss_clamped",
-                        router_aux_loss_coef=0.001, hf_model_type="gpt_oss"),
+                        router_aux_loss_coef=0.001, hf_model_type="gpt_oss", window_cache=True),
     # BERT-base-sized bidirectional text tower of the seed_300m preset (our decoder blocks, causal=False).
     "bert_base": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                       mlp_dim=3072, causal=False, lm_head=False),
