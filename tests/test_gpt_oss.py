@@ -182,14 +182,18 @@ def test_quantized_checkpoints_are_refused_in_one_line():
     convert.configs.language_from_hf(hf, "gpt_oss")
 
 
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("gpt_oss_chat"))
+  return folder, hf_refs.chat_model(hf_refs.GPT_OSS, folder, image_token_id=IMG)
+
+
 @pytest.mark.parametrize("layout", ["native", "opengvlab"])
-def test_chat_folders_match_torch(tmp_path, layout):
-  native = str(tmp_path / "native")
-  ref = hf_refs.chat_model(hf_refs.GPT_OSS, native, image_token_id=IMG)
-  folder = native
+def test_chat_folders_match_torch(chat, tmp_path, layout):
+  folder, ref = chat
   if layout == "opengvlab":
-    folder = str(tmp_path / "opengvlab")
-    opengvlab_layout.chat_to_opengvlab(native, folder, "gpt_oss")
+    opengvlab_layout.chat_to_opengvlab(folder, str(tmp_path), "gpt_oss")
+    folder = str(tmp_path)
   ours = convert.load_pretrained(folder)
   assert ours.config.language.hf_model_type == "gpt_oss" and ours.config.image_token_id == IMG
   ids, mask, pixels = hf_refs.chat_prompts(True, IMG)
@@ -199,13 +203,30 @@ def test_chat_folders_match_torch(tmp_path, layout):
   abs_err, rel_err = hf_refs.errors(got[mask.astype(bool)], want[mask.astype(bool)])
   print(f"chat gpt_oss {layout} logits: max abs {abs_err:.2e}, max rel {rel_err:.2e}")
   assert rel_err < REL_TOL
-  if layout == "native":  # and back to a transformers-native folder
-    from transformers import InternVLForConditionalGeneration
-    convert.save_pretrained(ours, str(tmp_path / "out"))
-    back = InternVLForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
-    assert back.config.text_config.model_type == "gpt_oss"
-    with torch.no_grad():
-      np.testing.assert_array_equal(back(**hf_refs.torch_chat_inputs(ids, mask, pixels)).logits.numpy(), want)
+
+
+@pytest.mark.slow  # the LM's greedy test covers the rings; this adds the image path (~20 s)
+def test_chat_greedy_generate_equals_torch(chat):
+  """11 prompt tokens (4 of them the image) + 6 new ones through the ring caches of 4 slots."""
+  folder, ref = chat
+  ours = convert.load_pretrained(folder)
+  ids, mask, pixels = hf_refs.chat_prompts(True, IMG)
+  with torch.no_grad():
+    want = ref.generate(**hf_refs.torch_chat_inputs(ids, mask, pixels), do_sample=False, max_new_tokens=6).numpy()
+  got = generate(ours, ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_chat_save_pretrained_round_trips_through_transformers(chat, tmp_path):
+  from transformers import InternVLForConditionalGeneration
+  folder, ref = chat
+  convert.save_pretrained(convert.load_pretrained(folder), str(tmp_path))
+  back = InternVLForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+  assert back.config.text_config.model_type == "gpt_oss"
+  ids, mask, pixels = hf_refs.chat_prompts(True, IMG)
+  with torch.no_grad():
+    np.testing.assert_array_equal(back(**hf_refs.torch_chat_inputs(ids, mask, pixels)).logits.numpy(),
+                                  ref(**hf_refs.torch_chat_inputs(ids, mask, pixels)).logits.numpy())
 
 
 def test_20b_preset_counts_what_transformers_does():
