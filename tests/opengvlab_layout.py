@@ -134,9 +134,10 @@ def phi3_remote_rope(rope: dict) -> dict:
 
 
 def chat_to_opengvlab(native: str, out: str, lm: str = "qwen2") -> None:
-  """lm: 'qwen2' | 'llama' | 'qwen3' | 'qwen3_moe' | 'internlm2' | 'internlm3' | 'phi3' | 'gpt_oss' (the native folder's text
-  model must be LLaMA-shaped for 'internlm2' / 'internlm3', Phi-3 for 'phi3'). Qwen3 / Qwen3-MoE tensors keep their
-  names (InternVL3.5 wraps Qwen3ForCausalLM / Qwen3MoeForCausalLM as language_model)."""
+  """lm: 'qwen2' | 'llama' | 'qwen3' | 'qwen3_moe' | 'internlm2' | 'internlm3' | 'phi3' | 'gpt_oss' (the native
+  folder's text model must be LLaMA-shaped for 'internlm2' / 'internlm3', Phi-3 for 'phi3', GPT-OSS for 'gpt_oss').
+  Qwen3 / Qwen3-MoE / GPT-OSS tensors keep their names (InternVL3.5 wraps Qwen3ForCausalLM / Qwen3MoeForCausalLM /
+  GptOssForCausalLM as language_model)."""
   with open(os.path.join(native, "config.json")) as f:
     cfg = json.load(f)
   t = read(native)

@@ -268,7 +268,8 @@ def _gpt_oss_to_hf(cfg: ml_collections.ConfigDict) -> dict:
   return dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], vocab_size=cfg.vocab_size,
               hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
               num_key_value_heads=cfg.num_kv_heads, head_dim=llm.head_dim(cfg), intermediate_size=cfg.moe_mlp_dim,
-              rms_norm_eps=cfg.norm_eps, attention_bias=bool(cfg.qkv_bias), tie_word_embeddings=bool(cfg.tie_embeddings),
+              rms_norm_eps=cfg.norm_eps, attention_bias=bool(cfg.qkv_bias),
+              tie_word_embeddings=bool(cfg.tie_embeddings),
               sliding_window=int(cfg.sliding_window) or None, layer_types=list(cfg.layer_types) or None,
               rope_parameters=rope, num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
               swiglu_alpha=float(cfg.swiglu_alpha), swiglu_limit=float(cfg.swiglu_limit),
@@ -363,7 +364,8 @@ def input_size(cfg: ml_collections.ConfigDict) -> int:
   return int(cfg.get("image_size", 0) or cfg.vision.image_size)
 
 
-NATIVE_TEXT = ("qwen2", "llama", "qwen3", "qwen3_moe", "phi3", "internlm3", "gpt_oss")  # text_config model_types of transformers' InternVL we read
+# text_config model_types of transformers' InternVL we read
+NATIVE_TEXT = ("qwen2", "llama", "qwen3", "qwen3_moe", "phi3", "internlm3", "gpt_oss")
 
 
 def chat_from_native(c: dict) -> ml_collections.ConfigDict:
@@ -426,7 +428,8 @@ def language_family(c: dict) -> str:
   names = [c.get("model_type") or ""] + list(c.get("architectures") or [])
   text = " ".join(names).lower()
   # Qwen3-MoE first: its names contain 'qwen3' (model_type qwen3_moe, class Qwen3MoeForCausalLM).
-  for family, marks in (("gpt_oss", ("gpt_oss", "gptoss")), ("internlm2", ("internlm2",)), ("internlm3", ("internlm3",)), ("phi3", ("phi3",)),
+  for family, marks in (("gpt_oss", ("gpt_oss", "gptoss")), ("internlm2", ("internlm2",)),
+                        ("internlm3", ("internlm3",)), ("phi3", ("phi3",)),
                         ("qwen3_moe", ("qwen3_moe", "qwen3moe")), ("qwen3", ("qwen3",)), ("qwen2", ("qwen2",)),
                         ("llama", ("llama",))):
     if any(m in text for m in marks):
