@@ -20,6 +20,8 @@ KV cache (a plain dict, so jit/scan/donation treat it as data):
   mask  [B, S] bool         which slots hold real (non-pad) tokens
   index int32 []            next slot to write (shared by the batch; left padding keeps rows aligned)
   pos   [B] int32           next RoPE position of each row (counts real tokens only)
+  k_ring, v_ring [L_sliding, B, W, Hkv, hd]  only with config.window_cache: sliding layers' last W slots
+                            (window_cache.py); k, v then hold the full-attention layers only
 """
 
 from __future__ import annotations
