@@ -176,10 +176,15 @@ def test_attention_sinks_equal_a_numpy_softmax_with_an_extra_column():
   assert np.abs(np.asarray(one)[1, :3]).max() == 0.0
 
 
-def test_quantized_checkpoints_are_refused_in_one_line():
-  hf = dict(hf_refs.GPT_OSS, quantization_config={"quant_method": "mxfp4"})
-  with pytest.raises(convert.configs.ConversionError, match="quantization_config.*dequantize"):
-    convert.configs.language_from_hf(hf, "gpt_oss")
+@pytest.mark.parametrize("change, message", [
+    (dict(quantization_config={"quant_method": "mxfp4"}), "quantization_config.*dequantize"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 500.0}), "RoPE scaling 'longrope'"),
+    (dict(layer_types=["sliding_attention", "chunked_attention"] * 2), "layer_types"),
+], ids=["mxfp4", "longrope", "layer_type"])
+def test_unsupported_configs_are_refused_in_one_line(change, message):
+  with pytest.raises(convert.configs.ConversionError, match=message) as e:
+    convert.configs.language_from_hf(dict(hf_refs.GPT_OSS, **change), "gpt_oss")
+  assert "\n" not in str(e.value)
 
 
 @pytest.fixture(scope="module")
