@@ -30,6 +30,16 @@ QWEN3_MOE = dict(QWEN3, model_type="qwen3_moe", num_hidden_layers=3, num_experts
                  moe_intermediate_size=24, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0],
                  router_aux_loss_coef=0.01)
 
+# GPT-OSS: 4 layers alternating 4-token windows and full attention, sinks, q/k/v/o biases, head_dim 16 given
+# (4 x 16 = 64 = hidden), YaRN x4 over 64 original positions with betas putting the ramp at frequencies 2.1-4.8
+# of 8 (untruncated), 4 biased experts top-2 with a small swiglu_limit so that the clamps bite.
+GPT_OSS = dict(model_type="gpt_oss", vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+               sliding_window=4, swiglu_limit=0.5, rms_norm_eps=1e-5, tie_word_embeddings=False,
+               router_aux_loss_coef=0.02, max_position_embeddings=256,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "beta_fast": 2.0,
+                                "beta_slow": 0.25, "truncate": False, "original_max_position_embeddings": 64})
+
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
   """Adds N(0, scale) noise to every parameter (deterministic)."""

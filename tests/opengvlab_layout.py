@@ -134,9 +134,10 @@ def phi3_remote_rope(rope: dict) -> dict:
 
 
 def chat_to_opengvlab(native: str, out: str, lm: str = "qwen2") -> None:
-  """lm: 'qwen2' | 'llama' | 'qwen3' | 'qwen3_moe' | 'internlm2' | 'internlm3' | 'phi3' (the native folder's text
-  model must be LLaMA-shaped for 'internlm2' / 'internlm3', Phi-3 for 'phi3'). Qwen3 / Qwen3-MoE tensors keep their
-  names (InternVL3.5 wraps Qwen3ForCausalLM / Qwen3MoeForCausalLM as language_model)."""
+  """lm: 'qwen2' | 'llama' | 'qwen3' | 'qwen3_moe' | 'internlm2' | 'internlm3' | 'phi3' | 'gpt_oss' (the native
+  folder's text model must be LLaMA-shaped for 'internlm2' / 'internlm3', Phi-3 for 'phi3', GPT-OSS for 'gpt_oss').
+  Qwen3 / Qwen3-MoE / GPT-OSS tensors keep their names (InternVL3.5 wraps Qwen3ForCausalLM / Qwen3MoeForCausalLM /
+  GptOssForCausalLM as language_model)."""
   with open(os.path.join(native, "config.json")) as f:
     cfg = json.load(f)
   t = read(native)
@@ -151,12 +152,14 @@ def chat_to_opengvlab(native: str, out: str, lm: str = "qwen2") -> None:
                             text, internlm2))
   arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
           "internlm3": "InternLM3ForCausalLM", "phi3": "Phi3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-          "qwen3_moe": "Qwen3MoeForCausalLM"}[lm]
+          "qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}[lm]
   llm_config = dict(text, architectures=[arch], model_type=lm,
                     rope_theta=text["rope_parameters"]["rope_theta"], bias=False)
   rope = llm_config.pop("rope_parameters")
   if lm == "phi3":
     llm_config.update(phi3_remote_rope(rope))
+  if lm == "gpt_oss":  # the 4.5x GptOssConfig spelling the release carries: rope_theta top level, rope_scaling
+    llm_config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
   if lm == "internlm3":  # its remote config names: qkv_bias (q/k/v) and bias (o_proj, MLP), no attention_bias
     hd = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     llm_config.update(qkv_bias=False, head_dim=hd)

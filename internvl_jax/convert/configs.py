@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from internvl_jax.models import llm, presets
+from internvl_jax.models import llm, moe, presets
 
 
 class ConversionError(ValueError):
@@ -163,6 +163,8 @@ def language_from_hf(c: dict, family: str) -> ml_collections.ConfigDict:
   elif family in ("qwen3", "qwen3_moe"):
     _qwen3_checks(c)
     qkv_bias = False
+  elif family == "gpt_oss":
+    return _gpt_oss_from_hf(c)
   else:
     raise ConversionError(f"unknown language model family {family!r}")
   _require("vocab_size" in c, f"the {family} config has no vocab_size")
@@ -205,14 +207,101 @@ def _qwen3_moe_fields(c: dict, num_layers: int) -> dict:
               router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)))
 
 
+# GptOssConfig's RoPE when config.json names none (transformers' __post_init__).
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 4096}
+
+
+def _yarn_fields(c: dict, params: dict) -> dict:
+  """rope_parameters of type 'yarn' -> our fields, with transformers' defaults (_compute_yarn_parameters): factor
+  (else max_position_embeddings / original), beta_fast 32, beta_slow 1, truncate True, and the attention factor
+  (given, else from mscale / mscale_all_dim, else 0.1 ln(factor) + 1 when factor > 1)."""
+  original = params.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
+  _require(bool(original), "YaRN RoPE needs original_max_position_embeddings")
+  factor = params.get("factor") or c.get("max_position_embeddings", 131072) / original
+  mscale = lambda f, m=1.0: 1.0 if f <= 1 else 0.1 * m * math.log(f) + 1.0
+  attn = params.get("attention_factor")
+  if attn is None:
+    ms, ms_all = params.get("mscale"), params.get("mscale_all_dim")
+    attn = mscale(factor, ms) / mscale(factor, ms_all) if ms and ms_all else mscale(factor)
+  return dict(rope_type="yarn", rope_factor=float(factor), rope_beta_fast=float(params.get("beta_fast") or 32),
+              rope_beta_slow=float(params.get("beta_slow") or 1), rope_truncate=bool(params.get("truncate", True)),
+              rope_original_max=int(original), rope_attention_factor=float(attn))
+
+
+def _gpt_oss_from_hf(c: dict) -> ml_collections.ConfigDict:
+  """transformers GptOssConfig (its defaults where absent) -> our decoder config: every layer routed, attention
+  sinks, q/k/v/o biases (attention_bias), per-layer sliding windows (layer_types), YaRN or plain RoPE."""
+  _require(not c.get("quantization_config"), "quantized GPT-OSS checkpoints (quantization_config, e.g. MXFP4 "
+           "experts) are not supported; dequantize to bfloat16 / float32 first")
+  _require("vocab_size" in c, "the gpt_oss config has no vocab_size")
+  layers_n = int(c.get("num_hidden_layers", 36))
+  types = list(c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                        for i in range(layers_n)])
+  _require(len(types) == layers_n and set(types) <= {"sliding_attention", "full_attention"},
+           f"GPT-OSS layer_types {types} must name 'sliding_attention' or 'full_attention' for each of {layers_n} "
+           "layers")
+  params = dict(c.get("rope_parameters") or c.get("rope_scaling") or _GPT_OSS_ROPE)
+  kind = params.get("rope_type") or params.get("type") or "default"
+  _require(kind in ("default", "yarn"), f"GPT-OSS RoPE scaling {kind!r} is not 'default' or 'yarn'")
+  _require(float(params.get("partial_rotary_factor", 1.0)) == 1.0, "GPT-OSS partial_rotary_factor is not supported")
+  rope = _yarn_fields(c, params) if kind == "yarn" else {}
+  heads, hidden = c.get("num_attention_heads", 64), c.get("hidden_size", 2880)
+  hd = c.get("head_dim") or hidden // heads
+  experts, top_k = int(c.get("num_local_experts", c.get("num_experts", 128))), int(c.get("num_experts_per_tok", 4))
+  _require(0 < top_k <= experts, f"num_experts_per_tok {top_k} must be in 1..num_local_experts ({experts})")
+  bias = bool(c.get("attention_bias", True))
+  return presets.language_config(
+      vocab_size=c["vocab_size"], hidden_size=hidden, num_layers=layers_n, num_heads=heads,
+      num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=0 if hd * heads == hidden else hd,
+      mlp_dim=c.get("intermediate_size", 2880), norm_eps=c.get("rms_norm_eps", 1e-5),
+      rope_theta=float(params.get("rope_theta", c.get("rope_theta", 150000.0))), qkv_bias=bias, o_bias=bias,
+      tie_embeddings=bool(c.get("tie_word_embeddings", False)), lm_head=True, causal=True,
+      attention_sinks=True, sliding_window=int(c.get("sliding_window") or 0), layer_types=types,
+      num_experts=experts, num_experts_per_tok=top_k, moe_mlp_dim=int(c.get("intermediate_size", 2880)),
+      norm_topk_prob=True, router_bias=True, expert_bias=True, expert_act="gpt_oss_clamped",
+      swiglu_alpha=float(c.get("swiglu_alpha", 1.702)), swiglu_limit=float(c.get("swiglu_limit", 7.0)),
+      router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)), hf_model_type="gpt_oss", window_cache=True,
+      **rope)
+
+
+def _gpt_oss_to_hf(cfg: ml_collections.ConfigDict) -> dict:
+  """Our GPT-OSS-shaped decoder config -> a transformers GptOssConfig."""
+  _require(cfg.qkv_bias == cfg.o_bias and cfg.attention_sinks and cfg.expert_act == "gpt_oss_clamped" and
+           cfg.router_bias and cfg.expert_bias and cfg.norm_topk_prob and moe.moe_layer_ids(cfg) == tuple(
+               range(cfg.num_layers)), "only GPT-OSS-shaped decoders export as gpt_oss")
+  rope = {"rope_type": cfg.rope_type, "rope_theta": float(cfg.rope_theta)}
+  if cfg.rope_type == "yarn":
+    rope.update(factor=float(cfg.rope_factor), beta_fast=float(cfg.rope_beta_fast),
+                beta_slow=float(cfg.rope_beta_slow), truncate=bool(cfg.rope_truncate),
+                original_max_position_embeddings=int(cfg.rope_original_max),
+                attention_factor=float(cfg.rope_attention_factor))
+  else:
+    _require(cfg.rope_type == "default", f"GPT-OSS has no {cfg.rope_type!r} RoPE")
+  return dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], vocab_size=cfg.vocab_size,
+              hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              num_key_value_heads=cfg.num_kv_heads, head_dim=llm.head_dim(cfg), intermediate_size=cfg.moe_mlp_dim,
+              rms_norm_eps=cfg.norm_eps, attention_bias=bool(cfg.qkv_bias),
+              tie_word_embeddings=bool(cfg.tie_embeddings),
+              sliding_window=int(cfg.sliding_window) or None, layer_types=list(cfg.layer_types) or None,
+              rope_parameters=rope, num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+              swiglu_alpha=float(cfg.swiglu_alpha), swiglu_limit=float(cfg.swiglu_limit),
+              router_aux_loss_coef=float(cfg.router_aux_loss_coef), bos_token_id=None, eos_token_id=None,
+              pad_token_id=None)
+
+
 def language_to_hf(cfg: ml_collections.ConfigDict) -> dict:
   """Our decoder config -> a transformers Qwen3MoeConfig (experts), Qwen3Config (QK-norm), Qwen2Config (q/k/v
   biases) or LlamaConfig (none of these)."""
   _require(cfg.causal and cfg.lm_head, "only causal decoders with an LM head export to transformers")
   if cfg.get("hf_model_type") == "phi3":
     return _phi3_to_hf(cfg)
+  if cfg.get("hf_model_type") == "gpt_oss":
+    return _gpt_oss_to_hf(cfg)
   _require(cfg.get("rope_type", "default") == "default" and not cfg.get("rotary_dim") and not cfg.get(
       "sliding_window"), "longrope, partial rotary and sliding windows export only as Phi-3 (hf_model_type='phi3')")
+  _require(not (cfg.get("o_bias") or cfg.get("attention_sinks") or cfg.get("expert_bias") or cfg.get("router_bias")),
+           "output biases, attention sinks and expert / router biases export only as GPT-OSS (hf_model_type='gpt_oss')")
   out = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
              head_dim=llm.head_dim(cfg), intermediate_size=cfg.mlp_dim, rms_norm_eps=cfg.norm_eps,
@@ -288,7 +377,8 @@ def input_size(cfg: ml_collections.ConfigDict) -> int:
   return int(cfg.get("image_size", 0) or cfg.vision.image_size)
 
 
-NATIVE_TEXT = ("qwen2", "llama", "qwen3", "qwen3_moe", "phi3", "internlm3")  # text_config model_types of transformers' InternVL we read
+# text_config model_types of transformers' InternVL we read
+NATIVE_TEXT = ("qwen2", "llama", "qwen3", "qwen3_moe", "phi3", "internlm3", "gpt_oss")
 
 
 def chat_from_native(c: dict) -> ml_collections.ConfigDict:
@@ -371,18 +461,19 @@ def chat_from_opengvlab(c: dict, image_token_id: int | None) -> ml_collections.C
 
 
 def language_family(c: dict) -> str:
-  """'llama' | 'qwen2' | 'qwen3' | 'qwen3_moe' | 'internlm2' | 'internlm3' | 'phi3' from a language config's
-  model_type / architectures."""
+  """'llama' | 'qwen2' | 'qwen3' | 'qwen3_moe' | 'internlm2' | 'internlm3' | 'phi3' | 'gpt_oss' from a language
+  config's model_type / architectures."""
   names = [c.get("model_type") or ""] + list(c.get("architectures") or [])
   text = " ".join(names).lower()
   # Qwen3-MoE first: its names contain 'qwen3' (model_type qwen3_moe, class Qwen3MoeForCausalLM).
-  for family, marks in (("internlm2", ("internlm2",)), ("internlm3", ("internlm3",)), ("phi3", ("phi3",)),
+  for family, marks in (("gpt_oss", ("gpt_oss", "gptoss")), ("internlm2", ("internlm2",)),
+                        ("internlm3", ("internlm3",)), ("phi3", ("phi3",)),
                         ("qwen3_moe", ("qwen3_moe", "qwen3moe")), ("qwen3", ("qwen3",)), ("qwen2", ("qwen2",)),
                         ("llama", ("llama",))):
     if any(m in text for m in marks):
       return family
   raise ConversionError(f"unknown language model {names}; supported: LLaMA, Qwen2, Qwen3, Qwen3-MoE, InternLM2, "
-                        "InternLM3, Phi-3")
+                        "InternLM3, Phi-3, GPT-OSS")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
   phi3              transformers Phi3ForCausalLM (fused qkv_proj)    llm.Decoder
   internlm3         InternLM3ForCausalLM (remote code; LLaMA names)  llm.Decoder
   qwen3 / qwen3_moe transformers Qwen3 / Qwen3Moe ForCausalLM       llm.Decoder (QK-norm; routed experts)
+  gpt_oss           transformers GptOssForCausalLM (bf16/f32)       llm.Decoder (sinks, windows, biased experts)
   internlm2         OpenGVLab InternLM2ForCausalLM                  llm.Decoder
   internvl_14b      OpenGVLab InternVLModel (InternVL-14B-224px)    internvl.InternVLContrastive (variant c / g)
   internvl_seed     a seed contrastive model we exported with its      internvl.InternVLContrastive (seed)
@@ -35,8 +36,8 @@ from internvl_jax.convert.configs import ConversionError
 from internvl_jax.models import internvl, llm, vit
 
 FAMILIES = ("internvl_vision", "intern_vit_6b", "internvl", "internvl_chat", "llama", "qwen2", "internlm2",
-            "internvl_14b", "internvl_jax", "internvl_seed", "qwen3", "qwen3_moe", "phi3", "internlm3")
-CAUSAL_LMS = ("llama", "qwen2", "internlm2", "qwen3", "qwen3_moe", "phi3", "internlm3")
+            "internvl_14b", "internvl_jax", "internvl_seed", "qwen3", "qwen3_moe", "phi3", "internlm3", "gpt_oss")
+CAUSAL_LMS = ("llama", "qwen2", "internlm2", "qwen3", "qwen3_moe", "phi3", "internlm3", "gpt_oss")
 # Our model classes by the kind name stored in our own configs (orbax_io, the internvl_jax layout).
 KINDS = {"vision": vit.InternViT, "language": llm.Decoder, "chat": internvl.InternVLChat,
          "contrastive": internvl.InternVLContrastive}

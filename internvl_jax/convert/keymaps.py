@@ -143,7 +143,7 @@ def internvit_opengvlab(cfg: ml_collections.ConfigDict, src: str = "", dst: str 
 
 
 def decoder_hf(cfg: ml_collections.ConfigDict, src: str, dst: str = "", lm_head: str | None = None) -> list[Rule]:
-  """LLaMA / Qwen2 / Qwen3 / Qwen3-MoE names: `{src}.embed_tokens`, `{src}.layers.{i}.self_attn.q_proj`, ...;
+  """LLaMA / Qwen2 / Qwen3 / Qwen3-MoE / GPT-OSS names: `{src}.embed_tokens`, `{src}.layers.{i}.self_attn.q_proj`, ...;
   lm_head: its full source name prefix (e.g. "lm_head") when the model has a separate output matrix. A model
   mixing dense and MoE layers keeps them in two stacks (llm.Decoder), each slot naming its source layer."""
   s, d = (lambda n: _join(src, n)), (lambda n: _join(dst, n))
@@ -166,10 +166,14 @@ def _decoder_layer(cfg: ml_collections.ConfigDict, lay: str, blk: str, sparse: b
   rules = []
   for p in "qkv":
     rules += _linear(f"{blk}.attn.{p}", f"{lay}.self_attn.{p}_proj", cfg.qkv_bias)
-  rules += _linear(f"{blk}.attn.o", f"{lay}.self_attn.o_proj", bias=False)
+  rules += _linear(f"{blk}.attn.o", f"{lay}.self_attn.o_proj", bias=cfg.get("o_bias", False))
+  if cfg.get("attention_sinks", False):
+    rules.append(_same(f"{blk}.attn.sinks", f"{lay}.self_attn.sinks"))
   if cfg.get("qk_norm", False):
     rules += [_same(f"{blk}.attn.{p}_norm.scale", f"{lay}.self_attn.{p}_norm.weight") for p in "qk"]
-  if sparse:  # Qwen3-MoE on disk: router `mlp.gate`, one tensor per expert `mlp.experts.{j}.{gate,up,down}_proj`
+  if sparse and cfg.get("hf_model_type") == "gpt_oss":
+    rules += _gpt_oss_experts(lay, blk)
+  elif sparse:  # Qwen3-MoE on disk: router `mlp.gate`, one tensor per expert `mlp.experts.{j}.{gate,up,down}_proj`
     rules += _linear(f"{blk}.mlp.router", f"{lay}.mlp.gate", bias=False)
     for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
       rules.append(Rule(f"{blk}.mlp.{ours}", (f"{lay}.mlp.experts.{{j}}.{theirs}.weight",), T.Linear(),
@@ -180,6 +184,18 @@ def _decoder_layer(cfg: ml_collections.ConfigDict, lay: str, blk: str, sparse: b
   rules += [_same(f"{blk}.input_norm.scale", f"{lay}.input_layernorm.weight"),
             _same(f"{blk}.post_attention_norm.scale", f"{lay}.post_attention_layernorm.weight")]
   return rules
+
+
+def _gpt_oss_experts(lay: str, blk: str) -> list[Rule]:
+  """GPT-OSS on disk: router `mlp.router` (Linear with bias), every expert in one tensor per layer:
+  `mlp.experts.gate_up_proj` [E, D, 2I] (gate columns 0::2, up 1::2) and its bias [E, 2I], `down_proj` [E, I, D]
+  (already [in, out]) and its bias [E, D]."""
+  ex = f"{lay}.mlp.experts"
+  rules = _linear(f"{blk}.mlp.router", f"{lay}.mlp.router", bias=True)
+  for j, p in enumerate(("gate", "up")):
+    rules += [Rule(f"{blk}.mlp.{p}", (f"{ex}.gate_up_proj",), T.Interleaved(j, 2)),
+              Rule(f"{blk}.mlp.{p}_bias", (f"{ex}.gate_up_proj_bias",), T.Interleaved(j, 2))]
+  return rules + [_same(f"{blk}.mlp.down", f"{ex}.down_proj"), _same(f"{blk}.mlp.down_bias", f"{ex}.down_proj_bias")]
 
 
 def decoder_phi3(cfg: ml_collections.ConfigDict, src: str, dst: str = "", lm_head: str | None = None) -> list[Rule]:

@@ -3,7 +3,7 @@
 
   InternViT     -> InternVLVisionModel (model_type internvl_vision)
   Decoder       -> Qwen3MoeForCausalLM (experts), Qwen3ForCausalLM (QK-norm), Qwen2ForCausalLM (q/k/v biases),
-                   Phi3ForCausalLM (hf_model_type) or LlamaForCausalLM (none)
+                   Phi3ForCausalLM / GptOssForCausalLM (hf_model_type) or LlamaForCausalLM (none)
   InternVLChat  -> InternVLForConditionalGeneration (model_type internvl)
   InternVLContrastive (variant c / g) -> OpenGVLab InternVL-14B layout (transformers has no InternVL-C/G class)
   InternVLContrastive (seed)          -> model_type internvl_seed: transformers InternVLVisionModel names for the
@@ -115,7 +115,7 @@ def write_folder(model: nnx.Module, out_dir: str, hf: dict, rules: list, *, dtyp
   fused: dict[str, list] = {}  # source template -> [(Rows, stacked value)]: parts written as one tensor
   for target, value in params.items():
     rule = by_target[target]
-    if isinstance(rule.transform, transforms.Rows):
+    if isinstance(rule.transform, transforms.FUSED):
       fused.setdefault(rule.sources[0], []).append((rule, value))
       continue
     if rule.transform.save is None:
@@ -144,8 +144,8 @@ def write_folder(model: nnx.Module, out_dir: str, hf: dict, rules: list, *, dtyp
 
 
 def _fused_maker(parts, index, dtype):
-  """Produces piece `index` (a layer) of a fused source tensor (e.g. Phi-3's qkv_proj) from its Rows parts when
-  asked."""
+  """Produces piece `index` (a layer) of a fused source tensor (Phi-3's qkv_proj, GPT-OSS's gate_up_proj) from its
+  parts when asked."""
   def make():
     pieces = [(r.transform, np.asarray(v[index] if index else v)) for r, v in parts]
     return transforms.fused_save(pieces).astype(dtype)

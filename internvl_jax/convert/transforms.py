@@ -167,8 +167,35 @@ class Rows:
     return ((self.total, shape[0]),)
 
 
-def fused_save(parts: list[tuple[Rows, np.ndarray]]) -> np.ndarray:
-  """(Rows, our kernel [in, rows]) for every part of one fused tensor -> the torch weight [total, in]."""
+class Interleaved:
+  """Columns part, part + parts, ... (the last axis) of a fused tensor <-> one of our tensors: GPT-OSS's
+  experts.gate_up_proj [E, D, 2I] holds gate in columns 0::2 and up in 1::2 (and its bias [E, 2I] alike), already
+  [in, out] per expert. Like Rows, saving is the saver's (`fused_save` below puts the parts back in turn)."""
+  arity = 1
+
+  def __init__(self, part: int, parts: int):
+    self.part, self.parts = part, parts
+    self.save = None
+
+  def load(self, w):
+    return np.ascontiguousarray(w[..., self.part::self.parts])
+
+  def source_shapes(self, shape):
+    return (tuple(shape[:-1]) + (shape[-1] * self.parts,),)
+
+
+FUSED = (Rows, Interleaved)  # transforms whose source tensor holds several of our parameters
+
+
+def fused_save(parts: list[tuple[Rows | Interleaved, np.ndarray]]) -> np.ndarray:
+  """(Rows, our kernel [in, rows]) for every part of one fused tensor -> the torch weight [total, in];
+  (Interleaved, our piece [..., n]) for every part -> the fused tensor [..., n * parts]."""
+  if isinstance(parts[0][0], Interleaved):
+    parts = sorted(parts, key=lambda p: p[0].part)
+    if [p[0].part for p in parts] != list(range(parts[0][0].parts)):
+      raise ValueError(f"interleaved parts {[p[0].part for p in parts]} do not cover {parts[0][0].parts} parts")
+    stacked = np.stack([np.asarray(x) for _, x in parts], axis=-1)  # [..., n, parts]: column c * parts + part
+    return stacked.reshape(stacked.shape[:-2] + (-1,))
   parts = sorted(parts, key=lambda p: p[0].start)
   total = parts[0][0].total
   if [p[0].start for p in parts] != [0] + [p[0].stop for p in parts[:-1]] or parts[-1][0].stop != total:

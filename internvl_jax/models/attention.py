@@ -26,11 +26,14 @@ SPLASH_BLOCK = 128  # splash's default block size: sequences are padded to a mul
 _logged_choice: set[str] = set()
 
 
-def causal_mask(q_len: int, k_len: int, offset: int | jax.Array = 0, window: int = 0) -> jax.Array:
+def causal_mask(q_len: int, k_len: int, offset: int | jax.Array = 0, window: int | jax.Array = 0) -> jax.Array:
   """[q_len, k_len] bool: query i (at absolute slot offset + i) sees keys at slots <= offset + i; with window > 0
-  only the last `window` of them (slots > offset + i - window, transformers' sliding-window rule)."""
+  only the last `window` of them (slots > offset + i - window, transformers' sliding-window rule). window may be
+  a traced int32 scalar (GPT-OSS: one window per layer, scanned over the layers; <= 0 means no window)."""
   q = jnp.arange(q_len)[:, None] + offset
   k = jnp.arange(k_len)[None, :]
+  if isinstance(window, jax.Array):
+    return (k <= q) & ((window <= 0) | (k > q - window))
   if window:
     return (k <= q) & (k > q - window)
   return k <= q
@@ -96,13 +99,23 @@ def choose_impl(impl: str, q: jax.Array, k: jax.Array, mask) -> str:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-                          causal: bool = False, scale: float | None = None, impl: str = "xla") -> jax.Array:
+                          causal: bool = False, scale: float | None = None, impl: str = "xla",
+                          sinks: jax.Array | None = None) -> jax.Array:
   """Multi-head attention.
 
   q: [B, T, H, hd]; k, v: [B, S, Hkv, hd] with H a multiple of Hkv (grouped-query attention).
   mask: bool, broadcastable to [B, H, T, S], True = attend. causal: adds the lower-triangular mask (T == S).
+  sinks: float32 [H] or None: GPT-OSS's attention sinks, a learned logit per head that joins each softmax as an
+  extra key with no value (the weights of the real keys then sum to less than 1).
   Returns [B, T, H, hd] in q.dtype.
   """
+  if sinks is not None:
+    # Neither cuDNN's fused attention nor splash (as called here) takes a sink column, so sinks always run the
+    # XLA math; on CPU it is blocked for the cache, elsewhere one block (XLA fuses it as jax.nn's XLA path).
+    if impl not in IMPLS:
+      raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    budget = None if jax.default_backend() == "cpu" else 2**62
+    return _cpu_attention(q, k, v, mask=mask, causal=causal, scale=scale, budget_bytes=budget, sinks=sinks)
   chosen = choose_impl(impl, q, k, mask)
   if chosen == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn")
@@ -128,7 +141,7 @@ def cpu_query_blocks(batch: int, heads: int, q_len: int, k_len: int,
 
 
 def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None, causal: bool,
-                   scale: float | None, budget_bytes: int | None = None) -> jax.Array:
+                   scale: float | None, budget_bytes: int | None = None, sinks: jax.Array | None = None) -> jax.Array:
   """The XLA path, arranged for XLA's CPU backend (measured in BENCHMARKS.md).
 
   Same maths as jax.nn.dot_product_attention's XLA path (float32 logits, masked logits set to the same large
@@ -143,6 +156,8 @@ def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     [.., T, hd] result instead of the [.., T, S] probabilities;
   - the scale multiplies q ([T, hd]) rather than the logits ([T, S]).
   budget_bytes overrides CPU_LOGITS_BLOCK_BYTES (tests force several blocks at tiny shapes).
+  sinks [H] float32 (or None): one more logit per head in every row's softmax, whose probability is dropped: it
+  enters the row max and the normaliser only.
   """
   b, t, h, hd = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -156,14 +171,21 @@ def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     mask = combine_masks(mask)
     mask = mask.reshape(mask.shape[0], hkv, g, *mask.shape[2:]) if mask.shape[1] == h else mask[:, :, None]
   per_row_mask = mask is not None and mask.shape[3] == t
+  sink = None if sinks is None else sinks.astype(jnp.float32).reshape(1, hkv, g, 1, 1)
 
   def attend(qb: jax.Array, mb: jax.Array | None) -> jax.Array:  # qb [B, Hkv, G, tb, hd] -> same shape, float32
     logits = jnp.einsum("bkgtd,bksd->bkgts", qb, kh, preferred_element_type=jnp.float32)
     if mb is not None:
       logits = jnp.where(mb, logits, -0.7 * jnp.finfo(jnp.float32).max)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    if sink is not None:
+      top = jnp.maximum(top, sink)
+    e = jnp.exp(logits - top)
     out = jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), vh, preferred_element_type=jnp.float32)
-    return out / jnp.sum(e, axis=-1, keepdims=True)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    if sink is not None:
+      total = total + jnp.exp(sink - top)
+    return out / total
 
   n_blocks, rows = cpu_query_blocks(b, h, t, s, budget_bytes)
   if n_blocks == 1:

@@ -6,6 +6,8 @@ honest names (they are not released models)."""
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 _COMMON = dict(dtype="float32", attention_impl="xla", scan_layers=True, remat="none")
@@ -29,6 +31,14 @@ def vision_config(**overrides) -> ml_collections.ConfigDict:
 # sliding_window 0 = none; hf_model_type names the transformers layout to export to ('' = llama / qwen2 by bias).
 _PHI3 = dict(rotary_dim=0, rope_type="default", rope_short_factor=[], rope_long_factor=[], rope_original_max=0,
              rope_attention_factor=1.0, sliding_window=0, hf_model_type="")
+# GPT-OSS fields (defaults change nothing): rope_type 'yarn' with rope_factor, rope_beta_fast / slow, rope_truncate
+# (and rope_original_max, rope_attention_factor above); o_bias (attention output bias), attention_sinks (a learned
+# logit per head), layer_types ('sliding_attention' | 'full_attention' per layer; [] = sliding_window on all);
+# router_bias, expert_bias, expert_act ('swiglu' | 'gpt_oss_clamped') with swiglu_alpha / swiglu_limit (moe.py);
+# window_cache: sliding layers keep only their window in the KV cache (window_cache.py).
+_GPT_OSS = dict(rope_factor=1.0, rope_beta_fast=32.0, rope_beta_slow=1.0, rope_truncate=True, o_bias=False,
+                attention_sinks=False, layer_types=[], router_bias=False, expert_bias=False, expert_act="swiglu",
+                swiglu_alpha=1.702, swiglu_limit=7.0, window_cache=False)
 
 
 def language_config(**overrides) -> ml_collections.ConfigDict:
@@ -37,6 +47,7 @@ def language_config(**overrides) -> ml_collections.ConfigDict:
              mlp_dim=11008, norm_eps=1e-6, rope_theta=10000.0, qkv_bias=False, tie_embeddings=False, lm_head=True,
              causal=True, init_std=0.02, **_COMMON)
   cfg.update(_PHI3)
+  cfg.update(_GPT_OSS)
   # Qwen3: per-head RMSNorm on q and k. Qwen3-MoE: routed experts (num_experts 0 = dense; see models/moe.py).
   cfg.update(qk_norm=False, num_experts=0, num_experts_per_tok=0, moe_mlp_dim=0, norm_topk_prob=False,
              decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.0)
@@ -98,6 +109,18 @@ LANGUAGE = {
     # InternLM3-8B (InternVL3-9B): LLaMA-shaped, 2 KV heads, head_dim 128.
     "internlm3_8b": dict(vocab_size=128512, hidden_size=4096, num_layers=48, num_heads=32, num_kv_heads=2,
                          mlp_dim=10240, norm_eps=1e-5, rope_theta=50000000.0),
+    # gpt-oss-20b (InternVL3.5-GPT-OSS-20B-A4B): every layer routed (32 experts, top-4, biased clamped SwiGLU),
+    # attention sinks and biases, 128-token windows on even layers, YaRN x32 over 4096 positions. The aux-loss
+    # coefficient is transformers' default; a release's config.json sets its own when loaded.
+    "gpt_oss_20b": dict(vocab_size=201088, hidden_size=2880, num_layers=24, num_heads=64, num_kv_heads=8,
+                        head_dim=64, mlp_dim=2880, norm_eps=1e-5, rope_theta=150000.0, qkv_bias=True, o_bias=True,
+                        attention_sinks=True, sliding_window=128,
+                        layer_types=["sliding_attention", "full_attention"] * 12, rope_type="yarn",
+                        rope_factor=32.0, rope_beta_fast=32.0, rope_beta_slow=1.0, rope_truncate=False,
+                        rope_original_max=4096, rope_attention_factor=0.1 * math.log(32.0) + 1.0,
+                        num_experts=32, num_experts_per_tok=4, moe_mlp_dim=2880, norm_topk_prob=True,
+                        router_bias=True, expert_bias=True, expert_act="gpt_oss_clamped",
+                        router_aux_loss_coef=0.001, hf_model_type="gpt_oss", window_cache=True),
     # BERT-base-sized bidirectional text tower of the seed_300m preset (our decoder blocks, causal=False).
     "bert_base": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
                       mlp_dim=3072, causal=False, lm_head=False),
@@ -113,7 +136,7 @@ def vision(name: str) -> ml_collections.ConfigDict:
 
 def language(name: str) -> ml_collections.ConfigDict:
   """A language preset: tiny | llama_7b | llama_13b | qwen2_0_5b | qwen3_0_6b | qwen3_1_7b | qwen3_4b | qwen3_8b |
-  qwen3_14b | qwen3_32b | qwen3_30b_a3b | qwen3_235b_a22b | phi3_mini | internlm3_8b | bert_base."""
+  qwen3_14b | qwen3_32b | qwen3_30b_a3b | qwen3_235b_a22b | phi3_mini | internlm3_8b | gpt_oss_20b | bert_base."""
   if name not in LANGUAGE:
     raise ValueError(f"unknown language preset {name!r}; choose from {sorted(LANGUAGE)}")
   return language_config(**LANGUAGE[name])
@@ -185,6 +208,10 @@ _CHAT = {
     # <IMG_CONTEXT> ids come from the release's tokenizer when loaded; the ids here are placeholders (the last id).
     "internvl2_4b": dict(vision="internvit_300m", language="phi3_mini", image_token_id=32063),
     "internvl3_9b": dict(vision="internvit_300m", language="internlm3_8b", image_token_id=128511),
+    # InternViT-300M + gpt-oss-20b. NOT VERIFIED against the release: OpenGVLab's training code adds <img>,
+    # </img>, <IMG_CONTEXT>, ... with tokenizer.add_tokens after gpt-oss's tokenizer (o200k_harmony, ids up to
+    # 200018), which would make <IMG_CONTEXT> 200021; the release's tokenizer files decide when loaded.
+    "internvl3_5_gpt_oss_20b_a4b": dict(vision="internvit_300m", language="gpt_oss_20b", image_token_id=200021),
 }
 
 
