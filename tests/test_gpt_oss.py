@@ -177,14 +177,54 @@ def test_attention_sinks_equal_a_numpy_softmax_with_an_extra_column():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(quantization_config={"quant_method": "mxfp4"}), "quantization_config.*dequantize"),
+    (dict(quantization_config={"quant_method": "bitsandbytes"}), "quantized with 'bitsandbytes'.*dequantize"),
     (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 500.0}), "RoPE scaling 'longrope'"),
     (dict(layer_types=["sliding_attention", "chunked_attention"] * 2), "layer_types"),
-], ids=["mxfp4", "longrope", "layer_type"])
+], ids=["bitsandbytes", "longrope", "layer_type"])
 def test_unsupported_configs_are_refused_in_one_line(change, message):
   with pytest.raises(convert.configs.ConversionError, match=message) as e:
     convert.configs.language_from_hf(dict(hf_refs.GPT_OSS, **change), "gpt_oss")
   assert "\n" not in str(e.value)
+
+
+def test_mxfp4_experts_are_dequantized_as_transformers_does(lm, tmp_path):
+  # openai's gpt-oss folders store the experts MXFP4: `_blocks` (two FP4 codes per byte) + `_scales` (powers of
+  # two). Random codes and scales, dequantized by transformers' own converter into the reference model.
+  import copy
+  import os
+  from safetensors.numpy import load_file, save_file
+  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+  ref, _, folder = lm
+  ref = copy.deepcopy(ref)
+  tensors = load_file(os.path.join(folder, "model.safetensors"))
+  rng = np.random.default_rng(0)
+  e, d, i = 4, 64, 32
+  for layer in range(4):
+    experts = ref.model.layers[layer].mlp.experts
+    for name, rows, cols in (("gate_up_proj", 2 * i, d), ("down_proj", d, i)):
+      key = f"model.layers.{layer}.mlp.experts.{name}"
+      assert key in tensors
+      del tensors[key]
+      blocks = rng.integers(0, 256, (e, rows, cols // 32, 16), dtype=np.uint8)
+      scales = rng.integers(118, 122, (e, rows, cols // 32), dtype=np.uint8)  # 2^-9 .. 2^-6: weights like init
+      tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+      dense = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+      getattr(experts, name).data.copy_(dense)
+  out = str(tmp_path / "mxfp4")
+  os.makedirs(out)
+  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(folder, "config.json")) as f:
+    config = json.load(f)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(dict(config, quantization_config={"quant_method": "mxfp4"}), f)
+  ours = convert.load_pretrained(out)
+  ids, mask = hf_refs.prompts(False, LEN)
+  with torch.no_grad():
+    want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+  got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+  assert hf_refs.errors(got, want)[1] < REL_TOL
+  # the same codes read as the unquantized layout would be garbage: the dequantization is what matches
+  assert not np.allclose(got, np.asarray(convert.load_pretrained(folder)(jnp.asarray(ids)).logits), atol=1e-3)
 
 
 @pytest.fixture(scope="module")

@@ -232,8 +232,9 @@ def _yarn_fields(c: dict, params: dict) -> dict:
 def _gpt_oss_from_hf(c: dict) -> ml_collections.ConfigDict:
   """transformers GptOssConfig (its defaults where absent) -> our decoder config: every layer routed, attention
   sinks, q/k/v/o biases (attention_bias), per-layer sliding windows (layer_types), YaRN or plain RoPE."""
-  _require(not c.get("quantization_config"), "quantized GPT-OSS checkpoints (quantization_config, e.g. MXFP4 "
-           "experts) are not supported; dequantize to bfloat16 / float32 first")
+  quant = (c.get("quantization_config") or {}).get("quant_method")
+  _require(quant in (None, "mxfp4"), f"GPT-OSS checkpoints quantized with {quant!r} are not supported (MXFP4 "
+           "experts are); dequantize to bfloat16 / float32 first")
   _require("vocab_size" in c, "the gpt_oss config has no vocab_size")
   layers_n = int(c.get("num_hidden_layers", 36))
   types = list(c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"

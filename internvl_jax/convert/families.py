@@ -9,7 +9,8 @@
   phi3              transformers Phi3ForCausalLM (fused qkv_proj)    llm.Decoder
   internlm3         InternLM3ForCausalLM (remote code; LLaMA names)  llm.Decoder
   qwen3 / qwen3_moe transformers Qwen3 / Qwen3Moe ForCausalLM       llm.Decoder (QK-norm; routed experts)
-  gpt_oss           transformers GptOssForCausalLM (bf16/f32)       llm.Decoder (sinks, windows, biased experts)
+  gpt_oss           transformers GptOssForCausalLM (MXFP4 experts   llm.Decoder (sinks, windows, biased experts)
+                    dequantized on read)
   internlm2         OpenGVLab InternLM2ForCausalLM                  llm.Decoder
   internvl_14b      OpenGVLab InternVLModel (InternVL-14B-224px)    internvl.InternVLContrastive (variant c / g)
   internvl_seed     a seed contrastive model we exported with its      internvl.InternVLContrastive (seed)
@@ -124,7 +125,15 @@ def _decoder_rules(family: str, cfg, src: str, dst: str, head: str | None) -> li
 
 def build(family: str, hf: dict, ckpt, *, image_token_id: int | None = None, variant: str = "g") -> Spec:
   """Our config, model class and rules for a checkpoint of `family` whose tensors are in `ckpt`.
-  image_token_id: overrides the tokenizer's <IMG_CONTEXT> (internvl_chat); variant: 'c' | 'g' (internvl_14b)."""
+  image_token_id: overrides the tokenizer's <IMG_CONTEXT> (internvl_chat); variant: 'c' | 'g' (internvl_14b).
+  GPT-OSS experts stored MXFP4 (openai's releases) are dequantized as they are read."""
+  spec = _build(family, hf, ckpt, image_token_id=image_token_id, variant=variant)
+  if any(n.endswith("experts.gate_up_proj_blocks") for n in ckpt.names()):
+    spec.rules = keymaps.mxfp4_experts(spec.rules)
+  return spec
+
+
+def _build(family: str, hf: dict, ckpt, *, image_token_id: int | None, variant: str) -> Spec:
   if family == "internvl_vision":
     cfg = configs.vision_from_native(hf)
     return Spec(family, cfg, vit.InternViT, keymaps.internvit_native(cfg), set())

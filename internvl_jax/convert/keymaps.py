@@ -186,6 +186,19 @@ def _decoder_layer(cfg: ml_collections.ConfigDict, lay: str, blk: str, sparse: b
   return rules
 
 
+def mxfp4_experts(rules: list[Rule]) -> list[Rule]:
+  """The rules of a GPT-OSS checkpoint whose experts are stored MXFP4 (`experts.gate_up_proj_blocks` / `_scales`
+  and `experts.down_proj_blocks` / `_scales` in place of `gate_up_proj` / `down_proj`): those weights are read
+  from the two tensors and dequantized (T.MXFP4); biases and everything else as before."""
+  out = []
+  for r in rules:
+    src = r.sources[0]
+    if len(r.sources) == 1 and src.endswith(("experts.gate_up_proj", "experts.down_proj")):
+      r = dataclasses.replace(r, sources=(src + "_blocks", src + "_scales"), transform=T.MXFP4(r.transform))
+    out.append(r)
+  return out
+
+
 def _gpt_oss_experts(lay: str, blk: str) -> list[Rule]:
   """GPT-OSS on disk: router `mlp.router` (Linear with bias), every expert in one tensor per layer:
   `mlp.experts.gate_up_proj` [E, D, 2I] (gate columns 0::2, up 1::2) and its bias [E, 2I], `down_proj` [E, I, D]

@@ -184,6 +184,37 @@ class Interleaved:
     return (tuple(shape[:-1]) + (shape[-1] * self.parts,),)
 
 
+# e2m1 (FP4) values by their 4-bit code: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6 (OCP Microscaling formats)
+FP4_VALUES = np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                        np.float32)
+
+
+class MXFP4:
+  """GPT-OSS experts stored MXFP4 (openai/gpt-oss-*): `{name}_blocks` [E, R, G, 16] uint8 holding two FP4 codes
+  per byte (low nibble first) and `{name}_scales` [E, R, G] uint8, a power of two per 32 values (exponent bias
+  127), for the weight [E, R, G * 32] whose transpose [E, G * 32, R] is the unquantized `{name}` that `inner`
+  reads. Read-only: saving writes the unquantized layout."""
+  arity = 2
+
+  def __init__(self, inner):
+    self.inner = inner
+    self.save = None
+
+  def load(self, blocks, scales):
+    b = np.asarray(blocks, np.uint8)
+    values = np.empty(b.shape[:-1] + (2 * b.shape[-1],), np.float32)
+    values[..., 0::2] = FP4_VALUES[b & 0x0F]
+    values[..., 1::2] = FP4_VALUES[b >> 4]
+    values = np.ldexp(values, np.asarray(scales).astype(np.int32)[..., None] - 127)
+    w = values.reshape(b.shape[:-2] + (-1,))  # [..., R, G * 32]
+    return self.inner.load(np.ascontiguousarray(np.swapaxes(w, -1, -2)))
+
+  def source_shapes(self, shape):
+    (full,) = self.inner.source_shapes(shape)  # [..., G * 32, R]
+    *lead, cols, rows = full
+    return tuple(lead) + (rows, cols // 32, 16), tuple(lead) + (rows, cols // 32)
+
+
 FUSED = (Rows, Interleaved)  # transforms whose source tensor holds several of our parameters
 
 
