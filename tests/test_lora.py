@@ -1,0 +1,89 @@
+"""LoRA (models/lora.py on flax.nnx.LoRA) on the language model and the vision tower of stage 3: the adapter
+formula, peft's initialisation, the stacked / sharded adapter parameters, merging, training only the adapters,
+and parity with peft on a transformers Qwen2 model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from internvl_jax.models import internvl, layers, lora, presets
+from internvl_jax.train import freezing
+
+import hf_refs
+from conftest import tiny_config
+
+
+def test_lora_linear_is_w_x_plus_scaled_b_a_x_and_starts_as_the_base():
+  layer = layers.dense(6, 5, ("embed", "mlp"), lora=(3, 12.0), rngs=nnx.Rngs(0))
+  assert isinstance(layer, lora.LoRALinear)
+  a, b = np.asarray(layer.lora.lora_a[...]), np.asarray(layer.lora.lora_b[...])
+  assert a.shape == (6, 3) and b.shape == (3, 5) and not b.any()  # peft: B = 0
+  assert np.abs(a).max() <= 1 / np.sqrt(6) and np.abs(a).max() > 0.5 / np.sqrt(6)  # peft: U(+-1/sqrt(in))
+  x = np.random.default_rng(0).normal(size=(2, 4, 6)).astype(np.float32)
+  w, bias = np.asarray(layer.kernel[...]), np.asarray(layer.bias[...])
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), x @ w + bias, atol=1e-6)
+  b = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+  layer.lora.lora_b[...] = jnp.asarray(b)
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), x @ w + bias + (12.0 / 3) * (x @ a) @ b,
+                             rtol=1e-5, atol=1e-5)
+
+
+def _lora_chat(rank=4, vision_rank=2, seed=0, abstract=False):
+  cfg = tiny_config("instruct", use_llm_lora=rank, use_backbone_lora=vision_rank)
+  make = lambda: internvl.InternVLChat(freezing.model_config(cfg, cfg.model), rngs=nnx.Rngs(seed))
+  return (nnx.eval_shape(make) if abstract else make()), cfg
+
+
+def test_adapters_are_stacked_with_logical_names_and_are_the_only_trainable_weights_of_the_towers():
+  model, cfg = _lora_chat(abstract=True)
+  specs = nnx.get_partition_spec(nnx.state(model))
+  q = model.language.layers.attn.q.lora
+  assert q.lora_a.shape == (cfg.model.language.num_layers, cfg.model.language.hidden_size, 4)
+  assert tuple(specs["language"]["layers"]["attn"]["q"]["lora"]["lora_a"].get_value()) == ("layers", "embed", None)
+  assert tuple(specs["language"]["layers"]["attn"]["q"]["lora"]["lora_b"].get_value()) == ("layers", None, "heads")
+  assert tuple(specs["vision"]["blocks"]["attn"]["qkv"]["lora"]["lora_b"].get_value()) == ("layers", None, "qkv")
+  params = nnx.to_pure_dict(nnx.state(model, freezing.trainable_filter(cfg)))
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  paths = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in flat]
+  targets = {p.rsplit("/lora/", 1)[0] for p in paths if "/lora/" in p}
+  assert targets == {f"language/layers/{m}" for m in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
+                                                      "mlp/down")} | {
+      f"vision/blocks/{m}" for m in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")}
+  assert all(p.startswith("projector/") or "/lora/" in p for p in paths)  # base weights frozen, as peft does
+
+
+def _chat_inputs(cfg):
+  n = (56 // cfg.model.vision.patch_size // 2) ** 2
+  ids = np.random.default_rng(0).integers(0, 40, (2, 12))
+  ids[:, 2:2 + n] = cfg.model.image_token_id
+  px = np.random.default_rng(1).normal(size=(2, 56, 56, 3)).astype(np.float32)
+  return jnp.asarray(ids), jnp.asarray(px)
+
+
+@nnx.jit
+def _logits(model, ids, px):
+  return model(ids, px).logits
+
+
+def test_merging_the_adapters_gives_the_same_logits_and_zero_b_gives_the_base_model():
+  model, cfg = _lora_chat()
+  ids, px = _chat_inputs(cfg)
+  state = nnx.to_pure_dict(nnx.state(model))
+  merged_zero, plain_cfg = lora.merge_chat_params(jax.tree.map(np.asarray, state), model.config)
+  plain = internvl.InternVLChat(plain_cfg, rngs=nnx.Rngs(5))
+  nnx.update(plain, merged_zero)
+  np.testing.assert_allclose(np.asarray(_logits(model, ids, px)), np.asarray(_logits(plain, ids, px)), atol=1e-6)
+  rng = np.random.default_rng(2)
+  state = jax.tree_util.tree_map_with_path(  # random B everywhere: the adapters now change the outputs
+      lambda p, x: rng.normal(size=x.shape).astype(np.float32) * 0.3 if str(p[-1].key) == "lora_b" else np.asarray(x),
+      state)
+  nnx.update(model, state)
+  merged, _ = lora.merge_chat_params(state, model.config)
+  nnx.update(plain, merged)
+  ours, ref = np.asarray(_logits(model, ids, px)), np.asarray(_logits(plain, ids, px))
+  base = np.asarray(_logits(internvl.InternVLChat(plain_cfg, rngs=nnx.Rngs(0)), ids, px))
+  assert np.abs(ours - base).max() > 1e-2
+  np.testing.assert_allclose(ours, ref, atol=2e-5 * np.abs(ref).max())
