@@ -87,3 +87,74 @@ def test_merging_the_adapters_gives_the_same_logits_and_zero_b_gives_the_base_mo
   base = np.asarray(_logits(internvl.InternVLChat(plain_cfg, rngs=nnx.Rngs(0)), ids, px))
   assert np.abs(ours - base).max() > 1e-2
   np.testing.assert_allclose(ours, ref, atol=2e-5 * np.abs(ref).max())
+
+
+def test_training_with_lora_changes_only_the_adapters():
+  from test_freezing import _train
+
+  cfg = tiny_config("instruct", use_llm_lora=4, use_backbone_lora=2, freeze_mlp=True, warmup_steps=0, lr=1e-2)
+  _, state, before, after = _train(cfg, n_steps=2)
+  assert not freezing.model_config(cfg, cfg.model).freeze_vision  # the tower's adapters need its backward pass
+  adapters = [p for p in before if "/lora/" in p]
+  trained = ["/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])]
+  assert sorted(adapters) == sorted(trained)
+  for path in before:
+    if path not in adapters:
+      np.testing.assert_array_equal(before[path], after[path], err_msg=path)  # base: bit-identical
+  for path in adapters:
+    assert not np.array_equal(before[path], after[path]), path  # B moves at step 1, A once B is non-zero
+
+
+PEFT_TARGETS = {"q_proj": "attn/q", "k_proj": "attn/k", "v_proj": "attn/v", "o_proj": "attn/o",
+                "gate_proj": "mlp/gate", "up_proj": "mlp/up", "down_proj": "mlp/down"}
+
+
+def test_lora_language_model_matches_peft_on_a_transformers_qwen2(tmp_path):
+  peft = pytest.importorskip("peft")
+  from internvl_jax import convert
+  from internvl_jax.models import llm
+
+  rank, alpha = 4, 8.0  # the official lora_alpha = 2 * r
+  ref = hf_refs.causal_lm(hf_refs.QWEN2, str(tmp_path))
+  base = convert.load_pretrained(str(tmp_path))
+  ref = peft.get_peft_model(ref, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                 target_modules=list(PEFT_TARGETS)))
+  g = torch.Generator().manual_seed(3)
+  adapters = {}
+  with torch.no_grad():
+    for name, module in ref.named_modules():
+      if hasattr(module, "lora_B") and "default" in module.lora_B:
+        a = module.lora_A["default"].weight
+        assert float(a.abs().max()) <= 1 / np.sqrt(a.shape[1])  # peft's A: U(+-1/sqrt(in)), as ours
+        module.lora_B["default"].weight.copy_(torch.randn(module.lora_B["default"].weight.shape, generator=g) * 0.2)
+        layer, target = int(name.split(".layers.")[1].split(".")[0]), PEFT_TARGETS[name.rsplit(".", 1)[1]]
+        adapters[(target, layer)] = (a.numpy().T.copy(), module.lora_B["default"].weight.numpy().T.copy())
+  cfg = base.config.copy_and_resolve_references()
+  cfg.lora_rank, cfg.lora_alpha = rank, alpha
+  ours = llm.Decoder(cfg, rngs=nnx.Rngs(0))
+  state = nnx.to_pure_dict(nnx.state(ours))
+  base_state = nnx.to_pure_dict(nnx.state(base))
+  n_layers = cfg.num_layers
+  assert len(adapters) == 7 * n_layers
+
+  def fill(path, x):
+    keys = [str(k.key) for k in path]
+    if keys[-1] in ("lora_a", "lora_b"):
+      target = "/".join(keys[1:3])
+      return np.stack([adapters[(target, i)][keys[-1] == "lora_b"] for i in range(n_layers)])
+    node = base_state
+    for k in keys:
+      node = node[k]
+    return np.asarray(node)
+
+  nnx.update(ours, jax.tree_util.tree_map_with_path(fill, state))
+  ids, mask = hf_refs.prompts(pad=True)
+  want = hf_refs.torch_logits(ref, ids, mask)
+  got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+  real = mask.astype(bool)
+  err, rel = hf_refs.errors(got[real], want[real])
+  with ref.disable_adapter():
+    without = hf_refs.torch_logits(ref, ids, mask)
+  assert np.abs(want - without)[real].max() > 0.05  # the adapters matter
+  print(f"LoRA vs peft logits: max abs err {err:.2e}, relative {rel:.2e}")
+  assert rel < 1e-5, (err, rel)
