@@ -108,3 +108,34 @@ def initialize(state: dict, setup, init_cfg) -> tuple[dict, list]:
     rows += r
   placed = jax.device_put(new, {"params": setup.shardings["params"], "frozen": setup.shardings["frozen"]})
   return dict(state, **placed), rows
+
+
+def rebuild_frozen(setup, init_cfg) -> dict:
+  """The frozen variables of a run as they were at its start (seeded init, then init_cfg.path): how a LoRA run,
+  whose checkpoints omit them, gets its base back. Returns them in the setup's shardings."""
+  state = setup.create()
+  if init_cfg.get("path"):
+    state, _ = initialize(state, setup, init_cfg)
+  return state["frozen"]
+
+
+def frozen_of_workdir(workdir: str) -> dict:
+  """rebuild_frozen for a finished or running train.py workdir, from its config.json: nested dict of numpy."""
+  import json
+
+  import ml_collections
+
+  from internvl_jax import sharding
+  from internvl_jax.train import state as state_lib  # local: state imports the models
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} holds a LoRA checkpoint (no frozen base) but no config.json to rebuild the "
+                            "base from")
+  with open(path) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  if cfg.init.get("path") and not os.path.exists(cfg.init.path):
+    raise FileNotFoundError(f"{workdir} is a LoRA run whose base model comes from config.init.path={cfg.init.path}, "
+                            "which no longer exists; restore that folder")
+  setup = state_lib.setup_state(cfg, cfg.model, sharding.make_mesh(devices=jax.devices()[:1]))
+  return jax.tree.map(np.asarray, rebuild_frozen(setup, cfg.init))

@@ -112,11 +112,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   dataset = pipeline.train_dataset(train_source, train_features, global_batch=cfg.batch_size, seed=cfg.seed,
                                    tracker=tracker, num_threads=cfg.data.get("num_threads", 2))
   data_iter = iter(dataset)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+  lora = cfg.task == "instruct" and bool(cfg.get("use_llm_lora", 0) or cfg.get("use_backbone_lora", 0))
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
+                                     save_frozen=not lora)  # a LoRA run saves adapters + optimizer state only
 
   latest = ckpt.latest_step()
   if latest is not None:
     state, data_state = ckpt.restore(latest, setup.abstract_with_shardings())
+    if lora:  # the base as at the start: seeded init, then config.init.path
+      state = dict(state, frozen=init_from.rebuild_frozen(setup, cfg.init))
     data_iter.set_state(data_state)
     logging.info("resumed from step %d of %s", latest, workdir)
   else:
