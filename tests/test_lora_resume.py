@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from internvl_jax.train import checkpoint, loop
+from internvl_jax.train import checkpoint, init_from, loop
 
 from conftest import tiny_config
 
@@ -56,3 +56,13 @@ def test_lora_checkpoint_omits_the_base_and_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(x, y)
   np.testing.assert_array_equal(pa["language"]["embed"]["embedding"], pbase["language"]["embed"]["embedding"])
   assert np.any(pa["language"]["layers"]["attn"]["q"]["lora"]["lora_b"])
+  with open(os.path.join(straight, "parameters.txt")) as f:  # the table printed at the start
+    table = {line.split()[0]: line.split()[1:] for line in f.read().splitlines()[1:]}
+  assert table["language"][0] == "0" and table["adapters"][2] == "0" and table["adapters"][0] != "0"
+
+  # a later run initialised from the LoRA workdir starts from the merged model (adapters folded into kernels)
+  source = init_from.load_source(straight)
+  assert "lora" not in source["language"]["layers"]["attn"]["q"]
+  q = pa["language"]["layers"]["attn"]["q"]
+  want = q["kernel"] + 2.0 * np.einsum("lir,lro->lio", q["lora"]["lora_a"], q["lora"]["lora_b"])  # alpha/r = 2
+  np.testing.assert_allclose(source["language"]["layers"]["attn"]["q"]["kernel"], want, rtol=1e-6, atol=1e-7)

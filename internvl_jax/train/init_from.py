@@ -40,7 +40,7 @@ def load_source(path: str) -> dict:
   if os.path.isdir(os.path.join(path, "checkpoints")):
     params, step = checkpoint_lib.read_params(path)
     logging.info("init: read step %d of %s", step, path)
-    return params
+    return _merge_lora(path, params)
   if os.path.exists(os.path.join(path, "config.json")):
     from internvl_jax.convert import load_pretrained  # imported here: it pulls in every checkpoint family
 
@@ -50,6 +50,26 @@ def load_source(path: str) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   raise FileNotFoundError(f"config.init.path={path} has neither checkpoints/ (a train.py workdir) nor "
                           "config.json (a Hugging Face folder)")
+
+
+def _merge_lora(workdir: str, params: dict) -> dict:
+  """A LoRA run's variables with its adapters merged into the base kernels (so a later run starts from the tuned
+  model, with fresh adapters if it uses LoRA again); other runs' unchanged."""
+  import json
+
+  import ml_collections
+
+  from internvl_jax.models import lora  # local: the models are imported lazily here
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return params
+  with open(path) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  if cfg.get("task") != "instruct" or not any(lora.lora_args(cfg.model[t]) for t in ("language", "vision")):
+    return params
+  logging.info("init: merged the LoRA adapters of %s into its base weights", workdir)
+  return lora.merge_chat_params(params, cfg.model)[0]
 
 
 def merge_into(target: dict, source: dict, *, partial: bool) -> tuple[dict, list[tuple[str, str, str]]]:
