@@ -158,3 +158,18 @@ def test_lora_language_model_matches_peft_on_a_transformers_qwen2(tmp_path):
   assert np.abs(want - without)[real].max() > 0.05  # the adapters matter
   print(f"LoRA vs peft logits: max abs err {err:.2e}, relative {rel:.2e}")
   assert rel < 1e-5, (err, rel)
+
+
+def test_adapters_map_to_the_mesh_like_their_base_kernel():
+  # A [L, in, r] splits over the base kernel's input axis, B [L, r, out] over its output axis; 'layers' and the
+  # rank stay whole (mesh axes of the logical-axis table, before dropping axes of size 1)
+  from internvl_jax import sharding
+
+  model, _ = _lora_chat(abstract=True)
+  specs = nnx.to_pure_dict(sharding.param_specs(nnx.state(model)))
+  attn, mlp = specs["language"]["layers"]["attn"], specs["language"]["layers"]["mlp"]
+  assert tuple(attn["q"]["kernel"]) == (None, "fsdp", "tensor")
+  assert tuple(attn["q"]["lora"]["lora_a"]) == (None, "fsdp", None)
+  assert tuple(attn["q"]["lora"]["lora_b"]) == (None, None, "tensor")
+  assert tuple(mlp["down"]["lora"]["lora_a"]) == (None, "tensor", None)
+  assert tuple(mlp["down"]["lora"]["lora_b"]) == (None, None, "fsdp")
