@@ -9,7 +9,7 @@ import pytest
 import torch
 from flax import nnx
 
-from internvl_jax.models import internvl, layers, lora, presets
+from internvl_jax.models import internvl, layers, lora
 from internvl_jax.train import freezing
 
 import hf_refs

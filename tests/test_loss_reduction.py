@@ -6,13 +6,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from internvl_jax import losses, sharding
+from internvl_jax import losses
 from internvl_jax.data import demo, features, pipeline, tokenizer
 from internvl_jax.train import config_checks, state as state_lib, steps
 

@@ -97,7 +97,8 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
 def add_finetune_fields(c: ml_collections.ConfigDict) -> None:
   """Stage 3's official fine-tuning switches (names as in InternVL's internvl_chat_finetune.py; train/freezing.py
   and models/lora.py say what each does)."""
-  c.freeze_backbone = None  # None: model.freeze_vision (True by default here); True / False override it
+  # None: model.freeze_vision (True by default here); True / False override it
+  c.freeze_backbone = ml_collections.FieldReference(None, field_type=bool)
   c.unfreeze_vit_layers = 0  # n != 0: vision blocks[n:] train on a frozen tower (-4 = the last 4)
   c.freeze_mlp = False
   c.freeze_llm = False
