@@ -117,3 +117,26 @@ def test_bad_unfreeze_vit_layers_is_a_config_error():
   cfg = tiny_config("instruct", unfreeze_vit_layers=5)
   with pytest.raises(config_checks.ConfigError, match="unfreeze_vit_layers"):
     config_checks.validate(cfg, sharding.make_mesh(dict(cfg.mesh)))
+
+
+def _trainable_paths(cfg):
+  from flax import nnx
+
+  from internvl_jax.models import internvl
+
+  model = nnx.eval_shape(lambda: internvl.InternVLChat(freezing.model_config(cfg, cfg.model), rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(model, freezing.trainable_filter(cfg)))
+  return {"/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_unfreeze_lm_head_under_llm_lora_and_with_tied_embeddings():
+  # peft's get_peft_model freezes the whole language model, lm_head included; unfreeze_lm_head trains it again
+  lora_paths = _trainable_paths(tiny_config("instruct", use_llm_lora=2))
+  assert "language/lm_head/kernel" not in lora_paths and "language/embed/embedding" not in lora_paths
+  assert "language/lm_head/kernel" in _trainable_paths(tiny_config("instruct", use_llm_lora=2, unfreeze_lm_head=True))
+  # tied embeddings: the head is the embedding table
+  cfg = tiny_config("instruct", freeze_llm=True, unfreeze_lm_head=True, **{"model.language.tie_embeddings": True})
+  paths = _trainable_paths(cfg)
+  assert "language/embed/embedding" in paths and not any(p.startswith("language/layers") for p in paths)
+  cfg = tiny_config("instruct", freeze_llm=True, **{"model.language.tie_embeddings": True})
+  assert not any(p.startswith("language/") for p in _trainable_paths(cfg))
