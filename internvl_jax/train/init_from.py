@@ -157,5 +157,6 @@ def frozen_of_workdir(workdir: str) -> dict:
   if cfg.init.get("path") and not os.path.exists(cfg.init.path):
     raise FileNotFoundError(f"{workdir} is a LoRA run whose base model comes from config.init.path={cfg.init.path}, "
                             "which no longer exists; restore that folder")
-  setup = state_lib.setup_state(cfg, cfg.model, sharding.make_mesh(devices=jax.devices()[:1]))
+  # built split over every local device (fsdp), then gathered to the host: one process only
+  setup = state_lib.setup_state(cfg, cfg.model, sharding.make_mesh(devices=jax.local_devices()))
   return jax.tree.map(np.asarray, rebuild_frozen(setup, cfg.init))
