@@ -56,6 +56,17 @@ def test_lora_checkpoint_omits_the_base_and_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(x, y)
   np.testing.assert_array_equal(pa["language"]["embed"]["embedding"], pbase["language"]["embed"]["embedding"])
   assert np.any(pa["language"]["layers"]["attn"]["q"]["lora"]["lora_b"])
+  # eval.py's loader builds the LoRA model from config.json and gets the rebuilt base + trained adapters
+  from flax import nnx
+
+  from internvl_jax.evaluate import models as eval_models
+  loaded = eval_models.load_workdir(straight, "instruct")
+  got = nnx.to_pure_dict(nnx.state(loaded.model))
+  for p, x in jax.tree_util.tree_leaves_with_path(got):
+    want = pa
+    for k in p:
+      want = want[str(getattr(k, "key", k))]
+    np.testing.assert_array_equal(np.asarray(x), want)
   with open(os.path.join(straight, "parameters.txt")) as f:  # the table printed at the start
     table = {line.split()[0]: line.split()[1:] for line in f.read().splitlines()[1:]}
   assert table["language"][0] == "0" and table["adapters"][2] == "0" and table["adapters"][0] != "0"
