@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from internvl_jax.models import lora as lora_lib
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -29,12 +31,16 @@ def logical(init, names: Sequence[str | None]):
 
 
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *, rngs: nnx.Rngs,
-          use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float | None = None) -> nnx.Linear:
-  """nnx.Linear with a [in, out] kernel named `names` and a bias named names[1]."""
+          use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float | None = None,
+          lora: tuple[int, float] | None = None) -> nnx.Linear:
+  """nnx.Linear with a [in, out] kernel named `names` and a bias named names[1]; lora=(rank, alpha) adds a LoRA
+  adapter (lora.LoRALinear, same base parameters)."""
   kinit = (nnx.initializers.normal(init_std) if init_std is not None else nnx.initializers.lecun_normal())
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=logical(kinit, names), bias_init=logical(nnx.initializers.zeros, (names[1],)),
-                    rngs=rngs)
+  kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=logical(kinit, names),
+            bias_init=logical(nnx.initializers.zeros, (names[1],)), rngs=rngs)
+  if lora:
+    return lora_lib.LoRALinear(in_features, out_features, names, rank=lora[0], alpha=lora[1], **kw)
+  return nnx.Linear(in_features, out_features, **kw)
 
 
 class RMSNorm(nnx.Module):
@@ -104,10 +110,11 @@ class MLP(nnx.Module):
   projection head). [..., D] -> [..., D_out]."""
 
   def __init__(self, dim: int, hidden: int, out_dim: int | None = None, *, rngs: nnx.Rngs, use_bias: bool = True,
-               dropout_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32):
-    self.fc1 = dense(dim, hidden, ("embed", "mlp"), use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc2 = dense(hidden, out_dim or dim, ("mlp", "embed"), use_bias=use_bias, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+               dropout_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32,
+               lora: tuple[int, float] | None = None):
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
+    self.fc1 = dense(dim, hidden, ("embed", "mlp"), **kw)
+    self.fc2 = dense(hidden, out_dim or dim, ("mlp", "embed"), **kw)
     self.dropout_rate = dropout_rate
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -118,8 +125,8 @@ class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)), no biases (LLaMA / Qwen2 MLP). [..., D] -> [..., D]."""
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               init_std: float = 0.02):
-    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, init_std=init_std, rngs=rngs)
+               init_std: float = 0.02, lora: tuple[int, float] | None = None):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, init_std=init_std, lora=lora, rngs=rngs)
     self.gate = dense(dim, hidden, ("embed", "mlp"), **kw)
     self.up = dense(dim, hidden, ("embed", "mlp"), **kw)
     self.down = dense(hidden, dim, ("mlp", "embed"), **kw)

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from internvl_jax.models import attention, layers, moe, stack, window_cache
+from internvl_jax.models import attention, layers, lora, moe, stack, window_cache
 
 
 class DecoderOutput(NamedTuple):
@@ -132,7 +132,7 @@ class DecoderAttention(nnx.Module):
       raise ValueError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
     self.impl = cfg.attention_impl
-    kw = dict(dtype=dtype, init_std=cfg.init_std, rngs=rngs)
+    kw = dict(dtype=dtype, init_std=cfg.init_std, lora=lora.lora_args(cfg), rngs=rngs)  # LoRA: q, k, v, o
     self.q = layers.dense(d, cfg.num_heads * hd, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
     self.k = layers.dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
     self.v = layers.dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
@@ -180,8 +180,9 @@ class DecoderLayer(nnx.Module):
     self.attn = DecoderAttention(cfg, rngs=rngs)
     self.post_attention_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
     self.sparse = sparse
+    # LoRA (cfg.lora_rank) adapts gate / up / down of a dense feed-forward; routed experts get none
     self.mlp = moe.MoE(cfg, rngs=rngs) if sparse else layers.SwiGLU(
-        cfg.hidden_size, cfg.mlp_dim, dtype=dtype, init_std=cfg.init_std, rngs=rngs)
+        cfg.hidden_size, cfg.mlp_dim, dtype=dtype, init_std=cfg.init_std, lora=lora.lora_args(cfg), rngs=rngs)
 
   def self_attention(self, x, cos, sin, mask, kv=None, index=None, ring=False):
     h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index, ring)

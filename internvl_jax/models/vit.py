@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from internvl_jax.models import attention, heads, layers, stack
+from internvl_jax.models import attention, heads, layers, lora, stack
 
 
 class VisionOutput(NamedTuple):
@@ -95,7 +95,8 @@ class VisionAttention(nnx.Module):
     self.num_heads = cfg.num_heads
     self.impl = cfg.attention_impl
     self.dropout_rate = cfg.dropout
-    kw = dict(use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    adapter = lora.lora_args(cfg)  # LoRA (official targets attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
+    kw = dict(use_bias=cfg.qkv_bias, dtype=dtype, lora=adapter, rngs=rngs)
     self.fused = cfg.qkv_fused
     if self.fused:
       self.qkv = layers.dense(d, 3 * d, ("embed", "qkv"), **kw)
@@ -109,7 +110,7 @@ class VisionAttention(nnx.Module):
       self.k_norm = layers.RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
     else:
       self.q_norm = self.k_norm = None
-    self.proj = layers.dense(d, d, ("heads", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
+    self.proj = layers.dense(d, d, ("heads", "embed"), use_bias=True, dtype=dtype, lora=adapter, rngs=rngs)
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     b, n, d = x.shape
@@ -134,7 +135,7 @@ class VisionBlock(nnx.Module):
     self.norm2 = layers.make_norm(cfg.norm_type, d, cfg.norm_eps, dtype=dtype)
     # The official InternMLP is fc1 -> GELU -> fc2 with no dropout; config.dropout acts only after the attention
     # output projection (InternAttention.proj_drop).
-    self.mlp = layers.MLP(d, cfg.mlp_dim, rngs=rngs, dtype=dtype)
+    self.mlp = layers.MLP(d, cfg.mlp_dim, rngs=rngs, dtype=dtype, lora=lora.lora_args(cfg))
     self.ls1 = nnx.Param(jnp.full((d,), cfg.layer_scale_init, jnp.float32), out_sharding=("norm",))
     self.ls2 = nnx.Param(jnp.full((d,), cfg.layer_scale_init, jnp.float32), out_sharding=("norm",))
 

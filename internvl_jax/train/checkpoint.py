@@ -4,6 +4,12 @@ Layout: WORKDIR/checkpoints/<step>/{state, data}. Saves are asynchronous (traini
 written); the last `keep` are kept. Restoring takes the target's shardings, so a checkpoint written on one mesh
 restores onto another. Reading only the parameters of a checkpoint (to initialise another run) goes through
 numpy on the host.
+
+A LoRA run (config.use_llm_lora / use_backbone_lora) saves its state without `frozen` (the base model): only the
+trained parameters (adapters, projector, ...) and the optimizer state. The base is rebuilt at restart, as the
+run began: the seeded initialisation, then config.init.path (init_from.rebuild_frozen), so resuming is exact as
+long as init.path still holds the same weights; read_params rebuilds it the same way from the workdir's
+config.json.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """save / restore / latest_step over WORKDIR/checkpoints."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, save_frozen: bool = True):
+    self.save_frozen = save_frozen  # False: a LoRA run, whose frozen base is rebuilt from config.init at restart
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
@@ -33,11 +40,14 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
     """Starts an (async) save of state + data_state at `step`; returns whether a save started."""
+    state = state if self.save_frozen else {k: v for k, v in state.items() if k != "frozen"}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, target) -> tuple[dict, dict]:
-    """target: the state's ShapeDtypeStructs with shardings. Returns (state, data_state)."""
+    """target: the state's ShapeDtypeStructs with shardings. Returns (state, data_state); without `frozen` when
+    save_frozen is False (the caller rebuilds it)."""
+    target = target if self.save_frozen else {k: v for k, v in target.items() if k != "frozen"}
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     out = self.manager.restore(step, args=args)
     return out["state"], out["data"]
@@ -71,6 +81,10 @@ def read_params(workdir: str, step: int | None = None, shardings: dict | None = 
   meta = checkpointer.metadata(path)
   tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
   wanted = {k: tree[k] for k in ("params", "frozen") if k in tree}
+  rebuilt = {}
+  if "frozen" not in wanted:  # a LoRA run's checkpoint: the base comes from its config (seed, init.path)
+    from internvl_jax.train import init_from  # local: init_from reads checkpoints through this module
+    rebuilt = init_from.frozen_of_workdir(workdir)
   if shardings is None:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), wanted)
   else:
@@ -82,7 +96,12 @@ def read_params(workdir: str, step: int | None = None, shardings: dict | None = 
   out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
                                                                partial_restore=True))
   manager.close()
-  return _deep_merge(out.get("params", {}), out.get("frozen", {})), step
+  frozen = out.get("frozen", {})
+  if rebuilt:
+    frozen = jax.tree.map(lambda x: np.asarray(x, dtype) if dtype is not None else x, rebuilt)
+    if shardings is not None:
+      frozen = jax.tree_util.tree_map_with_path(lambda p, x: jax.device_put(x, by_path[key(p)]), frozen)
+  return _deep_merge(out.get("params", {}), frozen), step
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

@@ -91,6 +91,8 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
     if (size // patch) % f:
       raise ConfigError(f"model.image_size={size} gives a {size // patch}-patch grid that pixel shuffle "
                         f"(downsample_ratio {m.downsample_ratio}) cannot halve; use a multiple of {patch * f}")
+  if cfg.task == "instruct":
+    _finetune_fields(cfg)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   for field in ("batch_size", "eval_batch_size"):
     if cfg[field] <= 0 or cfg[field] % shards:
@@ -112,3 +114,23 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
     if src == "internvl" and cfg.task != "instruct":
       raise ConfigError(f"config.data.{split}.source=internvl (conversations) is for the instruct stage, not "
                         f"{cfg.task}; use jsonl or tfds")
+
+
+def _finetune_fields(cfg: ml_collections.ConfigDict) -> None:
+  from internvl_jax import losses  # local: only instruct runs need it
+  reduction = cfg.get("loss_reduction", "token")
+  if reduction not in losses.LM_REDUCTIONS:
+    raise ConfigError(f"config.loss_reduction={reduction!r} is not one of {', '.join(losses.LM_REDUCTIONS)}")
+  layers = cfg.model.vision.num_layers
+  n = int(cfg.get("unfreeze_vit_layers", 0) or 0)
+  if not -layers <= n < layers:
+    raise ConfigError(f"config.unfreeze_vit_layers={n} is outside the vision tower's {layers} layers; use a slice "
+                      f"start in [-{layers}, {layers}) (e.g. -4 for the last 4)")
+  for field in ("use_llm_lora", "use_backbone_lora"):
+    if int(cfg.get(field, 0) or 0) < 0:
+      raise ConfigError(f"config.{field}={cfg[field]} must be a LoRA rank >= 0 (0 = off)")
+  if float(cfg.get("lora_alpha", 0) or 0) < 0:
+    raise ConfigError(f"config.lora_alpha={cfg.lora_alpha} must be >= 0 (0 = 2 * rank)")
+  if float(cfg.get("lora_dropout", 0) or 0) != 0:
+    raise ConfigError(f"config.lora_dropout={cfg.lora_dropout}: dropout on the LoRA input is not implemented; set "
+                      "it to 0.0")

@@ -93,4 +93,24 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   c.async_checkpoints = True
   c.max_bad_steps = 10  # non-finite steps in a row before training stops
   c.progress = True
+  if task == "instruct":
+    add_finetune_fields(c)
   return c
+
+
+def add_finetune_fields(c: ml_collections.ConfigDict) -> None:
+  """Stage 3's official fine-tuning switches (names as in InternVL's internvl_chat_finetune.py; train/freezing.py
+  and models/lora.py say what each does)."""
+  # None: model.freeze_vision (True by default here); True / False override it
+  c.freeze_backbone = ml_collections.FieldReference(None, field_type=bool)
+  c.unfreeze_vit_layers = 0  # n != 0: vision blocks[n:] train on a frozen tower (-4 = the last 4)
+  c.freeze_mlp = False
+  c.freeze_llm = False
+  c.unfreeze_lm_head = False
+  c.use_llm_lora = 0  # LoRA rank on the language model (q, k, v, o, gate, up, down); 0 = off
+  c.use_backbone_lora = 0  # LoRA rank on the vision tower (qkv, proj, fc1, fc2); 0 = off
+  c.lora_alpha = 0.0  # 0: 2 * rank, as the official wrap_llm_lora / wrap_backbone_lora
+  c.lora_dropout = 0.0
+  # 'token' (mean over answer tokens), 'sample' (each example's token mean, averaged over examples) or 'square'
+  # (InternVL 2.5: token weights 1/sqrt(n_i) for an example of n_i answer tokens); losses.lm_loss
+  c.loss_reduction = "token"

@@ -40,7 +40,7 @@ def load_source(path: str) -> dict:
   if os.path.isdir(os.path.join(path, "checkpoints")):
     params, step = checkpoint_lib.read_params(path)
     logging.info("init: read step %d of %s", step, path)
-    return params
+    return _merge_lora(path, params)
   if os.path.exists(os.path.join(path, "config.json")):
     from internvl_jax.convert import load_pretrained  # imported here: it pulls in every checkpoint family
 
@@ -50,6 +50,26 @@ def load_source(path: str) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   raise FileNotFoundError(f"config.init.path={path} has neither checkpoints/ (a train.py workdir) nor "
                           "config.json (a Hugging Face folder)")
+
+
+def _merge_lora(workdir: str, params: dict) -> dict:
+  """A LoRA run's variables with its adapters merged into the base kernels (so a later run starts from the tuned
+  model, with fresh adapters if it uses LoRA again); other runs' unchanged."""
+  import json
+
+  import ml_collections
+
+  from internvl_jax.models import lora  # local: the models are imported lazily here
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return params
+  with open(path) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  if cfg.get("task") != "instruct" or not any(lora.lora_args(cfg.model[t]) for t in ("language", "vision")):
+    return params
+  logging.info("init: merged the LoRA adapters of %s into its base weights", workdir)
+  return lora.merge_chat_params(params, cfg.model)[0]
 
 
 def merge_into(target: dict, source: dict, *, partial: bool) -> tuple[dict, list[tuple[str, str, str]]]:
@@ -108,3 +128,35 @@ def initialize(state: dict, setup, init_cfg) -> tuple[dict, list]:
     rows += r
   placed = jax.device_put(new, {"params": setup.shardings["params"], "frozen": setup.shardings["frozen"]})
   return dict(state, **placed), rows
+
+
+def rebuild_frozen(setup, init_cfg) -> dict:
+  """The frozen variables of a run as they were at its start (seeded init, then init_cfg.path): how a LoRA run,
+  whose checkpoints omit them, gets its base back. Returns them in the setup's shardings."""
+  state = setup.create()
+  if init_cfg.get("path"):
+    state, _ = initialize(state, setup, init_cfg)
+  return state["frozen"]
+
+
+def frozen_of_workdir(workdir: str) -> dict:
+  """rebuild_frozen for a finished or running train.py workdir, from its config.json: nested dict of numpy."""
+  import json
+
+  import ml_collections
+
+  from internvl_jax import sharding
+  from internvl_jax.train import state as state_lib  # local: state imports the models
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} holds a LoRA checkpoint (no frozen base) but no config.json to rebuild the "
+                            "base from")
+  with open(path) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  if cfg.init.get("path") and not os.path.exists(cfg.init.path):
+    raise FileNotFoundError(f"{workdir} is a LoRA run whose base model comes from config.init.path={cfg.init.path}, "
+                            "which no longer exists; restore that folder")
+  # built split over every local device (fsdp), then gathered to the host: one process only
+  setup = state_lib.setup_state(cfg, cfg.model, sharding.make_mesh(devices=jax.local_devices()))
+  return jax.tree.map(np.asarray, rebuild_frozen(setup, cfg.init))

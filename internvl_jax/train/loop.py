@@ -24,7 +24,8 @@ from internvl_jax.data import features as features_lib
 from internvl_jax.data import pipeline, sources
 from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.train import checkpoint as checkpoint_lib
-from internvl_jax.train import config_checks, evaluation, init_from, metrics as metrics_lib, state as state_lib
+from internvl_jax.train import config_checks, evaluation, freezing, init_from, metrics as metrics_lib
+from internvl_jax.train import state as state_lib
 from internvl_jax.train import steps as steps_lib
 
 
@@ -95,21 +96,32 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   tok, from_scratch = _tokenizer(cfg, workdir, train_source)
   config_checks.adapt_model_to_tokenizer(cfg, tok, built=from_scratch)
   config_checks.validate(cfg, mesh)
+  if cfg.task == "instruct":
+    freezing.prepare(cfg)  # config.json then records the model as built (LoRA, freeze_vision)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
 
   setup = state_lib.setup_state(cfg, cfg.model, mesh)
+  if jax.process_index() == 0:
+    table = freezing.parameter_table(setup.abstract["params"], setup.abstract["frozen"], setup.layer_masks)
+    print(table, flush=True)
+    with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+      f.write(table + "\n")
   tracker = pipeline.BadRecordTracker(cfg.data.get("max_bad_fraction", 0.05), name="train")
   train_features = features_lib.make_feature_fn(feature_spec(cfg, train=True), tok)
   dataset = pipeline.train_dataset(train_source, train_features, global_batch=cfg.batch_size, seed=cfg.seed,
                                    tracker=tracker, num_threads=cfg.data.get("num_threads", 2))
   data_iter = iter(dataset)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+  lora = cfg.task == "instruct" and bool(cfg.get("use_llm_lora", 0) or cfg.get("use_backbone_lora", 0))
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
+                                     save_frozen=not lora)  # a LoRA run saves adapters + optimizer state only
 
   latest = ckpt.latest_step()
   if latest is not None:
     state, data_state = ckpt.restore(latest, setup.abstract_with_shardings())
+    if lora:  # the base as at the start: seeded init, then config.init.path
+      state = dict(state, frozen=init_from.rebuild_frozen(setup, cfg.init))
     data_iter.set_state(data_state)
     logging.info("resumed from step %d of %s", latest, workdir)
   else:

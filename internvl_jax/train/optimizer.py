@@ -12,9 +12,11 @@ import jax
 import ml_collections
 import optax
 
+from internvl_jax.train import freezing
+
 # parameter leaf names that are decayed; everything else (norm scales and biases, biases, embeddings, position
 # and class embeddings, query tokens, layer-scale vectors, the logit scale) is not
-DECAYED_LEAVES = ("kernel",)
+DECAYED_LEAVES = ("kernel", "lora_a", "lora_b")  # LoRA matrices decay too, as under the HF Trainer
 
 
 def weight_decay_mask(params) -> dict:
@@ -41,15 +43,28 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
       end_value=cfg.lr * cfg.get("min_lr_ratio", 0.0))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def masked_layers(layer_masks: dict) -> optax.GradientTransformation:
+  """Zeroes the updates of frozen layers inside partly trained stacked leaves (freezing.layer_masks), so that
+  weight decay cannot move them either."""
+  def update(updates, state, params=None):
+    return freezing.apply_layer_masks(updates, layer_masks), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params,
+                   layer_masks: dict | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """cfg: the run config (lr, warmup_steps, total_steps, weight_decay, b1, b2, eps, grad_clip, grad_accum_steps,
-  min_lr_ratio). params: the trainable parameter tree (for the decay mask). Returns (tx, schedule)."""
+  min_lr_ratio). params: the trainable parameter tree (for the decay mask). layer_masks: 'path' -> bool [L] of
+  the leaves only some of whose layers train (their other layers get zero updates). Returns (tx, schedule)."""
   schedule = learning_rate_schedule(cfg)
   parts = []
   if cfg.grad_clip and cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                            mask=weight_decay_mask(params)))
+  if layer_masks:
+    parts.append(masked_layers(layer_masks))
   tx = optax.chain(*parts)
   k = cfg.get("grad_accum_steps", 1)
   if k > 1:

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internvl_jax import sharding
 from internvl_jax.models import captioning, internvl
-from internvl_jax.train import optimizer as optimizer_lib
+from internvl_jax.train import freezing, optimizer as optimizer_lib
 
 TASKS = ("contrastive", "alignment", "instruct")
 
@@ -41,8 +41,11 @@ def model_factory(task: str, model_cfg: ml_collections.ConfigDict, seed: int) ->
   return lambda: cls(model_cfg, rngs=nnx.Rngs(seed))
 
 
-def trainable_filter(model: nnx.Module):
-  """The stage model's own rule (InternVLChat freezes its vision tower by config) or every Param."""
+def trainable_filter(model: nnx.Module, cfg: ml_collections.ConfigDict | None = None):
+  """Stage 3 (cfg given, task 'instruct'): the official freezing switches (freezing.py); otherwise the stage
+  model's own rule (InternVLChat freezes its vision tower by config) or every Param."""
+  if cfg is not None and cfg.task == "instruct":
+    return freezing.trainable_filter(cfg)
   return model.trainable_filter() if hasattr(model, "trainable_filter") else nnx.Param
 
 
@@ -55,6 +58,7 @@ class StateSetup:
   schedule: optax.Schedule
   init_fn: Callable[[], dict]  # jit-able: builds a fresh state
   mesh: Mesh
+  layer_masks: dict = dataclasses.field(default_factory=dict)  # freezing.layer_masks: partly trained leaves
 
   def create(self) -> dict:
     """A freshly initialised state, created directly in its shardings."""
@@ -66,8 +70,8 @@ class StateSetup:
                         self.shardings)
 
 
-def _split(model: nnx.Module):
-  graphdef, params, frozen = nnx.split(model, trainable_filter(model), ...)
+def _split(model: nnx.Module, cfg: ml_collections.ConfigDict | None = None):
+  graphdef, params, frozen = nnx.split(model, trainable_filter(model, cfg), ...)
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
 
 
@@ -88,17 +92,20 @@ def optimizer_state_shardings(opt_state_abstract, params_abstract, params_shardi
 
 
 def setup_state(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, mesh: Mesh) -> StateSetup:
-  """Shapes, shardings, optimizer and init function for cfg.task with model_cfg on mesh."""
+  """Shapes, shardings, optimizer and init function for cfg.task with model_cfg on mesh. Stage 3 applies the
+  run's freezing and LoRA switches (freezing.py) to the model config and the trainable / frozen split."""
+  model_cfg = freezing.model_config(cfg, model_cfg)
   make_model = model_factory(cfg.task, model_cfg, cfg.seed)
   abstract_model = nnx.eval_shape(make_model)
-  graphdef, params_state, frozen_state = nnx.split(abstract_model, trainable_filter(abstract_model), ...)
+  graphdef, params_state, frozen_state = nnx.split(abstract_model, trainable_filter(abstract_model, cfg), ...)
   abs_params = nnx.to_pure_dict(params_state)
   params_sh = nnx.to_pure_dict(sharding.param_shardings(params_state, mesh))
   frozen_sh = nnx.to_pure_dict(sharding.param_shardings(frozen_state, mesh))
-  tx, schedule = optimizer_lib.make_optimizer(cfg, abs_params)
+  masks = freezing.layer_masks(cfg, abs_params)
+  tx, schedule = optimizer_lib.make_optimizer(cfg, abs_params, layer_masks=masks)
 
   def init_fn():
-    _, params, frozen = _split(make_model())
+    _, params, frozen = _split(make_model(), cfg)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "opt_state": tx.init(params),
             "bad_steps": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
 
@@ -107,7 +114,7 @@ def setup_state(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Config
   shardings = {"step": replicated, "params": params_sh, "frozen": frozen_sh,
                "opt_state": optimizer_state_shardings(abstract["opt_state"], abstract["params"], params_sh, mesh),
                "bad_steps": replicated, "skipped": replicated}
-  return StateSetup(graphdef, abstract, shardings, tx, schedule, init_fn, mesh)
+  return StateSetup(graphdef, abstract, shardings, tx, schedule, init_fn, mesh, masks)
 
 
 def merge_model(graphdef, state: dict) -> nnx.Module:

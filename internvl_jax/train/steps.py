@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internvl_jax import losses
-from internvl_jax.train import state as state_lib
+from internvl_jax.train import freezing, state as state_lib
 
 
 def _contrastive(img, txt, scale, cfg, mesh: Mesh | None):
@@ -48,13 +48,14 @@ def alignment_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
 
 
 def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
-  """Stage 3: LM loss on answer tokens only. batch: pixel_values [B, K, S, S, 3] (K tile slots), input_ids /
-  attention_mask / loss_mask [B, T]. A mixture-of-experts language model adds router_aux_loss_coef (its
-  config's, i.e. the checkpoint's) x the router load-balancing loss, as transformers' Qwen3-MoE does."""
+  """Stage 3: LM loss on answer tokens only, weighed by config.loss_reduction (losses.lm_loss). batch:
+  pixel_values [B, K, S, S, 3] (K tile slots), input_ids / attention_mask / loss_mask [B, T]. A mixture-of-experts
+  language model adds router_aux_loss_coef (its config's, i.e. the checkpoint's) x the router load-balancing
+  loss, as transformers' Qwen3-MoE does."""
   px = batch["pixel_values"]
   out = model(batch["input_ids"], px.reshape((-1,) + px.shape[2:]), batch["attention_mask"])
   targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-  loss, metrics = losses.lm_loss(out.logits, targets, mask)
+  loss, metrics = losses.lm_loss(out.logits, targets, mask, cfg.get("loss_reduction", "token"))
   if out.aux_loss is not None:
     coef = float(model.config.language.get("router_aux_loss_coef", 0.0))
     metrics = dict(metrics, loss_lm=loss, router_aux_loss=out.aux_loss)
@@ -90,6 +91,7 @@ def make_train_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict)
       return loss_fn(model, batch, key, cfg, setup.mesh)
 
     (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
+    grads = freezing.apply_layer_masks(grads, setup.layer_masks)  # frozen layers of partly trained leaves
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])

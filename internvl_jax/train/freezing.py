@@ -1,0 +1,183 @@
+"""Which parameters stage 3 trains: the official InternVL fine-tuning switches (internvl_chat_finetune.py), on
+the run config with the official names.
+
+  freeze_backbone      the vision tower (InternViT) frozen; None = follow model.freeze_vision (stage default True)
+  unfreeze_vit_layers  n != 0: on a frozen tower, the vision layers blocks[n:] train again. A Python slice, as the
+                       official `vision_model.encoder.layers[n:]`: n = -4 trains the last 4 layers, n = 4 all but
+                       the first 4
+  freeze_mlp           the projector (official mlp1) frozen
+  freeze_llm           the whole language model frozen (embeddings, layers, final norm, lm_head)
+  unfreeze_lm_head     the lm_head trains even when the language model is frozen (or under LoRA); with tied
+                       embeddings the head is the embedding table, which then trains
+  use_llm_lora         LoRA rank on the language model (0 = off): its base weights frozen, the adapters train
+  use_backbone_lora    LoRA rank on the vision tower (0 = off): likewise (models/lora.py)
+
+Frozen parameters sit in the state's `frozen` (no gradient, no optimizer state). unfreeze_vit_layers cuts through
+a stacked parameter ([L, ...] with a leading 'layers' axis): those leaves stay in `params` and a per-layer 0/1 mask
+zeroes their gradient before the optimizer and their update after it (AdamW's decoupled weight decay would move a
+frozen layer otherwise), so the frozen layers stay bit-identical; their Adam moments exist but stay zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+GROUPS = ("vision", "projector", "language", "lm_head", "adapters")
+
+
+@dataclasses.dataclass(frozen=True)
+class Freezing:
+  vision_base: bool  # vision tower base weights frozen
+  vit_layers: int  # unfreeze_vit_layers (slice start over the vision 'layers' axis), 0 = none
+  projector: bool
+  language_base: bool
+  lm_head: bool
+  tied_head: bool  # the language model's head is its embedding table
+
+
+def _freeze_backbone(cfg: ml_collections.ConfigDict) -> bool:
+  backbone = cfg.get("freeze_backbone", None)
+  return bool(cfg.model.get("freeze_vision", False)) if backbone is None else bool(backbone)
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> Freezing:
+  """The effective switches of a run config (see the module doc)."""
+  m = cfg.model
+  backbone = _freeze_backbone(cfg)
+  llm_lora, vit_lora = int(cfg.get("use_llm_lora", 0) or 0), int(cfg.get("use_backbone_lora", 0) or 0)
+  language = bool(cfg.get("freeze_llm", False)) or llm_lora > 0
+  lang = m.language
+  return Freezing(vision_base=backbone or vit_lora > 0, vit_layers=int(cfg.get("unfreeze_vit_layers", 0) or 0),
+                  projector=bool(cfg.get("freeze_mlp", False)), language_base=language,
+                  lm_head=language and not cfg.get("unfreeze_lm_head", False),
+                  tied_head=not (lang.get("lm_head", True) and not lang.get("tie_embeddings", False)))
+
+
+def lora_alpha(cfg: ml_collections.ConfigDict, rank: int) -> float:
+  """config.lora_alpha, or the official 2 * rank when 0."""
+  return float(cfg.get("lora_alpha", 0) or 2 * rank)
+
+
+def model_config(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of the chat model config carrying what the model itself must know: LoRA (rank, alpha) per tower, and
+  freeze_vision = no gradient needed through the vision tower at all (it is then cut by stop_gradient)."""
+  out = ml_collections.ConfigDict(model_cfg.to_dict())
+  if cfg.task != "instruct":
+    return out
+  f = resolve(cfg)
+  for tower, field in (("language", "use_llm_lora"), ("vision", "use_backbone_lora")):
+    rank = int(cfg.get(field, 0) or 0)
+    out[tower].lora_rank = rank
+    out[tower].lora_alpha = lora_alpha(cfg, rank) if rank else 0.0
+  out.freeze_vision = f.vision_base and f.vit_layers == 0 and not out.vision.lora_rank
+  return out
+
+
+def prepare(cfg: ml_collections.ConfigDict) -> None:
+  """Pins the run config in place: freeze_backbone resolved (it may read model.freeze_vision, which model_config
+  rewrites) and cfg.model = model_config(cfg, cfg.model). Idempotent."""
+  backbone = _freeze_backbone(cfg)
+  with cfg.unlocked():
+    cfg.freeze_backbone = backbone
+    cfg.model = model_config(cfg, cfg.model)
+
+
+def _keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def group_of(path) -> str:
+  """The table group of a parameter path (tuple of keys or 'a/b/c')."""
+  keys = tuple(path.split("/")) if isinstance(path, str) else _keys(path)
+  if keys[-1] in ADAPTER_LEAVES:
+    return "adapters"
+  if keys[0] == "language" and len(keys) > 1 and keys[1] == "lm_head":
+    return "lm_head"
+  return keys[0] if keys[0] in GROUPS else "other"
+
+
+def _trainable(f: Freezing, keys: tuple[str, ...]) -> bool:
+  group = group_of(keys)
+  if group == "adapters":
+    return True
+  if group == "vision":
+    return not f.vision_base or (f.vit_layers != 0 and len(keys) > 1 and keys[1] == "blocks")
+  if group == "projector":
+    return not f.projector
+  if group == "lm_head":
+    return not f.lm_head
+  if group == "language":
+    if f.tied_head and keys[1:2] == ("embed",):
+      return not f.lm_head
+    return not f.language_base
+  return True
+
+
+def trainable_filter(cfg: ml_collections.ConfigDict):
+  """The nnx filter of the chat model's parameters to differentiate and optimise."""
+  f = resolve(cfg)
+  is_param = nnx.filterlib.to_predicate(nnx.Param)
+  return lambda path, x: is_param(path, x) and _trainable(f, _keys(path))
+
+
+def layer_masks(cfg: ml_collections.ConfigDict, params) -> dict[str, np.ndarray]:
+  """'path' -> bool [L] for every trainable leaf only some of whose layers train (unfreeze_vit_layers on a frozen
+  tower: the vision blocks' base weights). params: the trainable tree (arrays or ShapeDtypeStructs)."""
+  f = resolve(cfg) if cfg.task == "instruct" else None
+  if f is None or not f.vision_base or f.vit_layers == 0:
+    return {}
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    keys = _keys(path)
+    if keys[:2] == ("vision", "blocks") and keys[-1] not in ADAPTER_LEAVES:
+      layers = np.zeros((x.shape[0],), bool)
+      layers[f.vit_layers:] = True
+      out["/".join(keys)] = layers
+  return out
+
+
+def apply_layer_masks(tree, masks: dict[str, np.ndarray]):
+  """Zeroes the frozen layers of the masked leaves of `tree` (gradients or updates shaped like params)."""
+  if not masks:
+    return tree
+
+  def apply(path, x):
+    m = masks.get("/".join(_keys(path)))
+    if m is None:
+      return x
+    return jnp.where(jnp.asarray(m).reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+  return jax.tree_util.tree_map_with_path(apply, tree)
+
+
+def parameter_table(params, frozen, masks: dict[str, np.ndarray] | None = None) -> str:
+  """Per group (vision, projector, language, lm_head, adapters): trainable and frozen parameter counts and bytes.
+  params / frozen: the state's trees (arrays or ShapeDtypeStructs)."""
+  masks = masks or {}
+  rows = {g: [0, 0, 0, 0] for g in GROUPS + ("other",)}  # trainable n, bytes; frozen n, bytes
+  for tree, is_params in ((params, True), (frozen, False)):
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      keys = _keys(path)
+      n, item = int(np.prod(x.shape)), jnp.dtype(x.dtype).itemsize
+      share = float(np.mean(masks["/".join(keys)])) if is_params and "/".join(keys) in masks else 1.0
+      trained = round(n * share) if is_params else 0
+      r = rows[group_of(keys)]
+      r[0] += trained
+      r[1] += trained * item
+      r[2] += n - trained
+      r[3] += (n - trained) * item
+  lines = [f"{'group':<10} {'trainable':>14} {'MiB':>10} {'frozen':>14} {'MiB':>10}"]
+  total = [0, 0, 0, 0]
+  for g, r in rows.items():
+    if any(r):
+      lines.append(f"{g:<10} {r[0]:>14,} {r[1] / 2**20:>10.2f} {r[2]:>14,} {r[3] / 2**20:>10.2f}")
+      total = [a + b for a, b in zip(total, r)]
+  lines.append(f"{'total':<10} {total[0]:>14,} {total[1] / 2**20:>10.2f} {total[2]:>14,} {total[3] / 2**20:>10.2f}")
+  return "\n".join(lines)
