@@ -84,11 +84,11 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
     if (size // patch) % f:
       raise ConfigError(f"model.image_size={size} gives a {size // patch}-patch grid that pixel shuffle "
                         f"(downsample_ratio {m.downsample_ratio}) cannot halve; use a multiple of {patch * f}")
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_ways(mesh)
   for field in ("batch_size", "eval_batch_size"):
     if cfg[field] <= 0 or cfg[field] % shards:
       raise ConfigError(f"config.{field}={cfg[field]} is not a positive multiple of the {shards} batch shards "
-                        f"(mesh data x fsdp); change it or config.mesh")
+                        f"(mesh data x fsdp x expert); change it or config.mesh")
   if cfg.batch_size % jax.process_count():
     raise ConfigError(f"config.batch_size={cfg.batch_size} is not divisible by the {jax.process_count()} hosts")
   if cfg.total_steps <= 0:
