@@ -2,7 +2,8 @@
 mesh named after it (e.g. fsdp=2,expert=4; the test runs 8 fake CPU devices), runs logits, the router loss and
 their gradients under jit on both, for a batch of 8 rows that splits over data x fsdp x expert (tokens go to
 their experts by all-gather / reduce-scatter over 'expert') and one of 2 rows that does not split over 'expert'
-(tokens the same along it, outputs psum-ed), and prints one JSON line with the differences."""
+(tokens the same along it, outputs psum-ed), and prints one JSON line with the differences. With --generate it
+also compares greedy generation (KV cache, left padding) on each mesh with one device, for 8 and 3 rows."""
 
 import json
 import sys
@@ -15,6 +16,7 @@ from flax import nnx
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 
 from internvl_jax import convert, sharding  # noqa: E402
+from internvl_jax.generate import generate  # noqa: E402
 from internvl_jax.train import steps  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -33,7 +35,7 @@ def run(model, ids, mask):
   return np.asarray(logits), float(aux), flat, getattr(logits.sharding, "spec", None)
 
 
-def main(folder, meshes):
+def main(folder, meshes, with_generate=False):
   rng = np.random.default_rng(2)
   one = convert.load_pretrained(folder)
   out = {"devices": jax.device_count()}
@@ -60,8 +62,17 @@ def main(folder, meshes):
           logits_rel=float(np.max(np.abs(l8 - l1)) / np.max(np.abs(l1))), aux=[a1, a8],
           grad_rel=max(float(np.max(np.abs(g8[k] - g1[k])) / max(np.max(np.abs(g1[k])), 1e-12)) for k in g1),
           expert_grad_max=float(np.max(np.abs(g1["layers/mlp/gate"]))))
+      if with_generate:
+        rows_g = 3 if rows == 2 else rows  # 3 rows split over nothing: replicated, psum path
+        ids = rng.integers(0, 95, (rows_g, 6)).astype(np.int32)
+        mask = np.ones_like(ids)
+        mask[0, :2] = 0
+        same = np.array_equal(np.asarray(generate(one, ids, attention_mask=mask, max_new_tokens=6)),
+                              np.asarray(generate(many, ids, attention_mask=mask, max_new_tokens=6)))
+        out[f"{text}/rows{rows}"]["generate_equal"] = bool(same)
   print(json.dumps(out))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], sys.argv[2:])
+  args = [a for a in sys.argv[1:] if a != "--generate"]
+  main(args[0], args[1:], with_generate="--generate" in sys.argv)

@@ -139,8 +139,9 @@ def test_chat_folders_match_torch(tmp_path, layout):
 def test_eight_devices_with_expert_4_equal_one_device(lm, mesh):
   _, _, folder = lm
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "moe_on_mesh.py"), folder, mesh], capture_output=True,
-                        text=True, env=env, timeout=600)
+  slow = mesh.startswith("data")  # the slow variant also generates (greedy, KV cache) on the mesh
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "moe_on_mesh.py"), folder, mesh] + ["--generate"] * slow,
+                        capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   print(f"8 devices ({mesh}) vs 1: {r}")
@@ -150,6 +151,7 @@ def test_eight_devices_with_expert_4_equal_one_device(lm, mesh):
     assert c["shard_map"]  # each device runs its own experts
     assert c["logits_rel"] < 1e-5 and abs(c["aux"][0] - c["aux"][1]) < 1e-6, name
     assert c["expert_grad_max"] > 0 and c["grad_rel"] < 1e-5, name
+    assert c.get("generate_equal", not slow), name  # tokens equal one device's, 8 rows (gather) and 3 (psum)
   # 8 rows: the batch (so attention too) split 8 ways, 'expert' included; tokens gathered to their experts over
   # 'expert' and the outputs reduce-scattered back
   c = r[f"{mesh}/rows8"]

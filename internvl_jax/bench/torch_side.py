@@ -3,8 +3,9 @@
 Dtypes: float32 on CPU; on GPU, inference cases hold bfloat16 weights (`model.to(bfloat16)`), training cases keep
 float32 parameters under `torch.autocast(bfloat16)`, mirroring jax_side.py. Attention is SDPA everywhere.
 The moe_* cases copy the JAX decoder's weights into transformers' Qwen3MoeModel and check that the two agree
-before anything is timed. Differences kept on purpose (small next to the ViT, noted in BENCHMARKS.md): the contrastive text tower is
-`LlamaModel`, which is causal where ours is bidirectional; the tiny chat preset's Qwen2 has qkv biases.
+before anything is timed. Differences kept on purpose (small next to the ViT, noted in BENCHMARKS.md): the
+contrastive text tower is `LlamaModel`, which is causal where ours is bidirectional; the tiny chat preset's
+Qwen2 has qkv biases.
 """
 
 from __future__ import annotations
