@@ -166,7 +166,7 @@ def generate(model: nnx.Module, input_ids, pixel_values=None, attention_mask=Non
   key `rng` (default jax.random.key(0)). eos_token_id: one stop id or several; a row stops at the first of any of
   them and the rest of it is filled with the FIRST id (id 0 when none is given). min_new_tokens: the stop ids
   cannot be produced before this many new tokens (transformers' rule). With a model sharded over a mesh, the batch
-  is split over the mesh's data-parallel axes ('data', 'fsdp') when B divides their size, else replicated.
+  is split over the mesh's batch axes ('data', 'fsdp', 'expert'; those whose product divides B), else replicated.
   Returns [B, T + max_new_tokens] int32: the prompt followed by the new tokens.
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from internvl_jax import sharding
+
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array) -> tuple[jax.Array, dict]:
   """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropies over the batch.
@@ -38,13 +40,13 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array
   return loss, metrics
 
 
-def batch_axes_of(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> tuple[str, ...]:
-  """The mesh axes (of `axes`) the batch is split over, dropping those of size 1."""
-  return tuple(a for a in axes if mesh.shape[a] > 1)
+def batch_axes_of(mesh: Mesh, axes: Sequence[str] = sharding.BATCH_AXES) -> tuple[str, ...]:
+  """The mesh axes (of `axes`) the batch is split over, dropping those of size 1 (sharding.batch_axes)."""
+  return sharding.batch_axes(mesh, axes)
 
 
 def sharded_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, mesh: Mesh,
-                             batch_axes: Sequence[str] = ("data", "fsdp")) -> tuple[jax.Array, dict]:
+                             batch_axes: Sequence[str] = sharding.BATCH_AXES) -> tuple[jax.Array, dict]:
   """Symmetric InfoNCE whose similarity rows are computed where the batch lives; same value, gradients and
   metrics as `contrastive_loss` on the full batch.
 

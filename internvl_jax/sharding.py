@@ -2,8 +2,11 @@
 
 Parameters carry logical names (`out_sharding` metadata, set in models/); activations are constrained with
 `constrain(x, names)`. Mesh axes: 'data' (pure data parallel), 'fsdp' (data parallel with sharded parameters
-and optimizer state), 'expert' (the experts of MoE layers split; size 1 unless asked for), 'tensor' (heads / MLP
-split). A mesh built elsewhere without some of these axes works too: rules naming an absent axis replicate.
+and optimizer state), 'expert' (the experts of MoE layers split, and the batch too; size 1 unless asked for),
+'tensor' (heads / MLP split). The batch is split over BATCH_AXES = data x fsdp x expert everywhere (train, eval,
+generate, the planner): outside the MoE layers 'expert' is one more data-parallel axis, so its devices do not
+repeat each other's attention / norms / router (models/moe.py sends each device's tokens to their experts).
+A mesh built elsewhere without some of these axes works too: rules naming an absent axis replicate.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes the batch (and so every activation's rows) is split over
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated). First match wins.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("layers", None),
     ("embed", "fsdp"),
     ("expert", "expert"),
@@ -88,21 +92,45 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 
 def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.Array:
-  """with_sharding_constraint by logical names when a mesh is in context (jax.sharding.use_mesh); else identity."""
+  """with_sharding_constraint by logical names when a mesh is in context (jax.sharding.use_mesh); else identity.
+  A dimension the named axes do not divide (e.g. 2 rows over data x fsdp x expert = 8) keeps only the leading
+  axes that do (possibly none), so that XLA never has to pad or rematerialize it."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(names, rules))
+  spec = []
+  for dim, axes in zip(x.shape, logical_to_mesh_spec(names, rules, mesh)):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
+      axes = axes[:-1]
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def batch_axes(mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:
+  """The axes of `axes` that `mesh` (a Mesh or AbstractMesh) has with size > 1, in mesh order."""
+  return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def batch_ways(mesh) -> int:
+  """How many ways the batch is split: data x fsdp x expert (1 for None)."""
+  return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
+def split_rows_over(mesh, rows: int) -> tuple[str, ...]:
+  """The batch axes to split `rows` over: all of them when they divide it, else the longest leading ones that do
+  ('expert' is dropped first), else () (replicated: an array that cannot be split evenly cannot be placed split)."""
+  axes = batch_axes(mesh)
+  while axes and rows % int(np.prod([mesh.shape[a] for a in axes])):
+    axes = axes[:-1]
+  return axes
 
 
 def leading_axis_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """The layout of a batch on `mesh`: the leading axis split over the data-parallel axes ('data', 'fsdp') when it
-  divides their size, replicated otherwise (an array that cannot be split evenly cannot be placed split)."""
-  axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-  size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-  if not axes or not shape or shape[0] % size:
-    return NamedSharding(mesh, P())
-  return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
+  """The layout of a batch on `mesh`: the leading axis split over the batch axes (split_rows_over), the rest
+  replicated."""
+  axes = split_rows_over(mesh, shape[0]) if shape else ()
+  return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]) if axes else P())
 
 
 def model_mesh(model: nnx.Module) -> Mesh | None:

@@ -57,6 +57,39 @@ def test_training_cases_count_three_forwards():
   assert tr.flops_per_call == pytest.approx(3 * tr.batch * one)
 
 
+def test_moe_cases_count_active_parameters_and_keep_the_30b_a3b_shape():
+  # InternVL3.5-30B-A3B's Qwen3-MoE layer: D 2048, 32 q heads and 4 kv heads of 128, router over 128 experts,
+  # top-8 SwiGLU experts of width 768. Active matmul parameters per layer, by hand:
+  active = 2048 * 32 * 128 * 2 + 2048 * 4 * 128 * 2 + 2048 * 128 + 8 * 3 * 2048 * 768
+  assert active == 56_885_248
+  fwd = cases.build_spec("qwen3_moe_30b_a3b_fwd", cases.Settings(platform="gpu"))
+  lm, t, layers = fwd.text, fwd.text_len, fwd.text.num_layers
+  assert (lm.hidden_size, lm.num_heads, lm.num_kv_heads, lm.head_dim, lm.num_experts, lm.num_experts_per_tok,
+          lm.moe_mlp_dim, lm.qk_norm, lm.lm_head) == (2048, 32, 4, 128, 128, 8, 768, True, False)
+  attention = 4 * layers * 32 * 128 * t * (t + 1) / 2  # causal: token i attends to i + 1 keys
+  assert fwd.items_per_call == fwd.batch * t
+  assert fwd.flops_per_call == pytest.approx(fwd.batch * (2 * active * layers * t + attention), rel=1e-12)
+  bwd = cases.build_spec("qwen3_moe_30b_a3b_fwdbwd", cases.Settings(platform="gpu"))
+  one = bwd.batch * (2 * active * bwd.text.num_layers * bwd.text_len
+                     + 4 * bwd.text.num_layers * 32 * 128 * bwd.text_len * (bwd.text_len + 1) / 2)
+  assert bwd.flops_per_call == pytest.approx(3 * one, rel=1e-12)
+  cpu = cases.build_spec("qwen3_moe_30b_a3b_fwd", cases.Settings(platform="cpu"))
+  assert cpu.text.num_experts == 16 and cpu.text.num_experts_per_tok == 8 and cpu.text.moe_mlp_dim == 768
+  assert "qwen3_moe_30b_a3b_fwdbwd" not in cases.resolve_names(None, "cpu", dry_run=False)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe_30b_a3b_fwd",
+                                  pytest.param("qwen3_moe_30b_a3b_fwdbwd", marks=pytest.mark.slow)])
+def test_moe_case_dry_run_agrees_with_transformers_before_timing(tmp_path, name):
+  out = tmp_path / "bench.json"
+  cli.main(["--dry-run", "--cases", name, "--out", str(out)])
+  result = json.loads(out.read_text())
+  _check_result(result, [name])
+  c = result["cases"][0]
+  assert c["unit"] == "tokens" and c["items_per_call"] == 2 * 8
+  assert c["torch"]["agree_rel_err"] < 1e-4  # transformers' Qwen3MoeModel with our weights, float32
+
+
 def test_peak_table_and_case_resolution():
   assert flops.table_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
   assert flops.table_peak_tflops("NVIDIA H100 PCIe") == 756.0

@@ -1,7 +1,7 @@
 """Qwen3-MoE (InternVL3.5-30B-A3B / 241B-A28B language models): transformers' Qwen3MoeForCausalLM (4 experts, top-2,
 layer 0 dense via mlp_only_layers) loads into our decoder and matches PyTorch: logits, the router load-balancing
 loss, greedy generation with left padding, save_pretrained back; the same through an InternVL chat folder in both
-layouts; and 8 fake devices with expert=4 equal one device."""
+layouts; and 8 fake devices with expert=4 (x data 2 or x fsdp 2) equal one device."""
 
 import json
 import os
@@ -135,18 +135,30 @@ def test_chat_folders_match_torch(tmp_path, layout):
   assert rel_err < REL_TOL
 
 
-def test_eight_devices_with_expert_4_equal_one_device(lm):
+@pytest.mark.parametrize("mesh", ["fsdp=2,expert=4", pytest.param("data=2,expert=4", marks=pytest.mark.slow)])
+def test_eight_devices_with_expert_4_equal_one_device(lm, mesh):
   _, _, folder = lm
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "moe_on_mesh.py"), folder], capture_output=True,
-                        text=True, env=env, timeout=600)
+  slow = mesh.startswith("data")  # the slow variant also generates (greedy, KV cache) on the mesh
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "moe_on_mesh.py"), folder, mesh] + ["--generate"] * slow,
+                        capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
-  print(f"8 devices (fsdp 2 x expert 4) vs 1: {r}")
-  assert r["devices"] == 8 and r["expert_spec"][:2] == ["None", "expert"]  # [L, E, D, I]: experts split 4 ways
-  assert r["uses_shard_map"]  # each device runs its own experts
-  assert r["logits_rel"] < 1e-6 and abs(r["aux"][0] - r["aux"][1]) < 1e-6
-  assert r["expert_grad_max"] > 0 and r["grad_rel"] < 1e-5
+  print(f"8 devices ({mesh}) vs 1: {r}")
+  assert r.pop("devices") == 8 and set(r) == {f"{mesh}/rows8", f"{mesh}/rows2"}
+  for name, c in r.items():
+    assert c["expert_spec"][:2] == ["None", "expert"]  # [L, E, D, I]: experts split 4 ways
+    assert c["shard_map"]  # each device runs its own experts
+    assert c["logits_rel"] < 1e-5 and abs(c["aux"][0] - c["aux"][1]) < 1e-6, name
+    assert c["expert_grad_max"] > 0 and c["grad_rel"] < 1e-5, name
+    assert c.get("generate_equal", not slow), name  # tokens equal one device's, 8 rows (gather) and 3 (psum)
+  # 8 rows: the batch (so attention too) split 8 ways, 'expert' included; tokens gathered to their experts over
+  # 'expert' and the outputs reduce-scattered back
+  c = r[f"{mesh}/rows8"]
+  assert "expert" in c["logits_spec"] and c["all_gather"] and c["reduce_scatter"]
+  # 2 rows cannot split 8 ways: split over data / fsdp only, the same tokens along 'expert', outputs psum-ed
+  c = r[f"{mesh}/rows2"]
+  assert c["logits_spec"] == f"P('{mesh.split('=')[0]}',)" and not c["reduce_scatter"]
 
 
 def test_stage3_loss_adds_the_router_loss_with_the_config_coefficient():

@@ -37,7 +37,7 @@ def test_golden_partition_specs_of_the_tiny_chat_model():
 
 def test_a_mesh_axis_is_used_once_and_size_one_axes_are_dropped():
   assert sharding.logical_to_mesh_spec(("embed", "embed")) == P("fsdp", None)
-  assert sharding.logical_to_mesh_spec(("batch", None)) == P(("data", "fsdp"), None)
+  assert sharding.logical_to_mesh_spec(("batch", None)) == P(("data", "fsdp", "expert"), None)
   mesh = sharding.make_mesh({"fsdp": -1})
   assert sharding.logical_to_mesh_spec(("embed", "mlp"), mesh=mesh) == (
       P("fsdp", None) if jax.device_count() > 1 else P(None, None))
@@ -52,6 +52,27 @@ def test_make_mesh_errors():
     sharding.make_mesh({"model": 1})
   with pytest.raises(ValueError, match="needs"):
     sharding.make_mesh({"data": n + 1, "fsdp": 1})
+
+
+def test_the_batch_splits_over_data_fsdp_and_expert_and_uneven_rows_split_less():
+  mesh = jax.sharding.AbstractMesh((2, 2, 2, 1), sharding.MESH_AXES)
+  assert sharding.batch_axes(mesh) == ("data", "fsdp", "expert") and sharding.batch_ways(mesh) == 8
+  assert sharding.split_rows_over(mesh, 16) == ("data", "fsdp", "expert")
+  assert sharding.split_rows_over(mesh, 4) == ("data", "fsdp")  # 'expert' is dropped first
+  assert sharding.split_rows_over(mesh, 3) == ()
+  assert sharding.batch_ways(jax.sharding.AbstractMesh((1, 1, 4, 2), sharding.MESH_AXES)) == 4  # not 'tensor'
+  assert sharding.batch_ways(None) == 1
+
+
+def test_constrain_keeps_the_batch_axes_that_divide_the_rows():
+  mesh = jax.sharding.AbstractMesh((1, 2, 4, 1), sharding.MESH_AXES)
+  specs = {}
+  for rows in (8, 2):
+    with jax.sharding.use_abstract_mesh(mesh):
+      jaxpr = jax.make_jaxpr(lambda x: sharding.constrain(x, ("batch", None)))(jax.numpy.ones((rows, 3)))
+    specs[rows] = str(jaxpr)
+  assert "P(('fsdp', 'expert'), None)" in specs[8]
+  assert "P('fsdp', None)" in specs[2]  # 2 rows cannot split 8 ways: XLA would pad them
 
 
 def test_constrain_is_identity_without_a_mesh():

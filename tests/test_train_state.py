@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from internvl_jax import sharding
 from internvl_jax.data import demo, features, pipeline, tokenizer
@@ -130,3 +131,12 @@ def test_config_errors_name_the_field():
   cfg.mesh.data = 3
   with pytest.raises(config_checks.ConfigError, match="config.mesh"):
     config_checks.make_checked_mesh(cfg)
+  # the batch splits over 'expert' too: 12 rows on fsdp 2 x expert 4 = 8 shards cannot
+  cfg = tiny_config("contrastive", batch_size=12)
+  abstract = jax.sharding.AbstractMesh((1, 2, 4, 1), sharding.MESH_AXES)
+  with pytest.raises(config_checks.ConfigError, match=r"config.batch_size=12 .* 8 batch shards .*expert"):
+    config_checks.validate(cfg, abstract)
+
+
+def test_train_batches_split_over_data_fsdp_and_expert():
+  assert steps.batch_sharding(sharding.make_mesh()).spec == P(("data", "fsdp", "expert"))

@@ -35,13 +35,15 @@ class Settings:
 
 @dataclasses.dataclass
 class Spec:
-  """One case with its shapes resolved. kind: vit_fwd | vit_train | vit_fwdbwd | chat_prefill | chat_decode."""
+  """One case with its shapes resolved. kind: vit_fwd | vit_train | vit_fwdbwd | chat_prefill | chat_decode |
+  moe_fwd | moe_fwdbwd (a Qwen3-MoE decoder stack, no embedding or LM head: `text` is its config, `text_len`
+  its sequence length)."""
   name: str
   kind: str
   unit: str  # what items_per_s counts: images | tokens
   batch: int
   image_size: int
-  vision: ml_collections.ConfigDict
+  vision: ml_collections.ConfigDict | None
   text: ml_collections.ConfigDict | None = None  # vit_train: the text tower
   chat: ml_collections.ConfigDict | None = None  # chat_*: the chat model config
   text_len: int = 0  # vit_train: caption tokens; chat_*: text tokens of the prompt besides the image tokens
@@ -49,6 +51,11 @@ class Spec:
   embed_dim: int = 0  # vit_train: shared embedding width
   gpu_only: bool = False
   repeats: int = 5  # default timed repeats (the command line may override)
+
+  @property
+  def main_config(self) -> ml_collections.ConfigDict:
+    """The config whose dtype / remat the case runs with (the vision tower's, or the decoder's for moe_*)."""
+    return self.vision if self.vision is not None else self.text
 
   @property
   def prompt_len(self) -> int:
@@ -61,6 +68,8 @@ class Spec:
       return self.batch * self.prompt_len
     if self.kind == "chat_decode":
       return self.batch * self.new_tokens
+    if self.kind in ("moe_fwd", "moe_fwdbwd"):
+      return self.batch * self.text_len
     return self.batch
 
   @property
@@ -77,6 +86,9 @@ class Spec:
       return self.batch * flops.chat_prefill_flops(self.chat, self.image_size, self.text_len)
     if self.kind == "chat_decode":
       return self.batch * flops.decode_flops(self.chat.language, self.prompt_len, self.new_tokens)
+    if self.kind in ("moe_fwd", "moe_fwdbwd"):  # active parameters only (flops.decoder_matmul_params), causal
+      fwd = self.batch * flops.decoder_sequence_flops(self.text, self.text_len, causal=True, logits_positions=0)
+      return fwd if self.kind == "moe_fwd" else 3.0 * fwd
     raise ValueError(f"unknown case kind {self.kind!r}")
 
 
@@ -96,6 +108,14 @@ CASES = {
     "chat_1b_prefill": dict(kind="chat_prefill", chat="internvl2_1b_like", text_len=32, batch=(2, 32)),
     "chat_1b_decode": dict(kind="chat_decode", chat="internvl2_1b_like", text_len=32, new_tokens=32,
                            batch=(4, 64)),
+    # InternVL3.5-30B-A3B's language model (Qwen3-30B-A3B) cut to a few decoder layers: (cpu, accelerator) layers,
+    # experts and sequence length. On CPU 16 of the 128 experts (each the real shape; top-8, so the same active
+    # FLOPs per token): XLA:CPU runs ragged_dot as a dense masked matmul over every expert (models/moe.py), and
+    # with 128 experts one 8-token layer took 18 s there.
+    "qwen3_moe_30b_a3b_fwd": dict(kind="moe_fwd", language="qwen3_30b_a3b", layers=(1, 4), experts=(16, 128),
+                                  seq=(32, 2048), batch=(1, 8)),
+    "qwen3_moe_30b_a3b_fwdbwd": dict(kind="moe_fwdbwd", language="qwen3_30b_a3b", layers=(1, 2),
+                                     experts=(16, 128), seq=(32, 2048), batch=(1, 4), gpu_only=True, repeats=3),
 }
 
 # The contrastive train step's text tower: BERT-base-sized (the seed_300m preset's), bidirectional, 32 tokens.
@@ -107,7 +127,8 @@ GROUPS = {
     "cpu": [n for n, c in CASES.items() if not c.get("gpu_only")],
     # Priority order: the issue's H100 targets first, so a deadline cuts the least important cases.
     "gpu": ["internvit_300m_train_448", "internvit_6b_fwdbwd_224", "internvit_300m_fwd_224", "internvit_300m_fwd_448",
-            "internvit_300m_train_224", "chat_1b_decode", "chat_1b_prefill", "chat_tiny_decode", "chat_tiny_prefill"],
+            "internvit_300m_train_224", "qwen3_moe_30b_a3b_fwd", "qwen3_moe_30b_a3b_fwdbwd", "chat_1b_decode",
+            "chat_1b_prefill", "chat_tiny_decode", "chat_tiny_prefill"],
 }
 assert sorted(GROUPS["gpu"]) == sorted(CASES), "the GPU group must list every case"
 
@@ -152,6 +173,22 @@ def _language(name: str, settings: Settings) -> ml_collections.ConfigDict:
   return cfg
 
 
+def _moe_language(c: dict, settings: Settings, gpu: bool) -> ml_collections.ConfigDict:
+  """The case's MoE decoder: `layers` layers of the preset (tiny with 8 experts, top-2, QK-norm in a dry run),
+  no LM head, a 16-token vocabulary (the embedding is never used: inputs are embeddings)."""
+  if settings.dry_run:
+    cfg = presets.language("tiny")
+    cfg.update(num_layers=1, num_experts=8, num_experts_per_tok=2, moe_mlp_dim=16, norm_topk_prob=True,
+               qk_norm=True, norm_eps=1e-6)
+  else:
+    cfg = presets.language(c["language"])
+    cfg.update(num_layers=c["layers"][1 if gpu else 0], num_experts=c["experts"][1 if gpu else 0])
+  cfg.update(lm_head=False, tie_embeddings=False, vocab_size=16)
+  cfg.dtype, cfg.attention_impl = settings.compute_dtype, settings.attention
+  cfg.remat = settings.remat or "none"
+  return cfg
+
+
 def build_spec(name: str, settings: Settings) -> Spec:
   """Resolves a case name into shapes and configs for this platform (full size, or tiny with --dry-run)."""
   c = CASES[name]
@@ -159,6 +196,9 @@ def build_spec(name: str, settings: Settings) -> Spec:
   batch = settings.batch or (2 if settings.dry_run else c["batch"][1 if gpu else 0])
   repeats = 1 if settings.dry_run else c.get("repeats", 5 if not gpu else 10)
   common = dict(name=name, kind=c["kind"], batch=batch, gpu_only=c.get("gpu_only", False), repeats=repeats)
+  if c["kind"] in ("moe_fwd", "moe_fwdbwd"):
+    return Spec(unit="tokens", image_size=0, vision=None, text=_moe_language(c, settings, gpu),
+                text_len=8 if settings.dry_run else c["seq"][1 if gpu else 0], **common)
   if c["kind"] in ("vit_fwd", "vit_train", "vit_fwdbwd"):
     image = (56 if c["image"] == 224 else 112) if settings.dry_run else c["image"]
     vision = _vision(c["vision"], settings, image, c.get("remat", "none"))

@@ -141,6 +141,8 @@ def _run_torch(spec: cases.Spec, args, machine: dict, variant: str) -> dict:
   t = timing.time_callable(program.call, program.sync, warmup=warmup, repeats=args.repeats or spec.repeats,
                            before_each=program.before_each)
   m = report.measurement(spec.items_per_call, spec.flops_per_call, t, machine, torch_side.peak_memory())
+  if program.agree_rel_err is not None:
+    m["agree_rel_err"] = program.agree_rel_err
   return m, t.once, program
 
 
@@ -148,7 +150,7 @@ def run_case(name: str, args, machine: dict) -> dict:
   """Both frameworks on one case; a failing side is recorded with its error and does not stop the run."""
   spec = cases.build_spec(name, _settings(args, machine["platform"]))
   rec = {"name": name, "kind": spec.kind, "unit": spec.unit, "batch": spec.batch, "image_size": spec.image_size,
-         "dtype": spec.vision.dtype, "remat": spec.vision.remat, "items_per_call": spec.items_per_call,
+         "dtype": spec.main_config.dtype, "remat": spec.main_config.remat, "items_per_call": spec.items_per_call,
          "flops_per_call": spec.flops_per_call, "jax": None, "torch": None, "torch_compile": None}
   if spec.gpu_only and machine["platform"] == "cpu" and not args.dry_run and not _named(args, name):
     rec["skipped"] = "GPU-only case"

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax.bench import cases, train_step
-from internvl_jax.models import internvl, layers, vit
+from internvl_jax.models import internvl, layers, llm, vit
 
 
 @dataclasses.dataclass
@@ -62,7 +62,8 @@ def chat_prompt(spec: cases.Spec) -> np.ndarray:
 def build(spec: cases.Spec) -> Program:
   """The JAX program of a case."""
   return {"vit_fwd": _vit_fwd, "vit_train": _vit_train, "vit_fwdbwd": _vit_fwdbwd,
-          "chat_prefill": _chat_prefill, "chat_decode": _chat_decode}[spec.kind](spec)
+          "chat_prefill": _chat_prefill, "chat_decode": _chat_decode, "moe_fwd": _moe_fwd,
+          "moe_fwdbwd": _moe_fwdbwd}[spec.kind](spec)
 
 
 def _vit_fwd(spec: cases.Spec) -> Program:
@@ -148,3 +149,44 @@ def _chat_decode(spec: cases.Spec) -> Program:
     return tokens.T  # [B, new_tokens]
 
   return Program(decode, (state, jax.block_until_ready(cache), first))
+
+
+def moe_decoder(spec: cases.Spec) -> nnx.Module:
+  """The moe_* cases' decoder stack, float32, with the same weights every time it is built (torch_side copies
+  them into transformers' model)."""
+  return build_module(lambda r: llm.Decoder(spec.text, rngs=r))
+
+
+def moe_inputs(spec: cases.Spec, seed: int = 3) -> np.ndarray:
+  """[B, T, D] float32 input embeddings of the moe_* cases (unit-variance, like a normalised residual stream)."""
+  rng = np.random.default_rng(seed)
+  return rng.standard_normal((spec.batch, spec.text_len, spec.text.hidden_size), dtype=np.float32)
+
+
+def moe_forward(graphdef):
+  """state, embeddings [B, T, D] -> final hidden states [B, T, D] (causal, no LM head)."""
+  return lambda state, x: nnx.merge(graphdef, state)(inputs_embeds=x, return_logits=False).last_hidden_state
+
+
+def _moe_fwd(spec: cases.Spec) -> Program:
+  graphdef, state = nnx.split(moe_decoder(spec))
+  state = cast_floats(state, layers.to_dtype(spec.text.dtype))
+  return Program(jax.jit(moe_forward(graphdef)), (state, jnp.asarray(moe_inputs(spec))))
+
+
+def _moe_fwdbwd(spec: cases.Spec) -> Program:
+  """Forward + backward (float32 parameters, compute in the case dtype), loss = mean square of the output plus
+  the router load-balancing loss, as training would add it."""
+  graphdef, params, rest = nnx.split(moe_decoder(spec), nnx.Param, ...)
+  coef = float(spec.text.get("router_aux_loss_coef", 0.0))
+
+  def loss_fn(p, r, x):
+    out = nnx.merge(graphdef, p, r)(inputs_embeds=x, return_logits=False)
+    return jnp.mean(jnp.square(out.last_hidden_state.astype(jnp.float32))) + coef * out.aux_loss
+
+  @jax.jit
+  def fwdbwd(state, x):
+    loss, grads = jax.value_and_grad(loss_fn)(*state, x)
+    return grads, loss
+
+  return Program(fwdbwd, ((params, rest), jnp.asarray(moe_inputs(spec))))

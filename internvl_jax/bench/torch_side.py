@@ -2,8 +2,10 @@
 
 Dtypes: float32 on CPU; on GPU, inference cases hold bfloat16 weights (`model.to(bfloat16)`), training cases keep
 float32 parameters under `torch.autocast(bfloat16)`, mirroring jax_side.py. Attention is SDPA everywhere.
-Differences kept on purpose (small next to the ViT, noted in BENCHMARKS.md): the contrastive text tower is
-`LlamaModel`, which is causal where ours is bidirectional; the tiny chat preset's Qwen2 has qkv biases.
+The moe_* cases copy the JAX decoder's weights into transformers' Qwen3MoeModel and check that the two agree
+before anything is timed. Differences kept on purpose (small next to the ViT, noted in BENCHMARKS.md): the
+contrastive text tower is `LlamaModel`, which is causal where ours is bidirectional; the tiny chat preset's
+Qwen2 has qkv biases.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Program:
   call: Callable[[], Any]
   sync: Callable[[], None]
   before_each: Callable[[], None] | None = None
+  agree_rel_err: float | None = None  # moe_*: |PyTorch - JAX| / max |JAX| checked before timing (float32)
 
 
 def device() -> torch.device:
@@ -81,7 +84,8 @@ def build(spec: cases.Spec, compile_model: bool) -> Program:
   """The PyTorch program of a case; compile_model wraps the model in torch.compile (default mode)."""
   torch.manual_seed(0)
   return {"vit_fwd": _vit_fwd, "vit_train": _vit_train, "vit_fwdbwd": _vit_fwdbwd,
-          "chat_prefill": _chat_prefill, "chat_decode": _chat_decode}[spec.kind](spec, compile_model)
+          "chat_prefill": _chat_prefill, "chat_decode": _chat_decode, "moe_fwd": _moe_fwd,
+          "moe_fwdbwd": _moe_fwdbwd}[spec.kind](spec, compile_model)
 
 
 def checkpointing(model: nn.Module) -> None:
@@ -232,6 +236,104 @@ def _chat_decode(spec: cases.Spec, compile_model: bool) -> Program:
     return tok
 
   return Program(call, sync_fn(), before_each=rewind)
+
+
+# Largest |PyTorch - JAX| / max |JAX| of the moe_* cases' float32 outputs before timing (same weights, same input).
+MOE_AGREE_TOL = 1e-4
+
+
+def moe_state_dict(decoder) -> dict:
+  """Our Qwen3-MoE decoder (models/llm.py; stacked layers, every layer routed) -> transformers Qwen3MoeModel's
+  state dict: linear kernels transposed, experts fused as transformers keeps them in memory (gate_up_proj
+  [E, 2I, D] = gate then up; down_proj [E, D, I]), the router kernel [D, E] as mlp.gate.weight [E, D]."""
+  from flax import nnx
+  flat = {"/".join(map(str, k)): np.asarray(v.get_value(), np.float32) for k, v in nnx.to_flat_state(nnx.state(
+      decoder, nnx.Param))}
+  t = lambda a: torch.from_numpy(np.require(a, requirements=["C", "W"]))  # copies only what jax lends read-only
+  sd = {"embed_tokens.weight": t(flat["embed/embedding"]), "norm.weight": t(flat["norm/scale"])}
+  for i in range(flat["layers/input_norm/scale"].shape[0]):
+    pre, get = f"layers.{i}.", lambda name: flat[f"layers/{name}"][i]
+    for p in "qkvo":
+      sd[pre + f"self_attn.{p}_proj.weight"] = t(get(f"attn/{p}/kernel").T)
+    for p in "qk":
+      sd[pre + f"self_attn.{p}_norm.weight"] = t(get(f"attn/{p}_norm/scale"))
+    sd[pre + "input_layernorm.weight"] = t(get("input_norm/scale"))
+    sd[pre + "post_attention_layernorm.weight"] = t(get("post_attention_norm/scale"))
+    sd[pre + "mlp.gate.weight"] = t(get("mlp/router/kernel").T)
+    sd[pre + "mlp.experts.gate_up_proj"] = t(np.concatenate([get("mlp/gate"), get("mlp/up")], axis=2)
+                                             .transpose(0, 2, 1))
+    sd[pre + "mlp.experts.down_proj"] = t(get("mlp/down").transpose(0, 2, 1))
+  return sd
+
+
+def _moe_model(spec: cases.Spec):
+  """transformers' Qwen3MoeModel with our moe_* decoder's weights (float32, train mode off), after checking that
+  both give the same hidden states on the case's first row (up to 16 tokens; transformers' eager per-expert loop,
+  which runs float32 on every device, while the timed calls use its default experts implementation). Returns
+  (model, relative error)."""
+  import jax
+  from flax import nnx
+  from transformers import Qwen3MoeConfig, Qwen3MoeModel
+
+  from internvl_jax.convert import configs
+  lm = spec.text.copy_and_resolve_references()
+  lm.lm_head = True  # language_to_hf exports causal LMs; the head itself is not built below (Qwen3MoeModel)
+  hf = configs.language_to_hf(lm)
+  for key in ("architectures", "model_type"):
+    hf.pop(key)
+  model = _on_device(lambda: Qwen3MoeModel(Qwen3MoeConfig(**hf, attn_implementation="sdpa"))).eval()
+  ours = jax_side.moe_decoder(spec)
+  model.load_state_dict(moe_state_dict(ours), strict=True)
+  x = jax_side.moe_inputs(spec)[:1, :16]
+  graphdef, state = nnx.split(ours)
+  with jax.default_matmul_precision("highest"):
+    want = np.asarray(jax.jit(jax_side.moe_forward(graphdef))(state, x))
+  del ours, state
+  timed_impl = model.config._experts_implementation  # transformers' default (grouped_mm where torch has it)
+  model.set_experts_implementation("eager")  # the check runs transformers' per-expert loop: float32 everywhere
+  with torch.inference_mode():
+    got = model(inputs_embeds=torch.from_numpy(x).to(device()), use_cache=False).last_hidden_state.cpu().numpy()
+  model.set_experts_implementation(timed_impl)
+  err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+  if not err < MOE_AGREE_TOL:
+    raise AssertionError(f"transformers' Qwen3-MoE and ours disagree before timing: relative error {err:.2e}")
+  return model, err
+
+
+def _moe_fwd(spec: cases.Spec, compile_model: bool) -> Program:
+  model, err = _moe_model(spec)
+  model = model.to(dtype_of(spec.text.dtype))
+  run = _maybe_compile(model, compile_model)
+  x = torch.from_numpy(jax_side.moe_inputs(spec)).to(device(), dtype_of(spec.text.dtype))
+
+  def call():
+    with torch.inference_mode():
+      return run(inputs_embeds=x, use_cache=False).last_hidden_state
+
+  return Program(call, sync_fn(), agree_rel_err=err)
+
+
+def _moe_fwdbwd(spec: cases.Spec, compile_model: bool) -> Program:
+  """Forward + backward, float32 parameters under autocast; loss as jax_side's: mean square of the output plus
+  router_aux_loss_coef x transformers' load_balancing_loss_func."""
+  from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+  model, err = _moe_model(spec)
+  model.train()
+  run = _maybe_compile(model, compile_model)
+  x = torch.from_numpy(jax_side.moe_inputs(spec)).to(device())
+  lm = spec.text
+
+  def call():
+    for p in model.parameters():
+      p.grad = None
+    with autocast(lm.dtype):
+      out = run(inputs_embeds=x, use_cache=False, output_router_logits=True)
+    aux = load_balancing_loss_func(out.router_logits, lm.num_experts, lm.num_experts_per_tok)
+    loss = out.last_hidden_state.float().square().mean() + lm.router_aux_loss_coef * aux
+    loss.backward()
+    return loss
+
+  return Program(call, sync_fn(), agree_rel_err=err)
 
 
 def peak_memory() -> tuple[int | None, str]:

@@ -5,7 +5,7 @@ answers for chat models).
   m = load_workdir(DIR, task)  # latest checkpoint of DIR (or of DIR/<stage> for a multi-stage run such as the demo)
   m = load_hf(DIR)             # convert.load_pretrained + the folder's tokenizer files and conversation template
   both take dtype= (e.g. "bfloat16") and mesh= (evaluate/placement.make_mesh): weights are cast and laid out on the
-  mesh as they are read, and the model runs sharded (batches split over data x fsdp)
+  mesh as they are read, and the model runs sharded (batches split over data x fsdp x expert)
   m.embed_images(pixels [B, S, S, 3] float32) -> [B, E] float32;  m.embed_texts(list of B str) -> [B, E] float32
   m.generate(pixels [N, S, S, 3], prompts (B lists of ids), max_new_tokens) -> list of B answers
 
@@ -80,7 +80,8 @@ class EvalModel:
     self._txt = jax.jit(txt) if self.kind == "contrastive" else None
 
   def _sharded(self, fn, *arrays) -> np.ndarray:
-    """fn(state, *arrays) with the batch padded to a multiple of data x fsdp and split over them; [B, ...] out."""
+    """fn(state, *arrays) with the batch padded to a multiple of data x fsdp x expert and split over them;
+    [B, ...] out."""
     batch, n = placement.pad_batch(arrays, self.mesh)
     return np.asarray(fn(self._state, *placement.place_batch(batch, self.mesh)))[:n]
 

@@ -2,7 +2,7 @@
 (measured on a loaded model, or counted abstractly for a preset, e.g. the README's InternVL-14B figures).
 
   mesh = make_mesh("fsdp=4,tensor=2")         # a Mesh over all devices; None for None / "" / "none"
-  x, n = pad_batch(x, mesh); place_batch(x, mesh)   # rows padded to a multiple of data x fsdp, then split
+  x, n = pad_batch(x, mesh); place_batch(x, mesh)   # rows padded to a multiple of data x fsdp x expert, then split
   param_bytes(model) -> {"total": int, "per_device": int}
   python -m internvl_jax.evaluate.placement [--model internvl_14b] [--mesh fsdp=8 ...]   # a markdown table
 """
@@ -65,8 +65,8 @@ def mesh_context(mesh: Mesh | None):
 
 
 def batch_multiple(mesh: Mesh | None) -> int:
-  """How many ways a batch is split: data x fsdp (1 without a mesh)."""
-  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  """How many ways a batch is split: data x fsdp x expert (1 without a mesh; sharding.batch_ways)."""
+  return sharding.batch_ways(mesh)
 
 
 def pad_batch(x: Any, mesh: Mesh | None) -> tuple[Any, int]:
@@ -81,8 +81,8 @@ def pad_batch(x: Any, mesh: Mesh | None) -> tuple[Any, int]:
 
 
 def place_batch(x: Any, mesh: Mesh | None) -> Any:
-  """Arrays (or a pytree of them) -> device arrays: the leading axis split over ('data', 'fsdp') where it divides
-  (sharding.leading_axis_sharding), replicated otherwise; on the default device without a mesh."""
+  """Arrays (or a pytree of them) -> device arrays: the leading axis split over ('data', 'fsdp', 'expert') where it
+  divides (sharding.leading_axis_sharding), replicated otherwise; on the default device without a mesh."""
   if mesh is None:
     return jax.tree.map(jnp.asarray, x)
   return jax.tree.map(lambda a: jax.device_put(a, sharding.leading_axis_sharding(mesh, np.shape(a))), x)

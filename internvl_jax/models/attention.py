@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from internvl_jax import sharding
 
 IMPLS = ("xla", "cudnn", "splash", "auto")
 # CPU path: float32 logits per query block, and the most blocks written out as static slices (BENCHMARKS.md:
@@ -230,7 +231,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   Splash wants [H, T, hd] per example with T, S multiples of its block: heads go first, sequences are padded to
   SPLASH_BLOCK (InternViT's 1 + 16^2 = 257 tokens -> 384) and padded keys masked. Grouped KV heads are repeated
   (splash MHA needs equal heads). With a mesh in context the kernel runs under shard_map, batch over
-  ('data', 'fsdp') and heads over 'tensor', because XLA cannot partition the custom call itself.
+  sharding.BATCH_AXES and heads over 'tensor', because XLA cannot partition the custom call itself.
   interpret=True runs the kernel in the Pallas interpreter (CPU tests).
   """
   b, t, h, hd = q.shape
@@ -250,9 +251,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
 
   mesh = _mesh_in_context()
   if mesh is not None:
-    batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1) or None
-    if batch and b % math.prod(mesh.shape[a] for a in batch):
-      batch = None  # a batch that does not split evenly (e.g. a short evaluation batch) runs replicated
+    batch = sharding.split_rows_over(mesh, b) or None  # an uneven batch (a short eval batch) splits less
     heads = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 and h % mesh.shape["tensor"] == 0 \
         else None
     spec = P(batch, heads)

@@ -10,10 +10,25 @@ gate / up / down projections over the contiguous group of each expert (one matmu
 einsum, no capacity padding), and the outputs are unsorted and summed with the router weights.
 
 Expert parallelism: with a mesh in context (the train step traces under it) whose 'expert' axis is > 1, the
-experts run in a shard_map: each device keeps its E / n_expert experts (gathered over fsdp / tensor like any
-FSDP weight), runs only the assignments routed to them, and a psum over 'expert' adds the partial outputs. The
-batch is split over data x fsdp, so devices along 'expert' see the same tokens. (XLA:CPU has no ragged-dot
-instruction: there ragged_dot lowers to a dense masked fallback; GPU / TPU lower it to chlo.ragged_dot.)
+batch is split over data x fsdp x expert for the whole model (sharding.BATCH_AXES), so the devices along
+'expert' hold different tokens and share attention, norms and router work like any data-parallel axis; only the
+experts are split differently: each device keeps E / n_expert of them (gathered over fsdp / tensor like any FSDP
+weight). Inside a shard_map, the n_expert devices of a group all-gather their tokens and routing over 'expert'
+(each then holds the group's tokens), run their own experts on every assignment routed to them (others weigh 0
+there), and psum_scatter the partial outputs back over 'expert': each device gets the full sums for its own
+tokens. Why this scheme rather than an all_to_all dispatch: it is dropless and exact with fixed shapes (no
+capacity factor, no padding of per-expert buffers, no data-dependent sizes), its transpose is the same pair the
+other way round (gradients need no special care), and it moves less: per device and layer, 2 x (n_expert - 1) x
+its tokens x D (gather in, reduce-scatter out) against an all_to_all's 2 x top_k x (n_expert - 1) / n_expert x
+its tokens x D (the assignments to other devices' experts and back), so it is no worse while n_expert <= top_k
+(8 for Qwen3-MoE); an exact-size all_to_all is the next step for wider expert axes. Each device's grouped
+matmuls compute only the groups of its own experts (about 1 / n_expert of the group's assignments; rows past
+them stay zero), so expert FLOPs per device shrink with n_expert while the gathered activations grow to
+n_expert x its tokens. When the
+tokens do not split over 'expert' (e.g. a 1-row decode step), they stay the same along it and the partial
+outputs are psum-ed instead.
+(XLA:CPU has no ragged-dot instruction: there ragged_dot lowers to a dense masked matmul over all local experts,
+E_local times the expert FLOPs actually needed; GPU / TPU lower it to chlo.ragged_dot.)
 
 Parameters (logical names in brackets; 'expert' maps to the mesh axis 'expert' in sharding.py):
   router  kernel [D, E] float32      [embed, -]   (bias [E] with router_bias)
@@ -28,14 +43,13 @@ expert_act ('swiglu' | 'gpt_oss_clamped'), swiglu_alpha, swiglu_limit.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from internvl_jax import sharding
 from internvl_jax.models import layers
 
 
@@ -88,34 +102,17 @@ class MoE(nnx.Module):
   def experts(self, flat: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
     """Dropless grouped SwiGLU. flat [N, D]; weights, experts [N, k] -> [N, D] in the compute dtype.
     With a mesh in context whose 'expert' axis has size > 1, each device runs its own experts only (shard_map)."""
-    ws = tuple(w[...].astype(self.dtype) for w in (self.gate, self.up, self.down))  # cast before any gather
-    bs = () if self.gate_bias is None else tuple(b[...].astype(self.dtype) for b in (self.gate_bias, self.up_bias,
-                                                                                        self.down_bias))
+    # every per-expert weight ([E, ...], cast before any gather), biases after them; the shard_map below passes
+    # them through as a tuple
+    ws = tuple(w[...].astype(self.dtype) for w in (self.gate, self.up, self.down))
+    if self.gate_bias is not None:
+      ws += tuple(b[...].astype(self.dtype) for b in (self.gate_bias, self.up_bias, self.down_bias))
+    run = lambda flat, weights, experts, ws, first, out_dtype: _grouped_swiglu(
+        flat, weights, experts, *ws, first=first, out_dtype=out_dtype, act=self.act)
     mesh = _expert_mesh()
     if mesh is None:
-      return _grouped_swiglu(flat.astype(self.dtype), weights, experts, *ws, *bs, first=0, out_dtype=self.dtype,
-                             act=self.act)
-    batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-    if batch and flat.shape[0] % math.prod(mesh.shape[a] for a in batch):
-      batch = ()  # tokens that do not split evenly run replicated
-    tokens = P(batch or None, None)
-
-    def local(flat, weights, experts, gate, up, down, *biases):
-      # this device's experts are [first, first + E / n_expert); others' assignments get weight 0 here and
-      # are added by the psum over 'expert' (tokens are the same on every device along that axis)
-      first = jax.lax.axis_index("expert") * gate.shape[0]
-      # Said explicitly, so that the gradient of the (expert-invariant) tokens is summed over 'expert': left
-      # implicit, the transpose of the varying-index gather below dropped that sum (wrong token gradients).
-      flat, weights = (jax.lax.pcast(a, "expert", to="varying") for a in (flat, weights))
-      y = _grouped_swiglu(flat, weights, experts, gate, up, down, *biases, first=first, out_dtype=jnp.float32,
-                          act=self.act)
-      return jax.lax.psum(y, "expert")
-
-    wspec = P("expert", None, None)
-    bspecs = (P("expert", None),) * len(bs)  # the expert biases, split like their weights
-    y = jax.shard_map(local, in_specs=(tokens, tokens, tokens, wspec, wspec, wspec, *bspecs), out_specs=tokens)(
-        flat.astype(self.dtype), weights, experts, *ws, *bs)
-    return y.astype(self.dtype)
+      return run(flat.astype(self.dtype), weights, experts, ws, 0, self.dtype)
+    return _expert_parallel(run, mesh, flat.astype(self.dtype), weights, experts, ws).astype(self.dtype)
 
   def __call__(self, x: jax.Array, token_mask: jax.Array | None = None):
     b, t, d = x.shape
@@ -148,6 +145,32 @@ def _activation(gate, up, act):
     return jax.nn.silu(gate) * up
   gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
   return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
+
+
+def _expert_parallel(run, mesh, flat, weights, experts, ws):
+  """run(flat, weights, experts, ws, first, out_dtype) -> [n, D] under a shard_map over `mesh`: every weight of
+  `ws` ([E, ...]) split over 'expert' on its leading axis, the N tokens over the batch axes (sharding.BATCH_AXES).
+  Returns [N, D] float32 laid out like the tokens."""
+  axes = sharding.split_rows_over(mesh, flat.shape[0])  # the tokens' split; 'expert' goes first when N is uneven
+  tokens = P(axes or None, None)
+
+  def local(flat, weights, experts, *ws):
+    first = jax.lax.axis_index("expert") * ws[0].shape[0]  # this device's experts: [first, first + E / n_expert)
+    if "expert" in axes:
+      # Tokens split over 'expert' too: gather the group's tokens, run this device's experts on all of them
+      # (others' assignments weigh 0 here), and reduce-scatter: each device gets its own tokens' sums back.
+      flat, weights, experts = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (flat, weights, experts))
+      y = run(flat, weights, experts, ws, first, jnp.float32)
+      return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+    # Tokens the same on every device along 'expert' (N does not split over it, e.g. one decode token).
+    # Said explicitly, so that the gradient of the (expert-invariant) tokens is summed over 'expert': left
+    # implicit, the transpose of the varying-index gather below dropped that sum (wrong token gradients).
+    flat, weights = (jax.lax.pcast(a, "expert", to="varying") for a in (flat, weights))
+    return jax.lax.psum(run(flat, weights, experts, ws, first, jnp.float32), "expert")
+
+  wspecs = tuple(P("expert", *([None] * (w.ndim - 1))) for w in ws)
+  return jax.shard_map(local, in_specs=(tokens, tokens, tokens) + wspecs, out_specs=tokens)(flat, weights, experts,
+                                                                                           *ws)
 
 
 def _grouped_swiglu(flat, weights, experts, gate, up, down, gate_bias=None, up_bias=None, down_bias=None, *, first,

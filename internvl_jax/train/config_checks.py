@@ -93,11 +93,11 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
                         f"(downsample_ratio {m.downsample_ratio}) cannot halve; use a multiple of {patch * f}")
   if cfg.task == "instruct":
     _finetune_fields(cfg)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_ways(mesh)
   for field in ("batch_size", "eval_batch_size"):
     if cfg[field] <= 0 or cfg[field] % shards:
       raise ConfigError(f"config.{field}={cfg[field]} is not a positive multiple of the {shards} batch shards "
-                        f"(mesh data x fsdp); change it or config.mesh")
+                        f"(mesh data x fsdp x expert); change it or config.mesh")
   if cfg.batch_size % jax.process_count():
     raise ConfigError(f"config.batch_size={cfg.batch_size} is not divisible by the {jax.process_count()} hosts")
   if cfg.total_steps <= 0:

@@ -15,7 +15,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from internvl_jax import losses
+from internvl_jax import losses, sharding
 from internvl_jax.train import freezing, state as state_lib
 
 
@@ -67,8 +67,8 @@ LOSS_FNS = {"contrastive": contrastive_loss_fn, "alignment": alignment_loss_fn, 
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis over ('data', 'fsdp'); the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp")))
+  """Leading (batch) axis over sharding.BATCH_AXES ('data', 'fsdp', 'expert'); the rest replicated."""
+  return NamedSharding(mesh, P(tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)))
 
 
 def make_train_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict) -> Callable:
