@@ -55,7 +55,8 @@ def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   px = batch["pixel_values"]
   out = model(batch["input_ids"], px.reshape((-1,) + px.shape[2:]), batch["attention_mask"])
   targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-  loss, metrics = losses.lm_loss(out.logits, targets, mask, cfg.get("loss_reduction", "token"))
+  reduction = "token" if cfg is None else cfg.get("loss_reduction", "token")  # cfg None: a bare call (tests)
+  loss, metrics = losses.lm_loss(out.logits, targets, mask, reduction)
   if out.aux_loss is not None:
     coef = float(model.config.language.get("router_aux_loss_coef", 0.0))
     metrics = dict(metrics, loss_lm=loss, router_aux_loss=out.aux_loss)
