@@ -7,6 +7,7 @@
       a train.py workdir, our checkpoint, or any folder load_pretrained reads (e.g. an OpenGVLab remote-code one)
       -> a complete folder (release.py): weights + config, tokenizer files, chat template, generation_config.json
       and the image processor's files; transformers-native (default) or OpenGVLab's InternVLChatModel layout.
+      A LoRA run is written with its adapters merged, or with --adapter_only as a peft adapter folder.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
   exp.add_argument("out_dir")
   exp.add_argument("--layout", default="native", choices=release.LAYOUTS,
                    help="native: transformers (InternVLForConditionalGeneration, ...); opengvlab: InternVLChatModel")
+  exp.add_argument("--adapter_only", action="store_true",
+                   help="a LoRA run as a peft adapter (adapter_model.safetensors + adapter_config.json) for the "
+                        "transformers model of its base; default: the adapters merged into the weights")
   exp.add_argument("--dtype", default=None, help="cast tensors (float32 | bfloat16 | float16); default: as stored")
   args = parser.parse_args(argv)
   try:
@@ -40,9 +44,9 @@ def main(argv=None) -> int:
       where = orbax_io.save_checkpoint(model, args.out_dir)
       print(f"wrote {orbax_io.model_kind(model)} checkpoint {where}")
     else:
-      model, tok, chat = release.load_source(args.src)
+      model, tok, chat, run_config = release.load_source(args.src)
       written = release.write_release(model, args.out_dir, tokenizer=tok, chat=chat, layout=args.layout,
-                                      dtype=args.dtype)
+                                      dtype=args.dtype, adapter_only=args.adapter_only, run_config=run_config)
       print(f"wrote {args.out_dir} ({args.layout} layout): {', '.join(written)}")
       if tok is None:
         print("note: the source holds no tokenizer files; add the tokenizer before using the folder")

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import os
 
+import ml_collections
 from flax import nnx
 
-from internvl_jax.convert import configs, keymaps, orbax_io, saver
+from internvl_jax.convert import configs, keymaps, orbax_io, peft_export, saver
 from internvl_jax.convert.configs import ConversionError
 from internvl_jax.data import chat_format as chat_format_lib, templates, tokenizer as tokenizer_lib
 from internvl_jax.models import internvl
@@ -72,21 +73,32 @@ def processor_files(chat: chat_format_lib.ChatFormat) -> dict[str, dict]:
 
 
 def write_release(model: nnx.Module, out_dir: str, *, tokenizer: tokenizer_lib.Tokenizer | None = None,
-                  chat: chat_format_lib.ChatFormat | None = None, layout: str = "native", dtype=None) -> list[str]:
+                  chat: chat_format_lib.ChatFormat | None = None, layout: str = "native", dtype=None,
+                  adapter_only: bool = False, run_config=None) -> list[str]:
   """Writes the folder described in the module docstring. tokenizer: written when given; chat: the chat model's
-  prompt format (needs tokenizer). Returns the names of the files written."""
+  prompt format (needs tokenizer). A LoRA model is written merged, or with adapter_only as a peft adapter folder
+  (peft_export.py; run_config: the train.py run config, for what else it trained and its base model).
+  Returns the names of the files written."""
   if layout not in LAYOUTS:
     raise ConversionError(f"layout {layout!r} is not one of {LAYOUTS}")
   is_chat = isinstance(model, internvl.InternVLChat)
-  if layout == "opengvlab":
+  if adapter_only:
+    if layout != "native":
+      raise ConversionError("--adapter_only writes a peft adapter for the transformers-native model; drop --layout")
+    if run_config is None:
+      raise ConversionError("--adapter_only needs a train.py workdir of a LoRA run (its config says what was trained)")
+    from internvl_jax.train import freezing  # local: a training-side import
+    written = peft_export.write_adapter(model, out_dir, full_groups=peft_export.full_groups_of(
+        freezing.resolve(run_config)), base_model=run_config.init.get("path") or None, dtype=dtype)
+  elif layout == "opengvlab":
     if not is_chat or chat is None:
       raise ConversionError("--layout opengvlab is the InternVL chat layout: export a chat model with its tokenizer "
                             "(a stage-3 workdir or a released chat folder)")
-    hf, rules = opengvlab_plan(model, chat)
-    written = saver.write_folder(model, out_dir, hf, rules, dtype=dtype)
+    hf, rules = opengvlab_plan(peft_export.merged(model), chat)
+    written = ["config.json", *saver.write_folder(peft_export.merged(model), out_dir, hf, rules, dtype=dtype)]
   else:
-    written = saver.save_pretrained(model, out_dir, dtype=dtype)
-  written = ["config.json", *[os.path.basename(w) for w in written]]
+    written = ["config.json", *saver.save_pretrained(peft_export.merged(model), out_dir, dtype=dtype)]
+  written = [os.path.basename(w) for w in written]
   if tokenizer is not None:
     tokenizer.save(out_dir)
     written += sorted(f for f in os.listdir(out_dir) if f.startswith(("tokenizer", "vocab", "merges")))
@@ -106,25 +118,27 @@ def write_release(model: nnx.Module, out_dir: str, *, tokenizer: tokenizer_lib.T
 
 
 def load_source(src: str):
-  """(model, tokenizer or None, chat format or None) of a train.py workdir, an import checkpoint or a folder
-  load_pretrained reads."""
+  """(model, tokenizer or None, chat format or None, train.py run config or None) of a train.py workdir, an import
+  checkpoint or a folder load_pretrained reads."""
   from internvl_jax.convert.loader import load_pretrained
   from internvl_jax.evaluate import models as eval_models  # local: pulls in the evaluation side
   if not os.path.isdir(src):
     raise ConversionError(f"{src} does not exist; pass a train.py workdir, an import checkpoint or a model folder")
   if orbax_io.is_checkpoint(src):
-    return orbax_io.load_checkpoint(src), None, None
+    return orbax_io.load_checkpoint(src), None, None, None
   run = _train_run(src)
   if run is not None:
     loaded = eval_models.load_workdir(run, "caption" if _task(run) == "instruct" else "retrieval")
-    return loaded.model, loaded.tokenizer, loaded.chat
+    with open(os.path.join(run, "config.json")) as f:
+      run_config = ml_collections.ConfigDict(json.load(f))
+    return loaded.model, loaded.tokenizer, loaded.chat, run_config
   model = load_pretrained(src)
   if not tokenizer_lib.saved_in(src):
-    return model, None, None
+    return model, None, None, None
   tok = tokenizer_lib.load(src)
   chat = chat_format_lib.ChatFormat.from_folder(src, model.config, tok) if isinstance(
       model, internvl.InternVLChat) else None
-  return model, tok, chat
+  return model, tok, chat, None
 
 
 def _task(run: str) -> str:
