@@ -57,7 +57,12 @@ def model(tok):
   cfg = presets.chat("tiny")
   cfg.language.vocab_size, cfg.image_token_id = 32, tok.image_token_id
   assert tok.vocab_size <= 32
-  return internvl.InternVLChat(cfg, rngs=nnx.Rngs(0))
+  return nnx.jit(lambda: internvl.InternVLChat(cfg, rngs=nnx.Rngs(0)))()
+
+
+@nnx.jit
+def _logits(model, ids, px, attn, segment_ids=None, vision_index=None):
+  return model(ids, px, attn, segment_ids=segment_ids, vision_index=vision_index).logits
 
 
 def _builder(tok, examples, **kw):
@@ -75,14 +80,14 @@ def _alone(model, ex):
   px = jnp.asarray(ex["pixel_values"]) if len(ex["pixel_values"]) else None
   ids = np.zeros((1, T), np.int32)
   ids[0, :n] = ex["input_ids"]
-  return np.asarray(model(jnp.asarray(ids), px, jnp.asarray(ids != 0)).logits[0, :n])
+  return np.asarray(_logits(model, jnp.asarray(ids), px, jnp.asarray(ids != 0))[0, :n])
 
 
 def _packed_call(model, batch, **kw):
   args = {k: jnp.asarray(batch[k]) for k in ("segment_ids", "vision_index")}
   args.update(kw)
-  return np.asarray(model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixel_values"]),
-                          jnp.asarray(batch["attention_mask"]), **args).logits)
+  return np.asarray(_logits(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixel_values"]),
+                            jnp.asarray(batch["attention_mask"]), **args))
 
 
 def test_packed_row_logits_equal_each_example_run_alone(tok, model):
@@ -127,7 +132,8 @@ def test_vision_tower_runs_on_the_tile_budget_and_tokens_read_their_own_tiles(to
     return original(self, pixel_values, *a, **kw)
 
   monkeypatch.setattr(vit.InternViT, "__call__", spy)
-  _packed_call(model, batch)
+  model(*(jnp.asarray(batch[k]) for k in ("input_ids", "pixel_values", "attention_mask")),  # eager: spied
+        segment_ids=jnp.asarray(batch["segment_ids"]), vision_index=jnp.asarray(batch["vision_index"]))
   assert len(seen) == 1 and seen[0].shape == (12, S, S, 3)  # the fixed budget, whatever the real count
   items = sorted(b.items, key=lambda x: x[:2])
   real = np.concatenate([ex["pixel_values"] for _, _, ex in items])
@@ -230,7 +236,7 @@ def test_packed_lm_loss_is_the_token_average_of_the_examples_alone(tok, model):
     assert (counts[row, start:start + len(ex["input_ids"])] == ex["loss_mask"][1:].sum()).all()
 
 
-@pytest.mark.slow  # compiles the tiny chat model in a subprocess
+@pytest.mark.slow  # compiles the tiny chat model in a subprocess: 20-40 s on 2 busy cores
 def test_train_cli_runs_stage3_with_packing(tmp_path):
   wd = str(tmp_path / "run")
   args = ["--config", "configs/instruct.py:model=tiny", "--workdir", wd, "--config.total_steps=3",
@@ -244,3 +250,12 @@ def test_train_cli_runs_stage3_with_packing(tmp_path):
   records = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
   assert records[0]["tokens"] > 2 * 2  # more answers than one per row: the rows were packed
+
+
+def test_default_tile_budget_follows_the_sampled_tiles_per_token():
+  ex = lambda tiles, tokens: {"pixel_values": np.zeros((tiles, 1, 1, 3)), "input_ids": np.zeros(tokens)}
+  # 6 tiles in 50 tokens: a 48-token row holds ceil(48 * 6 / 50) = 6 tiles -> 16 rows x 6
+  assert packing.default_tiles_per_batch(16, 48, 7, 4, [ex(2, 20), ex(4, 30)]) == 96
+  assert packing.default_tiles_per_batch(16, 48, 7, 4, [ex(10, 41)]) == 16 * 12  # capped at 48 // 4 tiles a row
+  assert packing.default_tiles_per_batch(2, 48, 7, 4, [ex(0, 20)]) == 2 * 4  # one 7-tile example must fit
+  assert packing.default_tiles_per_batch(16, 48, 7, 4) == 32  # no sample: 2 a row

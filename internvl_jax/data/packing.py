@@ -51,12 +51,18 @@ class PackSpec:
     return dataclasses.replace(self, rows=self.rows // hosts, tiles=tiles, tile_offset=host * tiles)
 
 
-def default_tiles_per_batch(batch_size: int, max_tiles: int, hosts: int = 1) -> int:
-  """data.tiles_per_batch = 0: two tiles per row on average (a single-image record at InternVL's usual
-  max_dynamic_patch 6-12 takes 1 tile for small or square images, up to 7-13 with the thumbnail; text-only
-  records take none), and never less than one example's max_tiles on each host. A multiple of batch_size, so it
-  splits like the batch."""
-  per_row = max(2, -(-max_tiles * hosts // batch_size))
+def default_tiles_per_batch(batch_size: int, max_len: int, max_tiles: int, tokens_per_tile: int,
+                            sample: list[dict] = (), hosts: int = 1) -> int:
+  """data.tiles_per_batch = 0: derived from a sample of packed examples (the run's first records): the tiles a
+  row of max_len tokens holds at the sample's tiles-per-token rate, rounded up, so that tokens rather than tiles
+  usually close a batch; two per row without a sample. Capped at the tiles whose image tokens fill a row
+  (max_len // tokens_per_tile), and never below one example's max_tiles per host. A multiple of batch_size, so
+  it splits like the batch."""
+  tiles = sum(len(e["pixel_values"]) for e in sample)
+  tokens = sum(len(e["input_ids"]) for e in sample)
+  per_row = -(-max_len * tiles // tokens) if tokens else 2
+  per_row = min(max(per_row, 1), max(1, max_len // tokens_per_tile))
+  per_row = max(per_row, -(-max_tiles * hosts // batch_size))
   return batch_size * per_row
 
 

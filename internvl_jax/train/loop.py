@@ -74,14 +74,28 @@ def packing_on(cfg: ml_collections.ConfigDict) -> bool:
   return cfg.task == "instruct" and bool(cfg.data.get("packing", False))
 
 
-def pack_spec(cfg: ml_collections.ConfigDict, tok) -> packing.PackSpec | None:
-  """The global packing budgets of a packed instruct run (data.packing), else None."""
+PACK_SAMPLE = 32  # records featurised to derive data.tiles_per_batch = 0 (the same first records on every host)
+
+
+def pack_spec(cfg: ml_collections.ConfigDict, tok, source=None) -> packing.PackSpec | None:
+  """The global packing budgets of a packed instruct run (data.packing), else None; tiles_per_batch = 0 is
+  derived from the source's first PACK_SAMPLE records (packing.default_tiles_per_batch)."""
   if not packing_on(cfg):
     return None
-  tiles = cfg.data.get("tiles_per_batch", 0) or packing.default_tiles_per_batch(
-      cfg.batch_size, cfg.data.get("max_tiles", 1), jax.process_count())
+  per_tile, tiles = config_checks.tokens_per_tile(cfg), cfg.data.get("tiles_per_batch", 0)
+  if not tiles:
+    fn = features_lib.make_feature_fn(feature_spec(cfg, train=True), tok)
+    sample = []
+    for i in range(min(PACK_SAMPLE, len(source) if source is not None else 0)):
+      try:
+        sample.append(fn(source[i], None))
+      except features_lib.BadRecord:
+        continue
+    tiles = packing.default_tiles_per_batch(cfg.batch_size, cfg.data.max_text_len, cfg.data.get("max_tiles", 1),
+                                            per_tile, sample, jax.process_count())
+    logging.info("data.tiles_per_batch=0: %d tiles per batch (from %d sampled records)", tiles, len(sample))
   return packing.PackSpec(rows=cfg.batch_size, max_len=cfg.data.max_text_len, tiles=tiles,
-                          image_size=config_checks.input_size(cfg), tokens_per_tile=config_checks.tokens_per_tile(cfg),
+                          image_size=config_checks.input_size(cfg), tokens_per_tile=per_tile,
                           image_token_id=tok.image_token_id, pad_id=tok.pad_id if tok.pad_id is not None else 0)
 
 
@@ -119,7 +133,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   train_features = features_lib.make_feature_fn(feature_spec(cfg, train=True), tok)
   dataset = pipeline.train_dataset(train_source, train_features, global_batch=cfg.batch_size, seed=cfg.seed,
                                    tracker=tracker, num_threads=cfg.data.get("num_threads", 2),
-                                   packing=pack_spec(cfg, tok))
+                                   packing=pack_spec(cfg, tok, train_source))
   data_iter = iter(dataset)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
 
