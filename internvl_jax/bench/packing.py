@@ -10,8 +10,9 @@ Model: the demo's stage-3 chat model (configs/demo.py, random weights: speed doe
 For each: unpacked (one example per row, max_tiles slots), packed with the default tile budget
 (data.tiles_per_batch = 0: derived from the first records) and packed with a budget of 2 tiles per row. The same rows x tokens (batch x
 max_text_len) everywhere. Batches are made first and kept in memory, so the timings are the jitted train step
-only (forward + backward + AdamW; vision tower frozen, as stage 3 trains). Columns: examples per step, step time
-(median of --steps timed steps after 2 untimed), examples/s, real tokens/s (tokens of examples, padding and the
+only (forward + backward + AdamW; vision tower frozen, as stage 3 trains); the configurations of a data set are
+timed interleaved (one step of each in turn). Columns: examples per step, step time (median of --steps timed
+steps after 2 untimed), examples/s, real tokens/s (tokens of examples, padding and the
 unattended image tokens of empty slots excluded), padding shares of the token grid and of the tiles the vision
 tower runs on.
 """
@@ -78,8 +79,8 @@ def _stats(batch: dict, cfg, tok, packed: bool) -> dict:
   return {"examples": examples, "tokens": int(attn.sum()), "grid": grid, "tiles": real_tiles, "slots": slots}
 
 
-def measure(source, cfg, tok, steps: int) -> dict:
-  """Makes warmup + steps batches, then times the jitted train step on them."""
+def prepare(source, cfg, tok, steps: int) -> dict:
+  """Makes 2 + steps batches (kept in memory), the state and the jitted train step, and compiles it."""
   packed = loop.packing_on(cfg)
   mesh = config_checks.make_checked_mesh(cfg)
   config_checks.validate(cfg, mesh)
@@ -88,25 +89,39 @@ def measure(source, cfg, tok, steps: int) -> dict:
                                    tracker=pipeline.BadRecordTracker(), num_threads=2,
                                    packing=loop.pack_spec(cfg, tok, source)))
   batches = [next(it) for _ in range(steps + 2)]
-  stats = [_stats(b, cfg, tok, packed) for b in batches[2:]]
   setup = state_lib.setup_state(cfg, cfg.model, mesh)
-  state = setup.create()
-  step = steps_lib.make_train_step(setup, cfg)
   sh = steps_lib.batch_sharding(mesh)
-  dev = [{k: jax.device_put(v, sh) for k, v in b.items()} for b in batches]
-  times = []
-  for i, b in enumerate(dev):
-    t0 = time.perf_counter()
-    state, m = step(state, b)
-    jax.block_until_ready(m["loss"])
-    if i >= 2:
-      times.append(time.perf_counter() - t0)
-  t = float(np.median(times))
-  total = {k: sum(s[k] for s in stats) for k in stats[0]}
-  return {"examples_per_step": total["examples"] / steps, "step_s": t,
-          "examples_per_s": total["examples"] / steps / t, "tokens_per_s": total["tokens"] / steps / t,
-          "token_padding": 1 - total["tokens"] / total["grid"], "tile_padding": 1 - total["tiles"] / total["slots"],
-          "tiles_per_step": total["slots"] / steps, "real_tiles_per_example": total["tiles"] / total["examples"]}
+  run = {"stats": [_stats(b, cfg, tok, packed) for b in batches[2:]], "state": setup.create(),
+         "step": steps_lib.make_train_step(setup, cfg), "times": [],
+         "batches": [{k: jax.device_put(v, sh) for k, v in b.items()} for b in batches]}
+  for b in run["batches"][:2]:  # compile and warm up, untimed
+    _timed_step(run, b)
+  return run
+
+
+def _timed_step(run: dict, batch: dict) -> float:
+  t0 = time.perf_counter()
+  run["state"], m = run["step"](run["state"], batch)
+  jax.block_until_ready(m["loss"])
+  return time.perf_counter() - t0
+
+
+def measure(runs: list[dict], steps: int) -> list[dict]:
+  """Interleaved timing: round i runs step i of every configuration in turn, so that a neighbour's load on a
+  shared machine slows all of them alike; the median over rounds is reported."""
+  for i in range(steps):
+    for run in runs:
+      run["times"].append(_timed_step(run, run["batches"][2 + i]))
+  out = []
+  for run in runs:
+    t = float(np.median(run["times"]))
+    total = {k: sum(s[k] for s in run["stats"]) for k in run["stats"][0]}
+    out.append({"examples_per_step": total["examples"] / steps, "step_s": t,
+                "examples_per_s": total["examples"] / steps / t, "tokens_per_s": total["tokens"] / steps / t,
+                "token_padding": 1 - total["tokens"] / total["grid"],
+                "tile_padding": 1 - total["tiles"] / total["slots"], "tiles_per_step": total["slots"] / steps,
+                "real_tiles_per_example": total["tiles"] / total["examples"]})
+  return out
 
 
 def main(argv=None):
@@ -129,10 +144,12 @@ def main(argv=None):
     tok = tokenizer.build_word_level(source.texts())
     runs = [("unpacked", False, 0), ("packed, tiles_per_batch=0 (from data)", True, 0),
             ("packed, 2 tiles/row", True, 2 * a.batch)]
-    for mode, packing, tiles in runs:
+    prepared = []
+    for _, packing, tiles in runs:
       cfg = _config(a.batch, a.max_tiles, a.max_text_len, packing, tiles)
       config_checks.adapt_model_to_tokenizer(cfg, tok, built=True)
-      r = measure(source, cfg, tok, a.steps)
+      prepared.append(prepare(source, cfg, tok, a.steps))
+    for (mode, _, _), r in zip(runs, measure(prepared, a.steps)):
       print(f"| {name} | {mode} | {r['tiles_per_step']:.0f} | {r['examples_per_step']:.1f} | {1e3 * r['step_s']:.0f} "
             f"| {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['token_padding']:.1%} | "
             f"{r['tile_padding']:.1%} | {r['real_tiles_per_example']:.2f} |", flush=True)

@@ -53,11 +53,11 @@ class PackSpec:
 
 def default_tiles_per_batch(batch_size: int, max_len: int, max_tiles: int, tokens_per_tile: int,
                             sample: list[dict] = (), hosts: int = 1) -> int:
-  """data.tiles_per_batch = 0: derived from a sample of packed examples (the run's first records): the tiles a
-  row of max_len tokens holds at the sample's tiles-per-token rate, rounded up, so that tokens rather than tiles
-  usually close a batch; two per row without a sample. Capped at the tiles whose image tokens fill a row
-  (max_len // tokens_per_tile), and never below one example's max_tiles per host. A multiple of batch_size, so
-  it splits like the batch."""
+  """data.tiles_per_batch = 0: derived from a sample of packed examples (train/loop.pack_spec: 32 records spread
+  over the source): the tiles a row of max_len tokens holds at the sample's tiles-per-token rate, rounded up, so
+  that tokens rather than tiles usually close a batch; two per row without a sample. Capped at the tiles whose
+  image tokens fill a row (max_len // tokens_per_tile), and never below one example's max_tiles per host. A
+  multiple of batch_size, so it splits like the batch."""
   tiles = sum(len(e["pixel_values"]) for e in sample)
   tokens = sum(len(e["input_ids"]) for e in sample)
   per_row = -(-max_len * tiles // tokens) if tokens else 2

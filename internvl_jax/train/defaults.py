@@ -63,7 +63,7 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   c.data.min_num_frame, c.data.max_num_frame = 8, 32
   # instruct: pack several examples per row (data/packing.py): each example takes only its own tiles and tokens;
   # a batch is batch_size rows of max_text_len tokens plus a global budget of tiles_per_batch tiles (0: derived
-  # from the first 32 training records' tiles per token, see data/packing.default_tiles_per_batch; logged)
+  # from 32 training records' tiles per token, see data/packing.default_tiles_per_batch; logged)
   c.data.packing = False
   c.data.tiles_per_batch = 0
   # conversation template (data/templates.py): 'plain' (our word-level tokenizer's markers) or a released one,

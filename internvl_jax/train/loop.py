@@ -74,19 +74,21 @@ def packing_on(cfg: ml_collections.ConfigDict) -> bool:
   return cfg.task == "instruct" and bool(cfg.data.get("packing", False))
 
 
-PACK_SAMPLE = 32  # records featurised to derive data.tiles_per_batch = 0 (the same first records on every host)
+PACK_SAMPLE = 32  # records featurised to derive data.tiles_per_batch = 0 (the same ones on every host)
 
 
 def pack_spec(cfg: ml_collections.ConfigDict, tok, source=None) -> packing.PackSpec | None:
   """The global packing budgets of a packed instruct run (data.packing), else None; tiles_per_batch = 0 is
-  derived from the source's first PACK_SAMPLE records (packing.default_tiles_per_batch)."""
+  derived from PACK_SAMPLE records evenly spaced over the source (every dataset of a meta file has its share),
+  see packing.default_tiles_per_batch."""
   if not packing_on(cfg):
     return None
   per_tile, tiles = config_checks.tokens_per_tile(cfg), cfg.data.get("tiles_per_batch", 0)
   if not tiles:
     fn = features_lib.make_feature_fn(feature_spec(cfg, train=True), tok)
     sample = []
-    for i in range(min(PACK_SAMPLE, len(source) if source is not None else 0)):
+    n = len(source) if source is not None else 0
+    for i in sorted({j * n // PACK_SAMPLE for j in range(PACK_SAMPLE)} if n else ()):
       try:
         sample.append(fn(source[i], None))
       except features_lib.BadRecord:

@@ -57,6 +57,8 @@ def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   out = model(batch["input_ids"], px.reshape((-1,) + px.shape[-3:]), batch["attention_mask"], **packed)
   targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"], batch.get("segment_ids"))
   loss, metrics = losses.lm_loss(out.logits, targets, mask)
+  if "segment_ids" in batch:  # packed rows: examples in the batch (a row's segments are numbered 1..n)
+    metrics = dict(metrics, examples=jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32))
   if out.aux_loss is not None:
     coef = float(model.config.language.get("router_aux_loss_coef", 0.0))
     metrics = dict(metrics, loss_lm=loss, router_aux_loss=out.aux_loss)
