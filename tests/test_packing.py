@@ -259,3 +259,26 @@ def test_default_tile_budget_follows_the_sampled_tiles_per_token():
   assert packing.default_tiles_per_batch(16, 48, 7, 4, [ex(10, 41)]) == 16 * 12  # capped at 48 // 4 tiles a row
   assert packing.default_tiles_per_batch(2, 48, 7, 4, [ex(0, 20)]) == 2 * 4  # one 7-tile example must fit
   assert packing.default_tiles_per_batch(16, 48, 7, 4) == 32  # no sample: 2 a row
+
+
+def test_packed_decoder_matches_transformers_on_each_sequence_alone(tmp_path):
+  import torch
+
+  import hf_refs
+  from internvl_jax import convert
+
+  ref = hf_refs.causal_lm(hf_refs.QWEN2, str(tmp_path))
+  ours = convert.load_pretrained(str(tmp_path))
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(1, 95, n) for n in (7, 5, 9)]
+  ids, seg = np.zeros((2, 14), np.int32), np.zeros((2, 14), np.int32)
+  where = [(0, 0), (0, 7), (1, 0)]  # rows: [seq0 seq1 pad pad], [seq2 pad ...]
+  for k, ((row, start), s) in enumerate(zip(where, seqs)):
+    ids[row, start:start + len(s)], seg[row, start:start + len(s)] = s, 1 + (start > 0)
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(ours(jnp.asarray(ids), segment_ids=jnp.asarray(seg)).logits)
+  for (row, start), s in zip(where, seqs):
+    with torch.no_grad():
+      want = ref(input_ids=torch.from_numpy(s[None].astype(np.int64))).logits[0].numpy()
+    err, rel = hf_refs.errors(got[row, start:start + len(s)], want)
+    assert rel < 1e-4, (row, start, err, rel)
