@@ -249,7 +249,7 @@ def test_train_cli_runs_stage3_with_packing(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
-  assert records[0]["tokens"] > 2 * 2  # more answers than one per row: the rows were packed
+  assert records[0]["tokens"] > 2 * 2 and records[0]["examples"] > 2  # more examples than rows: packed
 
 
 def test_default_tile_budget_follows_the_sampled_tiles_per_token():
