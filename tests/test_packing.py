@@ -57,7 +57,12 @@ def model(tok):
   cfg = presets.chat("tiny")
   cfg.language.vocab_size, cfg.image_token_id = 32, tok.image_token_id
   assert tok.vocab_size <= 32
-  return nnx.jit(lambda: internvl.InternVLChat(cfg, rngs=nnx.Rngs(0)))()
+  # random weights drawn with numpy into the abstract model: initialising it op by op compiles for ~15 s
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: internvl.InternVLChat(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+  draw = lambda path, s: jnp.asarray(rng.normal(1.0 if "scale" in jax.tree_util.keystr(path) else 0.0, 0.1, s.shape),
+                                     s.dtype)
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
 
 
 @nnx.jit
@@ -282,3 +287,19 @@ def test_packed_decoder_matches_transformers_on_each_sequence_alone(tmp_path):
       want = ref(input_ids=torch.from_numpy(s[None].astype(np.int64))).logits[0].numpy()
     err, rel = hf_refs.errors(got[row, start:start + len(s)], want)
     assert rel < 1e-4, (row, start, err, rel)
+
+
+def test_packing_config_errors_name_the_field():
+  from internvl_jax.train import config_checks, defaults
+
+  cfg = defaults.base_config("instruct", "tiny")
+  cfg.batch_size, cfg.data.max_tiles, cfg.data.packing, cfg.data.tiles_per_batch = 2, 7, True, 4
+  mesh = config_checks.make_checked_mesh(cfg)
+  with pytest.raises(config_checks.ConfigError, match="tiles_per_batch=4 .*max_tiles=7"):
+    config_checks.validate(cfg, mesh)
+  cfg.data.tiles_per_batch = 8
+  config_checks.validate(cfg, mesh)
+  other = defaults.base_config("contrastive", "tiny")
+  other.data.packing = True
+  with pytest.raises(config_checks.ConfigError, match="data.packing"):
+    config_checks.validate(other, config_checks.make_checked_mesh(other))
