@@ -11,7 +11,8 @@ empty batch is a bad record.
 
 A packed batch (this host's share: rows R = batch_size / hosts, tiles N = tiles_per_batch / hosts):
   input_ids       int32 [R, T]        examples back to back in each row, then pad
-  loss_mask       int32 [R, T]
+  loss_mask       int32 [R, T]        0 on each example's first token (so that the shifted next-token targets
+                                      never cross from one example into the next)
   attention_mask  int32 [R, T]        1 on every example token (segment_ids > 0)
   segment_ids     int32 [R, T]        0 = padding, 1, 2, ... the examples of the row in order (one example = one
                                       segment: a per-example loss reduction groups tokens by (row, segment))
@@ -115,6 +116,7 @@ class BatchBuilder:
       segments[row] += 1
       span = slice(start, start + length)
       ids[row, span], loss[row, span], seg[row, span] = ex["input_ids"], ex["loss_mask"], segments[row]
+      loss[row, start] = 0  # an example's first token is never a target: the previous example does not predict it
       pixels[tile:tile + n] = ex["pixel_values"]
       image = np.flatnonzero(np.asarray(ex["input_ids"]) == s.image_token_id)
       if len(image) != n * s.tokens_per_tile:

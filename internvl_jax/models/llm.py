@@ -47,15 +47,6 @@ def default_positions(attention_mask: jax.Array, start: jax.Array | int = 0) -> 
   return jnp.maximum(pos, 0) + jnp.asarray(start, jnp.int32).reshape(-1, 1)
 
 
-def segment_positions(segment_ids: jax.Array) -> jax.Array:
-  """RoPE positions of packed rows: each example (a run of equal segment ids) counts from 0, as if it ran alone.
-  segment_ids [B, T] int -> [B, T] int32 (padding gets the count of its run too; it is never attended)."""
-  t = segment_ids.shape[1]
-  idx = jnp.arange(t, dtype=jnp.int32)[None, :]
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-
-
 def rope_tables(cfg: ml_collections.ConfigDict, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
   """cos, sin [B, T, rd] float32 for integer positions [B, T]; rd = cfg.rotary_dim (0: the whole head).
 
@@ -215,8 +206,9 @@ class Decoder(nnx.Module):
       if cfg.causal:
         order = (attention.causal_mask(t, t, window=window) if prefix_len is None
                  else attention.prefix_causal_mask(t, prefix_len))
-      mask = attention.combine_masks(attention.padding_mask(None, attention_mask), order,
-                                     None if segment_ids is None else attention.segment_mask(segment_ids, segment_ids))
+      if segment_ids is not None:  # packed rows: attention stays inside each example
+        order = attention.combine_masks(order, attention.segment_mask(segment_ids, segment_ids))
+      mask = attention.combine_masks(attention.padding_mask(None, attention_mask), order)
       kv_xs, index = None, None
     else:
       if not cfg.causal:
@@ -290,3 +282,12 @@ def pool_tokens(hidden: jax.Array, attention_mask: jax.Array | None, how: str) -
     last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
   raise ValueError(f"text pooling {how!r} is not one of 'first', 'mean', 'last'")
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """RoPE positions of packed rows: each example (a run of equal segment ids) counts from 0, as if it ran alone.
+  segment_ids [B, T] int -> [B, T] int32 (padding gets the count of its run too; it is never attended)."""
+  t = segment_ids.shape[1]
+  idx = jnp.arange(t, dtype=jnp.int32)[None, :]
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)

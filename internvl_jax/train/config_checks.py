@@ -64,6 +64,21 @@ def make_checked_mesh(cfg: ml_collections.ConfigDict):
                       "set one axis to -1 or change the sizes") from None
 
 
+def _check_packing(cfg: ml_collections.ConfigDict, shards: int) -> None:
+  d = cfg.data
+  if not d.get("packing", False):
+    return
+  if cfg.task != "instruct":
+    raise ConfigError(f"config.data.packing packs instruct examples; the {cfg.task} stage has one per row, unset it")
+  tiles, hosts, k = d.get("tiles_per_batch", 0), jax.process_count(), d.get("max_tiles", 1)
+  if tiles < 0 or (tiles and (tiles % shards or tiles % hosts)):
+    raise ConfigError(f"config.data.tiles_per_batch={tiles} must be 0 (automatic) or a positive multiple of the "
+                      f"{shards} batch shards and the {hosts} hosts")
+  if tiles and tiles // hosts < k:
+    raise ConfigError(f"config.data.tiles_per_batch={tiles} gives each of the {hosts} hosts fewer tiles than one "
+                      f"example's data.max_tiles={k}; raise it to at least {k * hosts}")
+
+
 def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
   """Raises ConfigError naming the first bad field."""
   if cfg.task not in TASKS:
@@ -113,18 +128,3 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
     if src == "internvl" and cfg.task != "instruct":
       raise ConfigError(f"config.data.{split}.source=internvl (conversations) is for the instruct stage, not "
                         f"{cfg.task}; use jsonl or tfds")
-
-
-def _check_packing(cfg: ml_collections.ConfigDict, shards: int) -> None:
-  d = cfg.data
-  if not d.get("packing", False):
-    return
-  if cfg.task != "instruct":
-    raise ConfigError(f"config.data.packing packs instruct examples; the {cfg.task} stage has one per row, unset it")
-  tiles, hosts, k = d.get("tiles_per_batch", 0), jax.process_count(), d.get("max_tiles", 1)
-  if tiles < 0 or (tiles and (tiles % shards or tiles % hosts)):
-    raise ConfigError(f"config.data.tiles_per_batch={tiles} must be 0 (automatic) or a positive multiple of the "
-                      f"{shards} batch shards and the {hosts} hosts")
-  if tiles and tiles // hosts < k:
-    raise ConfigError(f"config.data.tiles_per_batch={tiles} gives each of the {hosts} hosts fewer tiles than one "
-                      f"example's data.max_tiles={k}; raise it to at least {k * hosts}")
