@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -223,7 +224,7 @@ def test_packed_lm_loss_is_the_token_average_of_the_examples_alone(tok, model):
   examples = [_features(tok)(r, None) for r in _records()[:6]]
   b, _ = _builder(tok, examples, rows=2, tiles=12)
   batch = {k: jnp.asarray(v) for k, v in b.build().items()}
-  loss, metrics = steps.instruct_loss_fn(model, batch, None, None)
+  loss, metrics = steps.instruct_loss_fn(model, batch, None, ml_collections.ConfigDict(dict(task="instruct")))
   ce_sum, count = 0.0, 0
   for _, _, ex in b.items:
     logits = _alone(model, ex)[:-1].astype(np.float64)
@@ -327,3 +328,25 @@ def test_packed_run_resumes_with_the_same_losses(tmp_path):
   a, b = losses_of(straight), losses_of(resumed)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4] and all(n > 2 for _, n in a.values())
   assert a == b  # bit-identical losses and the same examples per step
+
+
+@pytest.mark.skipif(not hasattr(losses, "lm_token_weights"), reason="config.loss_reduction is not merged yet")
+@pytest.mark.parametrize("reduction", ["sample", "square"])
+def test_per_example_loss_reduction_counts_each_packed_example_alone(tok, model, reduction):
+  """The official len2weight weighs example i's tokens by 1 / n_i or 1 / sqrt(n_i), n_i its own counted tokens:
+  with packing, n_i is per (row, segment), not per row."""
+  examples = [_features(tok)(r, None) for r in _records()[:6]]
+  b, _ = _builder(tok, examples, rows=2, tiles=12)
+  assert max(seg for seg in b.build()["segment_ids"].max(axis=1)) >= 2
+  batch = {k: jnp.asarray(v) for k, v in b.build().items()}
+  cfg = ml_collections.ConfigDict(dict(task="instruct", loss_reduction=reduction))
+  loss, _ = steps.instruct_loss_fn(model, batch, None, cfg)
+  num = den = 0.0
+  for _, _, ex in b.items:
+    logits = _alone(model, ex)[:-1].astype(np.float64)
+    targets, mask = ex["input_ids"][1:], ex["loss_mask"][1:].astype(bool)
+    top = logits.max(-1)
+    ce = top + np.log(np.exp(logits - top[:, None]).sum(-1)) - logits[np.arange(len(targets)), targets]
+    w = 1 / mask.sum() if reduction == "sample" else 1 / np.sqrt(mask.sum())
+    num, den = num + w * ce[mask].sum(), den + w * mask.sum()
+  np.testing.assert_allclose(float(loss), num / den, rtol=1e-5)
