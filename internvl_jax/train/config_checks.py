@@ -64,16 +64,16 @@ def make_checked_mesh(cfg: ml_collections.ConfigDict):
                       "set one axis to -1 or change the sizes") from None
 
 
-def _check_packing(cfg: ml_collections.ConfigDict, shards: int) -> None:
+def _check_packing(cfg: ml_collections.ConfigDict) -> None:
   d = cfg.data
   if not d.get("packing", False):
     return
   if cfg.task != "instruct":
     raise ConfigError(f"config.data.packing packs instruct examples; the {cfg.task} stage has one per row, unset it")
   tiles, hosts, k = d.get("tiles_per_batch", 0), jax.process_count(), d.get("max_tiles", 1)
-  if tiles < 0 or (tiles and (tiles % shards or tiles % hosts)):
-    raise ConfigError(f"config.data.tiles_per_batch={tiles} must be 0 (automatic) or a positive multiple of the "
-                      f"{shards} batch shards and the {hosts} hosts")
+  if tiles < 0 or tiles % cfg.batch_size:  # a multiple of the batch splits over hosts and batch shards like it
+    raise ConfigError(f"config.data.tiles_per_batch={tiles} must be 0 (derived from the data) or a positive "
+                      f"multiple of config.batch_size={cfg.batch_size}")
   if tiles and tiles // hosts < k:
     raise ConfigError(f"config.data.tiles_per_batch={tiles} gives each of the {hosts} hosts fewer tiles than one "
                       f"example's data.max_tiles={k}; raise it to at least {k * hosts}")
@@ -107,13 +107,13 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
       raise ConfigError(f"model.image_size={size} gives a {size // patch}-patch grid that pixel shuffle "
                         f"(downsample_ratio {m.downsample_ratio}) cannot halve; use a multiple of {patch * f}")
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  _check_packing(cfg, shards)
   for field in ("batch_size", "eval_batch_size"):
     if cfg[field] <= 0 or cfg[field] % shards:
       raise ConfigError(f"config.{field}={cfg[field]} is not a positive multiple of the {shards} batch shards "
                         f"(mesh data x fsdp); change it or config.mesh")
   if cfg.batch_size % jax.process_count():
     raise ConfigError(f"config.batch_size={cfg.batch_size} is not divisible by the {jax.process_count()} hosts")
+  _check_packing(cfg)
   if cfg.total_steps <= 0:
     raise ConfigError(f"config.total_steps={cfg.total_steps} must be positive")
   if cfg.grad_accum_steps < 1:
