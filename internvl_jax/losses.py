@@ -89,12 +89,29 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
-def shift_for_next_token(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def shift_for_next_token(input_ids: jax.Array, loss_mask: jax.Array,
+                         segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Targets for next-token prediction. input_ids, loss_mask [B, T] -> targets, mask [B, T] where position t
-  holds token t + 1 (and whether it counts); the last position never counts. Pair with logits [B, T, V]."""
+  holds token t + 1 (and whether it counts); the last position never counts. Pair with logits [B, T, V].
+  segment_ids [B, T] (packed rows): the last token of an example never predicts the next example's first."""
   targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
-  mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
-  return targets, mask.astype(bool)
+  mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(bool)
+  if segment_ids is not None:
+    mask = mask & (jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1) == segment_ids)
+  return targets, mask
+
+
+def example_token_counts(mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """For a per-example loss reduction: mask [B, T] bool (the counted targets of shift_for_next_token),
+  segment_ids [B, T] (packed rows; None: one example per row) -> float32 [B, T], at each position the number of
+  counted tokens of its example (one example = one (row, segment) pair)."""
+  mask = mask.astype(jnp.float32)
+  if segment_ids is None:
+    return jnp.broadcast_to(mask.sum(axis=1, keepdims=True), mask.shape)
+  b, t = segment_ids.shape
+  ids = (jnp.arange(b, dtype=jnp.int32)[:, None] * (t + 1) + segment_ids.astype(jnp.int32)).reshape(-1)
+  counts = jax.ops.segment_sum(mask.reshape(-1), ids, num_segments=b * (t + 1))
+  return counts[ids].reshape(b, t)
 
 
 LM_REDUCTIONS = ("token", "sample", "square")

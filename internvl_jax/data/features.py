@@ -12,6 +12,11 @@ Instruct stage:
 
 Every K tile slots carry image tokens so the chat model's 'replace' mode always finds as many image tokens as
 vision tokens (fixed shapes for jit); the tokens of unused slots are masked out of attention.
+
+Instruct stage with packing (FeatureSpec.packed; data/packing.py packs several examples per row):
+  pixel_values    float32 [N, S, S, 3] this example's N real tiles only (N <= K)
+  input_ids       int32 [L]            the official prompt, N * tokens_per_tile image tokens, L <= T, unpadded
+  loss_mask       int32 [L]
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class FeatureSpec:
   # image-text: prepended to every caption, as evaluation does (InternVL-C/G: 'summarize:'), so that a model is
   # trained on the texts it will be scored with
   text_prefix: str = ""
+  # instruct: variable-length features of real tiles and tokens only, for data/packing.py (training)
+  packed: bool = False
 
 
 def image_of(record: dict, size: int, rng: np.random.Generator | None, spec: FeatureSpec):
@@ -204,6 +211,8 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
   appended inside the last image's block (or, text only, right after BOS) and not attended, so every row holds
   K * tokens_per_tile image tokens (fixed shapes) while the attended prompt is the official one."""
   turns, system, tiles = instruct_layout(record, spec, rng)
+  if spec.packed:
+    return _instruct_packed(turns, system, tiles, tok, spec)
   k, n = spec.max_tiles, spec.tokens_per_tile
   flat = [t for image in tiles for t in image]
   n_tiles = len(flat)
@@ -222,7 +231,7 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
   except ValueError as e:
     raise ValueError(f"{e}; set config.data.template") from None
 
-  ids: list[int] = [tok.bos_id] if tok.add_bos_token and tok.bos_id is not None else []
+  ids = _bos(tok)
   hidden_start, hidden = len(ids), 0
   if not tiles:
     # A text-only record still carries its K tile slots' image tokens (all unattended) right after BOS: the
@@ -231,8 +240,7 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
     hidden = len(block_ids)
     ids += block_ids
   loss: list[int] = [0] * len(ids)
-  texts = _expand([t for t, _ in pieces], counts, n)
-  unit_ids, unit_loss = _tokenize_units(_expand(units, counts, n), [(t, m) for t, (_, m) in zip(texts, pieces)], tok)
+  unit_ids, unit_loss = _conversation_ids(pieces, units, counts, n, tok)
   ids += unit_ids
   loss += unit_loss
   ids_arr = np.asarray(ids, np.int64)
@@ -254,6 +262,52 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
   t = spec.max_text_len
   return {"pixel_values": pixels, "input_ids": _pad(ids[:t], t, tok.pad_id if tok.pad_id is not None else 0),
           "attention_mask": _pad(attn[:t].tolist(), t, 0), "loss_mask": _pad(loss[:t], t, 0)}
+
+
+def _bos(tok) -> list[int]:
+  return [tok.bos_id] if tok.add_bos_token and tok.bos_id is not None else []
+
+
+def _conversation_ids(pieces, units, counts: list[int], per_tile: int, tok) -> tuple[list[int], list[int]]:
+  """The rendered conversation (templates.segments / train_units) with each `<image>` expanded to counts[i]
+  tiles' image tokens, tokenised as the official training does -> (ids, loss flags)."""
+  texts = _expand([t for t, _ in pieces], counts, per_tile)
+  return _tokenize_units(_expand(units, counts, per_tile), [(t, m) for t, (_, m) in zip(texts, pieces)], tok)
+
+
+def _instruct_packed(turns, system, tiles, tok, spec: FeatureSpec) -> dict:
+  """The packed form of `instruct`: each image's block holds exactly its own tiles' image tokens (no spare
+  slots, no hidden block, no padding), so a packed row's image tokens are exactly its examples' real tiles'.
+  Truncated to max_text_len like the unpacked form; a record whose image tokens end past it, or that keeps no
+  answer token, is a bad record (its length depends on its own images, so other records may fit)."""
+  n = spec.tokens_per_tile
+  flat = [t for image in tiles for t in image]
+  if len(flat) > spec.max_tiles:
+    raise BadRecord(f"{len(flat)} tiles do not fit config.data.max_tiles={spec.max_tiles}")
+  system = spec.system if system is None else system
+  try:
+    pieces = templates.segments(spec.template, turns, system=system)
+    units = templates.train_units(spec.template, turns, system=system)
+  except ValueError as e:
+    raise ValueError(f"{e}; set config.data.template") from None
+  ids = _bos(tok)
+  loss = [0] * len(ids)
+  unit_ids, unit_loss = _conversation_ids(pieces, units, [len(t) for t in tiles], n, tok)
+  ids, loss = ids + unit_ids, loss + unit_loss
+  where = np.flatnonzero(np.asarray(ids, np.int64) == tok.image_token_id)
+  if len(where) != len(flat) * n:
+    raise ValueError(f"tokenizer {tok.source} gives {len(where)} {IMG_CONTEXT} ids for {len(flat) * n} vision "
+                     f"tokens; it must hold {IMG_CONTEXT} as one added token")
+  t = spec.max_text_len
+  if len(where) and where[-1] >= t:
+    raise BadRecord(f"its {len(flat)} tiles' image tokens end past max_text_len {t}")
+  if sum(loss[:t]) == 0:
+    raise BadRecord(f"no answer token within max_text_len {t}")
+  pixels = np.zeros((len(flat), spec.image_size, spec.image_size, 3), np.float32)
+  for i, tile in enumerate(flat):
+    pixels[i] = transforms.normalize(tile)
+  return {"pixel_values": pixels, "input_ids": np.asarray(ids[:t], np.int32),
+          "loss_mask": np.asarray(loss[:t], np.int32)}
 
 
 def _tokenize_units(units: list[str], pieces: list[tuple[str, bool]], tok) -> tuple[list[int], list[int]]:

@@ -17,6 +17,7 @@ import grain
 import jax
 import numpy as np
 
+from internvl_jax.data import packing as packing_lib
 from internvl_jax.data.transforms import BadRecord
 
 
@@ -50,6 +51,12 @@ class BadRecordTracker:
         raise DataError(f"{self.bad} of {self.seen} {self.name} records are bad (more than "
                         f"{self.max_fraction:.0%}; config.data.max_bad_fraction), e.g. {'; '.join(self.examples)}")
 
+  def reject(self, reason: str, record_id: str = "?") -> None:
+    """A record already counted as good turns out unusable (e.g. it can never fit a packed batch)."""
+    with self._lock:
+      self.seen -= 1
+    self.skip(record_id, reason)
+
   def summary(self) -> dict:
     return {"records_seen": self.seen, "records_bad": self.bad}
 
@@ -67,8 +74,10 @@ def _guarded(feature_fn, tracker: BadRecordTracker):
 
 
 def train_dataset(source, feature_fn, *, global_batch: int, seed: int, tracker: BadRecordTracker,
-                  num_threads: int = 2) -> grain.IterDataset:
-  """An endless, host-sharded IterDataset of batches (dicts of numpy arrays, leading dim global_batch / hosts)."""
+                  num_threads: int = 2, packing: packing_lib.PackSpec | None = None) -> grain.IterDataset:
+  """An endless, host-sharded IterDataset of batches (dicts of numpy arrays, leading dim global_batch / hosts).
+  packing (global budgets; feature_fn gives packed instruct features): batches of packed rows
+  (data/packing.py), this host's share of the rows and of the tiles."""
   hosts, host = jax.process_count(), jax.process_index()
   if global_batch % hosts:
     raise ValueError(f"batch_size {global_batch} is not divisible by the {hosts} hosts; change --config.batch_size")
@@ -80,6 +89,8 @@ def train_dataset(source, feature_fn, *, global_batch: int, seed: int, tracker: 
   ds = ds.random_map(lambda rec, rng: guarded(rec, rng), seed=seed + 1)
   ds = ds[host::hosts]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
+  if packing is not None:
+    return packing_lib.PackIterDataset(it, packing.for_host(hosts, host), tracker)
   return it.batch(global_batch // hosts, drop_remainder=True)
 
 

@@ -54,6 +54,13 @@ def padding_mask(q_valid: jax.Array | None, k_valid: jax.Array) -> jax.Array:
   return m
 
 
+def segment_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
+  """Packed sequences: q_segments [B, Tq], k_segments [B, Tk] int (0 = padding, 1.. one per example) ->
+  [B, 1, Tq, Tk] bool, True where query and key belong to the same example (padding sees and is seen by none)."""
+  q, k = q_segments[:, None, :, None], k_segments[:, None, None, :]
+  return (q == k) & (k > 0)
+
+
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
   """Logical AND of broadcastable masks ([Tq, Tk] or [B, 1|H, Tq, Tk]); None entries are ignored."""
   out = None

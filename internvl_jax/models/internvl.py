@@ -117,14 +117,21 @@ class InternVLChat(nnx.Module):
     grid = (pixel_values.shape[1] // p, pixel_values.shape[2] // p)
     return self.projector(heads.pixel_shuffle(hidden, grid, cfg.downsample_ratio, cfg.ps_version))
 
-  def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
-    """Token embeddings [B, T, D_lm] with image-token positions filled from pixel_values ('replace' mode)."""
+  def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None,
+            vision_index: jax.Array | None = None) -> jax.Array:
+    """Token embeddings [B, T, D_lm] with image-token positions filled from pixel_values ('replace' mode): in
+    order, or (vision_index [B, T] int, packed batches) each image token from the flat vision token
+    vision_index[b, t] of pixel_values' [num_tiles * tokens_per_tile] tokens."""
     embeds = self.language.embed(input_ids)
     if pixel_values is None:
       return embeds
     vision = self.vision_tokens(pixel_values)
     vision = vision.reshape(-1, vision.shape[-1]).astype(embeds.dtype)
     is_image = (input_ids == self.config.image_token_id).reshape(-1)
+    if vision_index is not None:  # packed: the count may be below the tile budget's (zero tiles are never read)
+      flat = jnp.where(is_image[:, None], vision[jnp.clip(vision_index.reshape(-1), 0, vision.shape[0] - 1)],
+                       embeds.reshape(-1, embeds.shape[-1]))
+      return flat.reshape(embeds.shape)
     try:  # a clear error when the counts are concrete; under jit a mismatch cannot be detected here
       if int(is_image.sum()) != vision.shape[0]:
         raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but pixel_values give {vision.shape[0]} "
@@ -137,11 +144,16 @@ class InternVLChat(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-               cache: dict | None = None) -> llm.DecoderOutput:
-    """input_ids [B, T]; pixel_values (see class doc) or None; returns logits [B, T, vocab] float32."""
+               cache: dict | None = None, segment_ids: jax.Array | None = None,
+               vision_index: jax.Array | None = None) -> llm.DecoderOutput:
+    """input_ids [B, T]; pixel_values (see class doc) or None; returns logits [B, T, vocab] float32.
+    Packed rows ('replace' mode, data/packing.py): segment_ids [B, T] (attention and positions per example) and
+    vision_index [B, T] (which vision token each image token takes)."""
     if self.config.mode == "replace":
-      return self.language(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                           positions=positions, cache=cache)
+      return self.language(inputs_embeds=self.embed(input_ids, pixel_values, vision_index),
+                           attention_mask=attention_mask, positions=positions, cache=cache, segment_ids=segment_ids)
+    if segment_ids is not None or vision_index is not None:
+      raise ValueError("packed rows (segment_ids, vision_index) need the chat model's 'replace' mode")
     text = self.language.embed(input_ids)
     if pixel_values is None:  # later decode steps: the prefix already sits in the cache
       return self.language(inputs_embeds=text, attention_mask=attention_mask, positions=positions, cache=cache)

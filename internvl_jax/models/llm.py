@@ -251,8 +251,11 @@ class Decoder(nnx.Module):
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                cache: dict | None = None, prefix_len: int | jax.Array | None = None,
-               return_logits: bool = True, pixel_values: None = None) -> DecoderOutput:
+               return_logits: bool = True, pixel_values: None = None,
+               segment_ids: jax.Array | None = None) -> DecoderOutput:
     """attention_mask [B, T] (1 = real token); positions [B, T] int (default: counts real tokens);
+    segment_ids [B, T] int: packed rows (0 = padding, 1.. one per example), attention stays inside an example
+    and positions restart at 0 for each (no cache);
     pixel_values: accepted (and must be None) so that a text-only LM has the chat model's call signature;
     prefix_len: bidirectional attention inside the first prefix_len positions (prefix-LM), causal after;
     cache: from init_cache, for prefill and then one (or a few) tokens at a time."""
@@ -261,7 +264,11 @@ class Decoder(nnx.Module):
       raise ValueError("this is a text-only language model; pixel_values must be None")
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(layers.to_dtype(cfg.dtype))
     b, t, _ = x.shape
-    attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool) if segment_ids is None else segment_ids > 0
+    attention_mask = attention_mask.astype(bool)
+    if segment_ids is not None and (cache is not None or prefix_len is not None):
+      raise ValueError("packed rows (segment_ids) take no KV cache and no prefix_len")
 
     windows = layer_windows(cfg)
     if any(windows) and prefix_len is not None:
@@ -274,11 +281,13 @@ class Decoder(nnx.Module):
     layer_window = jnp.asarray(windows, jnp.int32) if per_layer else None
     if cache is None:
       if positions is None:
-        positions = default_positions(attention_mask)
+        positions = default_positions(attention_mask) if segment_ids is None else segment_positions(segment_ids)
       order = None
       if cfg.causal:
         order = (attention.causal_mask(t, t, window=window) if prefix_len is None
                  else attention.prefix_causal_mask(t, prefix_len))
+      if segment_ids is not None:  # packed rows: attention stays inside each example
+        order = attention.combine_masks(order, attention.segment_mask(segment_ids, segment_ids))
       mask = attention.combine_masks(attention.padding_mask(None, attention_mask), order)
       kv_xs, index, s = None, None, t
     else:
@@ -400,3 +409,12 @@ def pool_tokens(hidden: jax.Array, attention_mask: jax.Array | None, how: str) -
     last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
   raise ValueError(f"text pooling {how!r} is not one of 'first', 'mean', 'last'")
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """RoPE positions of packed rows: each example (a run of equal segment ids) counts from 0, as if it ran alone.
+  segment_ids [B, T] int -> [B, T] int32 (padding gets the count of its run too; it is never attended)."""
+  t = segment_ids.shape[1]
+  idx = jnp.arange(t, dtype=jnp.int32)[None, :]
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)

@@ -64,6 +64,21 @@ def make_checked_mesh(cfg: ml_collections.ConfigDict):
                       "set one axis to -1 or change the sizes") from None
 
 
+def _check_packing(cfg: ml_collections.ConfigDict) -> None:
+  d = cfg.data
+  if not d.get("packing", False):
+    return
+  if cfg.task != "instruct":
+    raise ConfigError(f"config.data.packing packs instruct examples; the {cfg.task} stage has one per row, unset it")
+  tiles, hosts, k = d.get("tiles_per_batch", 0), jax.process_count(), d.get("max_tiles", 1)
+  if tiles < 0 or tiles % cfg.batch_size:  # a multiple of the batch splits over hosts and batch shards like it
+    raise ConfigError(f"config.data.tiles_per_batch={tiles} must be 0 (derived from the data) or a positive "
+                      f"multiple of config.batch_size={cfg.batch_size}")
+  if tiles and tiles // hosts < k:
+    raise ConfigError(f"config.data.tiles_per_batch={tiles} gives each of the {hosts} hosts fewer tiles than one "
+                      f"example's data.max_tiles={k}; raise it to at least {k * hosts}")
+
+
 def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
   """Raises ConfigError naming the first bad field."""
   if cfg.task not in TASKS:
@@ -100,6 +115,7 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
                         f"(mesh data x fsdp x expert); change it or config.mesh")
   if cfg.batch_size % jax.process_count():
     raise ConfigError(f"config.batch_size={cfg.batch_size} is not divisible by the {jax.process_count()} hosts")
+  _check_packing(cfg)
   if cfg.total_steps <= 0:
     raise ConfigError(f"config.total_steps={cfg.total_steps} must be positive")
   if cfg.grad_accum_steps < 1:

@@ -61,6 +61,11 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   # video record is sampled to (uniform in [min, max] in training, at most max_tiles: one slot each)
   c.data.max_dynamic_patch = 0
   c.data.min_num_frame, c.data.max_num_frame = 8, 32
+  # instruct: pack several examples per row (data/packing.py): each example takes only its own tiles and tokens;
+  # a batch is batch_size rows of max_text_len tokens plus a global budget of tiles_per_batch tiles (0: derived
+  # from 32 training records' tiles per token, see data/packing.default_tiles_per_batch; logged)
+  c.data.packing = False
+  c.data.tiles_per_batch = 0
   # conversation template (data/templates.py): 'plain' (our word-level tokenizer's markers) or a released one,
   # 'internvl2_5' | 'internlm2-chat' | 'Hermes-2' | 'phi3-chat' | 'internvl3_5_gpt_oss', for that release's tokenizer
   c.data.template = "plain"

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from internvl_jax.data import features as features_lib
-from internvl_jax.data import pipeline, sources
+from internvl_jax.data import packing, pipeline, sources
 from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.train import checkpoint as checkpoint_lib
 from internvl_jax.train import config_checks, evaluation, freezing, init_from, metrics as metrics_lib
@@ -68,7 +68,38 @@ def feature_spec(cfg: ml_collections.ConfigDict, *, train: bool) -> features_lib
       system=cfg.data.get("system_message", None), max_dynamic_patch=cfg.data.get("max_dynamic_patch", 0) or None,
       min_num_frame=cfg.data.get("min_num_frame", 8), max_num_frame=cfg.data.get("max_num_frame", 32),
       augment=train and cfg.data.get("augment", False),
-      text_prefix=caption_prefix(cfg))
+      text_prefix=caption_prefix(cfg), packed=train and packing_on(cfg))
+
+
+def packing_on(cfg: ml_collections.ConfigDict) -> bool:
+  return cfg.task == "instruct" and bool(cfg.data.get("packing", False))
+
+
+PACK_SAMPLE = 32  # records featurised to derive data.tiles_per_batch = 0 (the same ones on every host)
+
+
+def pack_spec(cfg: ml_collections.ConfigDict, tok, source=None) -> packing.PackSpec | None:
+  """The global packing budgets of a packed instruct run (data.packing), else None; tiles_per_batch = 0 is
+  derived from PACK_SAMPLE records evenly spaced over the source (every dataset of a meta file has its share),
+  see packing.default_tiles_per_batch."""
+  if not packing_on(cfg):
+    return None
+  per_tile, tiles = config_checks.tokens_per_tile(cfg), cfg.data.get("tiles_per_batch", 0)
+  if not tiles:
+    fn = features_lib.make_feature_fn(feature_spec(cfg, train=True), tok)
+    sample = []
+    n = len(source) if source is not None else 0
+    for i in sorted({j * n // PACK_SAMPLE for j in range(PACK_SAMPLE)} if n else ()):
+      try:
+        sample.append(fn(source[i], None))
+      except features_lib.BadRecord:
+        continue
+    tiles = packing.default_tiles_per_batch(cfg.batch_size, cfg.data.max_text_len, cfg.data.get("max_tiles", 1),
+                                            per_tile, sample, jax.process_count())
+    logging.info("data.tiles_per_batch=0: %d tiles per batch (from %d sampled records)", tiles, len(sample))
+  return packing.PackSpec(rows=cfg.batch_size, max_len=cfg.data.max_text_len, tiles=tiles,
+                          image_size=config_checks.input_size(cfg), tokens_per_tile=per_tile,
+                          image_token_id=tok.image_token_id, pad_id=tok.pad_id if tok.pad_id is not None else 0)
 
 
 def _tokenizer(cfg, workdir: str, train_source):
@@ -111,7 +142,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   tracker = pipeline.BadRecordTracker(cfg.data.get("max_bad_fraction", 0.05), name="train")
   train_features = features_lib.make_feature_fn(feature_spec(cfg, train=True), tok)
   dataset = pipeline.train_dataset(train_source, train_features, global_batch=cfg.batch_size, seed=cfg.seed,
-                                   tracker=tracker, num_threads=cfg.data.get("num_threads", 2))
+                                   tracker=tracker, num_threads=cfg.data.get("num_threads", 2),
+                                   packing=pack_spec(cfg, tok, train_source))
   data_iter = iter(dataset)
   lora = cfg.task == "instruct" and bool(cfg.get("use_llm_lora", 0) or cfg.get("use_backbone_lora", 0))
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,

@@ -53,7 +53,9 @@ def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   language model adds router_aux_loss_coef (its config's, i.e. the checkpoint's) x the router load-balancing
   loss, as transformers' Qwen3-MoE does."""
   px = batch["pixel_values"]
-  out = model(batch["input_ids"], px.reshape((-1,) + px.shape[2:]), batch["attention_mask"])
+  # packed rows (data/packing.py): pixel_values [N, S, S, 3] (the tile budget), segment_ids / vision_index [B, T]
+  packed = {k: batch[k] for k in ("segment_ids", "vision_index") if k in batch}
+  out = model(batch["input_ids"], px.reshape((-1,) + px.shape[-3:]), batch["attention_mask"], **packed)
   targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
   reduction = "token" if cfg is None else cfg.get("loss_reduction", "token")  # cfg None: a bare call (tests)
   loss, metrics = losses.lm_loss(out.logits, targets, mask, reduction)
@@ -61,6 +63,8 @@ def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
     coef = float(model.config.language.get("router_aux_loss_coef", 0.0))
     metrics = dict(metrics, loss_lm=loss, router_aux_loss=out.aux_loss)
     loss = loss + coef * out.aux_loss
+  if "segment_ids" in batch:  # packed rows: examples in the batch (a row's segments are numbered 1..n)
+    metrics = dict(metrics, examples=jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32))
   return loss, metrics
 
 
