@@ -117,28 +117,30 @@ def example_token_counts(mask: jax.Array, segment_ids: jax.Array | None = None) 
 LM_REDUCTIONS = ("token", "sample", "square")
 
 
-def lm_token_weights(mask: jax.Array, reduction: str = "token") -> jax.Array:
+def lm_token_weights(mask: jax.Array, reduction: str = "token", segment_ids: jax.Array | None = None) -> jax.Array:
   """Per-token loss weights [B, T] float32 of InternVL's loss_reduction (internvl_chat_finetune.len2weight): every
   counted token of example i weighs 1 ('token'), 1 / n_i ('sample') or 1 / sqrt(n_i) ('square', InternVL 2.5),
-  n_i = the example's counted tokens; uncounted positions weigh 0. mask [B, T] bool."""
+  n_i = the example's counted tokens; uncounted positions weigh 0. mask [B, T] bool; segment_ids [B, T]: packed
+  rows, one example per (row, segment)."""
   if reduction not in LM_REDUCTIONS:
     raise ValueError(f"loss reduction {reduction!r} is not one of {LM_REDUCTIONS}")
+  n = example_token_counts(mask, segment_ids)  # per (row, segment) for packed rows, else per row
   mask = mask.astype(jnp.float32)
-  n = jnp.sum(mask, axis=1, keepdims=True)
   per_example = {"token": jnp.ones_like(n), "sample": 1.0 / jnp.maximum(n, 1.0),
                  "square": jax.lax.rsqrt(jnp.maximum(n, 1.0))}[reduction]
   return mask * per_example
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
-            reduction: str = "token") -> tuple[jax.Array, dict]:
+            reduction: str = "token", segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Weighted cross-entropy over the positions where mask is true: sum(w * ce) / sum(w), w = lm_token_weights
   (the official normalisation by the weights' sum). 'token' is the token mean; 'sample' the mean over examples of
   each example's token mean; 'square' weighs example i by sqrt(n_i). Under jit the sums run over the global
   batch, which is the official loss_reduction_all_gather=True; with gradient accumulation each micro-batch is
   normalised on its own, as under the HF Trainer.
 
-  logits [B, T, V] (any float dtype, computed in float32), targets [B, T] int, mask [B, T] bool.
+  logits [B, T, V] (any float dtype, computed in float32), targets [B, T] int, mask [B, T] bool, segment_ids [B, T]
+  (packed rows: each segment its own example for 'sample' / 'square') or None.
   Returns (loss [], metrics: token accuracy, number of counted tokens, and per-example exact match, i.e. the
   share of examples whose every counted token is the argmax; an example with no counted token counts as a match).
   """
@@ -146,7 +148,7 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   mask = mask.astype(bool)
   ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   n = jnp.sum(mask)
-  w = lm_token_weights(mask, reduction)
+  w = lm_token_weights(mask, reduction, segment_ids)
   loss = jnp.sum(jnp.where(mask, ce * w, 0.0)) / jnp.maximum(jnp.sum(w), 1e-12)
   correct = jnp.argmax(logits, axis=-1) == targets
   metrics = {

@@ -58,7 +58,7 @@ def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   out = model(batch["input_ids"], px.reshape((-1,) + px.shape[-3:]), batch["attention_mask"], **packed)
   targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
   reduction = "token" if cfg is None else cfg.get("loss_reduction", "token")  # cfg None: a bare call (tests)
-  loss, metrics = losses.lm_loss(out.logits, targets, mask, reduction)
+  loss, metrics = losses.lm_loss(out.logits, targets, mask, reduction, batch.get("segment_ids"))
   if out.aux_loss is not None:
     coef = float(model.config.language.get("router_aux_loss_coef", 0.0))
     metrics = dict(metrics, loss_lm=loss, router_aux_loss=out.aux_loss)
