@@ -19,7 +19,7 @@ families.py (detection), files.py (safetensors I/O), loader.py, saver.py, orbax_
 """
 
 from internvl_jax.convert.configs import ConversionError
-from internvl_jax.convert.loader import load_pretrained
+from internvl_jax.convert.loader import load_pretrained, model_config
 from internvl_jax.convert.saver import save_pretrained
 
-__all__ = ["ConversionError", "load_pretrained", "save_pretrained"]
+__all__ = ["ConversionError", "load_pretrained", "model_config", "save_pretrained"]

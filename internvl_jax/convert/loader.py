@@ -13,6 +13,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
@@ -87,6 +88,15 @@ def _shardings(state: nnx.State, mesh: Mesh | None) -> dict:
   shd.check_divisible(state, mesh)  # a one-line error naming the parameter, not jax's IndivisibleError
   flat = nnx.to_flat_state(shd.param_shardings(state, mesh))
   return {path: var.get_value() for path, var in flat}
+
+
+def model_config(path: str, *, image_token_id: int | None = None, variant: str = "g") -> ml_collections.ConfigDict:
+  """The model config load_pretrained(path) would build (ours, as a ConfigDict), from config.json and the tensors'
+  names and shapes only: no weight is read."""
+  hf = files.read_config(path)
+  family = families.detect(hf)
+  with files.Checkpoint(path, families.canonical(family)) as ckpt:
+    return families.build(family, hf, ckpt, image_token_id=image_token_id, variant=variant).config
 
 
 def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *, image_token_id: int | None = None,
