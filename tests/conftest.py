@@ -60,6 +60,44 @@ def make_config():
   return tiny_config
 
 
+def demo_state_setup(cfg):
+  """(StateSetup, word-level tokenizer of the demo world) for a tiny run config, validated on its mesh."""
+  from internvl_jax import sharding
+  from internvl_jax.data import demo, tokenizer
+  from internvl_jax.train import config_checks, state as state_lib
+  tok = tokenizer.build_word_level(demo.DemoWorld("train", 64, 56).texts())
+  config_checks.adapt_model_to_tokenizer(cfg, tok, built=True)
+  mesh = sharding.make_mesh(dict(cfg.mesh))
+  config_checks.validate(cfg, mesh)
+  return state_lib.setup_state(cfg, cfg.model, mesh), tok
+
+
+def demo_batch(cfg, tok, start: int, n: int) -> dict:
+  """Demo-world examples start..start+n as one batch of the run's features (jnp arrays)."""
+  import jax.numpy as jnp
+  from internvl_jax.data import demo, features, pipeline
+  from internvl_jax.train import config_checks
+  spec = features.FeatureSpec(cfg.task, 56, cfg.data.max_text_len,
+                              tokens_per_tile=config_checks.tokens_per_tile(cfg) if cfg.task == "instruct" else 0)
+  fn = features.make_feature_fn(spec, tok)
+  world = demo.DemoWorld("train", 64, 56)
+  b = pipeline._stack([fn(world[i], None) for i in range(start, start + n)], n)
+  b.pop("valid")
+  return {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def run_train_cli(args: list[str], workdir: str, timeout: int = 300) -> list[dict]:
+  """train.py in a subprocess on one CPU device; asserts it exits 0 and returns metrics.jsonl's records."""
+  import json
+  import subprocess
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--workdir", workdir] + args, cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def param_count(module: nnx.Module) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 

@@ -98,6 +98,22 @@ def prompts(pad: bool, length: int = 7, seed: int = 2, high: int = 95) -> tuple[
   return ids, mask
 
 
+def check_logits_and_router_loss(ref, ours, ids, mask, name: str, rel_tol: float) -> None:
+  """A transformers MoE causal LM (output_router_logits) against ours on the same ids / mask: the logits of real
+  tokens to rel_tol and the router load-balancing loss to 1e-6 relative; prints the errors."""
+  import jax.numpy as jnp
+  with torch.no_grad():
+    want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), output_router_logits=True)
+  out = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+  real = mask.astype(bool)
+  abs_err, rel_err = errors(np.asarray(out.logits)[real], want.logits.numpy()[real])
+  aux_err = abs(float(out.aux_loss) - float(want.aux_loss))
+  print(f"{name} logits: max abs {abs_err:.2e}, max rel {rel_err:.2e}; aux loss {float(out.aux_loss):.6f} vs "
+        f"{float(want.aux_loss):.6f} (abs {aux_err:.1e})")
+  assert rel_err < rel_tol
+  assert aux_err < 1e-6 * max(1.0, float(want.aux_loss))
+
+
 def torch_logits(ref, ids, mask) -> np.ndarray:
   """A transformers causal LM's logits float32 [B, T, V] for int ids / mask arrays."""
   with torch.no_grad():

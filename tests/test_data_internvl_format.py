@@ -8,8 +8,6 @@ tile), get_frame_indices, the `Frame-{i}: <image>` lines, preprocess_internvl2_5
 import collections
 import json
 import os
-import subprocess
-import sys
 
 import av
 import numpy as np
@@ -18,6 +16,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 import tokenizer_folders
+from conftest import run_train_cli
 from internvl_jax.data import features, internvl_meta, pipeline, tokenizer, transforms, visual
 from internvl_jax.data.transforms import BadRecord
 
@@ -314,15 +313,11 @@ def test_train_cli_runs_stage3_on_a_meta_file(images):
   wd = str(images / "run")
   data = ["--config.data.train.source=internvl", f"--config.data.train.path={meta}",
           "--config.data.eval.source=internvl", f"--config.data.eval.path={meta}"]
-  args = ["--config", "configs/instruct.py:model=tiny", "--workdir", wd, "--config.total_steps=3",
+  args = ["--config", "configs/instruct.py:model=tiny", "--config.total_steps=3",
           "--config.batch_size=2", "--config.eval_batch_size=4", "--config.log_every=1", "--config.warmup_steps=1",
           "--config.progress=False", "--config.data.num_threads=1", "--config.data.max_tiles=4",
           "--config.data.max_text_len=48", "--config.data.min_num_frame=2", "--config.data.max_num_frame=3"] + data
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  records = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  records = run_train_cli(args, wd)
   assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
   assert records[-1]["records_bad"] == 0 and "eval_loss" in records[-1]
 

@@ -7,27 +7,9 @@ import numpy as np
 import pytest
 
 from internvl_jax import sharding
-from internvl_jax.data import demo, features, pipeline, tokenizer
-from internvl_jax.train import config_checks, freezing, state as state_lib, steps
+from internvl_jax.train import config_checks, freezing, steps
 
-from conftest import tiny_config
-
-
-def _setup(cfg):
-  tok = tokenizer.build_word_level(demo.DemoWorld("train", 64, 56).texts())
-  config_checks.adapt_model_to_tokenizer(cfg, tok, built=True)
-  mesh = sharding.make_mesh(dict(cfg.mesh))
-  config_checks.validate(cfg, mesh)
-  return state_lib.setup_state(cfg, cfg.model, mesh), tok
-
-
-def _batch(cfg, tok, start, n):
-  spec = features.FeatureSpec(cfg.task, 56, cfg.data.max_text_len, tokens_per_tile=config_checks.tokens_per_tile(cfg))
-  fn = features.make_feature_fn(spec, tok)
-  world = demo.DemoWorld("train", 64, 56)
-  b = pipeline._stack([fn(world[i], None) for i in range(start, start + n)], n)
-  b.pop("valid")
-  return {k: jnp.asarray(v) for k, v in b.items()}
+from conftest import demo_batch, demo_state_setup, tiny_config
 
 
 def _flat(tree):
@@ -36,12 +18,12 @@ def _flat(tree):
 
 
 def _train(cfg, n_steps=2):
-  setup, tok = _setup(cfg)
+  setup, tok = demo_state_setup(cfg)
   state = setup.create()
   before = {**_flat(state["params"]), **_flat(state["frozen"])}
   step = steps.make_train_step(setup, cfg)
   for i in range(n_steps):
-    state, _ = step(state, _batch(cfg, tok, 8 * i, 8))
+    state, _ = step(state, demo_batch(cfg, tok, 8 * i, 8))
   after = {**_flat(state["params"]), **_flat(state["frozen"])}
   return setup, state, before, after
 

@@ -3,8 +3,6 @@ packing order and its resumption, the LM loss, and train.py with data.packing=Tr
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+
+from conftest import run_train_cli
 
 from internvl_jax import losses
 from internvl_jax.data import demo, features, packing, pipeline, tokenizer
@@ -245,15 +245,11 @@ def test_packed_lm_loss_is_the_token_average_of_the_examples_alone(tok, model):
 @pytest.mark.slow  # compiles the tiny chat model in a subprocess: 20-40 s on 2 busy cores
 def test_train_cli_runs_stage3_with_packing(tmp_path):
   wd = str(tmp_path / "run")
-  args = ["--config", "configs/instruct.py:model=tiny", "--workdir", wd, "--config.total_steps=3",
+  args = ["--config", "configs/instruct.py:model=tiny", "--config.total_steps=3",
           "--config.batch_size=2", "--config.log_every=1", "--config.warmup_steps=1", "--config.progress=False",
           "--config.data.num_threads=1", "--config.data.max_tiles=5", "--config.data.packing=True",
           "--config.data.tiles_per_batch=6", "--config.data.train.size=64", "--config.data.eval.source="]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  records = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  records = run_train_cli(args, wd)
   assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
   assert records[0]["tokens"] > 2 * 2 and records[0]["examples"] > 2  # more examples than rows: packed
 

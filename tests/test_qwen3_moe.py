@@ -49,16 +49,7 @@ def test_config_and_layer_stacks(lm):
 def test_logits_and_router_loss_match_torch(lm, pad):
   ref, ours, _ = lm
   ids, mask = hf_refs.prompts(pad)
-  with torch.no_grad():
-    want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), output_router_logits=True)
-  out = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-  real = mask.astype(bool)
-  abs_err, rel_err = hf_refs.errors(np.asarray(out.logits)[real], want.logits.numpy()[real])
-  aux_err = abs(float(out.aux_loss) - float(want.aux_loss))
-  print(f"qwen3_moe logits pad={pad}: max abs {abs_err:.2e}, max rel {rel_err:.2e}; aux loss {float(out.aux_loss):.6f}"
-        f" vs {float(want.aux_loss):.6f} (abs {aux_err:.1e})")
-  assert rel_err < REL_TOL
-  assert aux_err < 1e-6 * max(1.0, float(want.aux_loss))
+  hf_refs.check_logits_and_router_loss(ref, ours, ids, mask, f"qwen3_moe pad={pad}", REL_TOL)
 
 
 def test_greedy_generate_with_left_padding_equals_torch(lm):

@@ -7,28 +7,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from internvl_jax import sharding
-from internvl_jax.data import demo, features, pipeline, tokenizer
-from internvl_jax.train import checkpoint, config_checks, init_from, state as state_lib, steps
+from internvl_jax.train import checkpoint, config_checks, init_from, steps
 
-from conftest import tiny_config
-
-
-def _setup(cfg):
-  tok = tokenizer.build_word_level(demo.DemoWorld("train", 64, 56).texts())
-  config_checks.adapt_model_to_tokenizer(cfg, tok, built=True)
-  mesh = sharding.make_mesh(dict(cfg.mesh))
-  config_checks.validate(cfg, mesh)
-  return state_lib.setup_state(cfg, cfg.model, mesh), tok
-
-
-def _batch(cfg, tok, start, n):
-  spec = features.FeatureSpec(cfg.task, 56, cfg.data.max_text_len,
-                              tokens_per_tile=config_checks.tokens_per_tile(cfg) if cfg.task == "instruct" else 0)
-  fn = features.make_feature_fn(spec, tok)
-  world = demo.DemoWorld("train", 64, 56)
-  b = pipeline._stack([fn(world[i], None) for i in range(start, start + n)], n)
-  b.pop("valid")
-  return {k: jnp.asarray(v) for k, v in b.items()}
+from conftest import demo_batch, demo_state_setup, tiny_config
 
 
 def _paths(tree):
@@ -38,7 +19,7 @@ def _paths(tree):
 
 def test_frozen_vision_has_no_grads_or_optimizer_state():
   cfg = tiny_config("instruct")
-  setup, tok = _setup(cfg)
+  setup, tok = demo_state_setup(cfg)
   state = setup.create()
   assert "vision" not in state["params"] and "vision" in state["frozen"]
   assert not any("vision" in p for p in _paths(state["opt_state"]))
@@ -46,7 +27,7 @@ def test_frozen_vision_has_no_grads_or_optimizer_state():
   step = steps.make_train_step(setup, cfg)
   params0 = jax.tree.map(np.asarray, state["params"])
   for i in range(3):
-    state, m = step(state, _batch(cfg, tok, 8 * i, 8))
+    state, m = step(state, demo_batch(cfg, tok, 8 * i, 8))
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["frozen"])):
     np.testing.assert_array_equal(a, np.asarray(b))  # bit-identical
   assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(params0),
@@ -59,10 +40,10 @@ def test_grad_accumulation_equals_larger_batch_for_lm_loss():
   big_cfg = tiny_config("instruct", batch_size=8, total_steps=4, warmup_steps=0, grad_clip=0.0)
   acc_cfg = tiny_config("instruct", batch_size=4, total_steps=8, warmup_steps=0, grad_clip=0.0,
                         grad_accum_steps=2)
-  big, tok = _setup(big_cfg)
-  acc, _ = _setup(acc_cfg)
+  big, tok = demo_state_setup(big_cfg)
+  acc, _ = demo_state_setup(acc_cfg)
   s_big, s_acc = big.create(), acc.create()
-  batch = _batch(big_cfg, tok, 0, 8)
+  batch = demo_batch(big_cfg, tok, 0, 8)
   half = lambda sl: {k: v[sl] for k, v in batch.items()}
   s_big, _ = steps.make_train_step(big, big_cfg)(s_big, batch)
   acc_step = steps.make_train_step(acc, acc_cfg)
@@ -74,10 +55,10 @@ def test_grad_accumulation_equals_larger_batch_for_lm_loss():
 
 def test_non_finite_loss_skips_the_update():
   cfg = tiny_config("contrastive")
-  setup, tok = _setup(cfg)
+  setup, tok = demo_state_setup(cfg)
   state = setup.create()
   params0 = jax.tree.map(np.asarray, state["params"])
-  batch = _batch(cfg, tok, 0, 8)
+  batch = demo_batch(cfg, tok, 0, 8)
   batch["pixel_values"] = batch["pixel_values"].at[0, 0, 0, 0].set(jnp.nan)
   state, m = steps.make_train_step(setup, cfg)(state, batch)
   assert float(m["finite"]) == 0.0 and int(state["bad_steps"]) == 1 and int(state["skipped"]) == 1
@@ -87,7 +68,7 @@ def test_non_finite_loss_skips_the_update():
 
 def test_partial_init_from_a_smaller_model(tmp_path):
   small_cfg = tiny_config("contrastive")
-  small, _ = _setup(small_cfg)
+  small, _ = demo_state_setup(small_cfg)
   src_state = small.create()
   ck = checkpoint.Checkpointer(str(tmp_path / "small"), async_save=False)
   ck.save(1, src_state, {})
@@ -96,7 +77,7 @@ def test_partial_init_from_a_smaller_model(tmp_path):
   big_cfg.model.vision.num_layers = 3  # deeper: stacked [3, ...] vs [2, ...]
   big_cfg.model.vision.mlp_dim = 96  # wider MLP
   big_cfg.init.path, big_cfg.init.partial = str(tmp_path / "small"), True
-  big, _ = _setup(big_cfg)
+  big, _ = demo_state_setup(big_cfg)
   state, rows = init_from.initialize(big.create(), big, big_cfg.init)
   status = {p: s for p, s, _ in rows}
   assert status["vision/blocks/mlp/fc1/kernel"] == "partial"  # [2, 32, 64] -> [3, 32, 96]

@@ -224,12 +224,7 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
   counts = [len(t) for t in tiles]
   if counts:
     counts[-1] += k - n_tiles  # the spare slots' tokens, unattended
-  system = spec.system if system is None else system
-  try:
-    pieces = templates.segments(spec.template, turns, system=system)
-    units = templates.train_units(spec.template, turns, system=system)
-  except ValueError as e:
-    raise ValueError(f"{e}; set config.data.template") from None
+  pieces, units = _pieces_and_units(spec, turns, system)
 
   ids = _bos(tok)
   hidden_start, hidden = len(ids), 0
@@ -264,6 +259,16 @@ def instruct(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | No
           "attention_mask": _pad(attn[:t].tolist(), t, 0), "loss_mask": _pad(loss[:t], t, 0)}
 
 
+def _pieces_and_units(spec, turns, system):
+  """templates.segments and train_units of a record's turns (its system turn, else the config's message)."""
+  system = spec.system if system is None else system
+  try:
+    return (templates.segments(spec.template, turns, system=system),
+            templates.train_units(spec.template, turns, system=system))
+  except ValueError as e:
+    raise ValueError(f"{e}; set config.data.template") from None
+
+
 def _bos(tok) -> list[int]:
   return [tok.bos_id] if tok.add_bos_token and tok.bos_id is not None else []
 
@@ -284,12 +289,7 @@ def _instruct_packed(turns, system, tiles, tok, spec: FeatureSpec) -> dict:
   flat = [t for image in tiles for t in image]
   if len(flat) > spec.max_tiles:
     raise BadRecord(f"{len(flat)} tiles do not fit config.data.max_tiles={spec.max_tiles}")
-  system = spec.system if system is None else system
-  try:
-    pieces = templates.segments(spec.template, turns, system=system)
-    units = templates.train_units(spec.template, turns, system=system)
-  except ValueError as e:
-    raise ValueError(f"{e}; set config.data.template") from None
+  pieces, units = _pieces_and_units(spec, turns, system)
   ids = _bos(tok)
   loss = [0] * len(ids)
   unit_ids, unit_loss = _conversation_ids(pieces, units, [len(t) for t in tiles], n, tok)
