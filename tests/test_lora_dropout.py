@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internvl_jax.models import internvl, layers, lora
+from internvl_jax.models import internvl, layers, lora, stack
 from internvl_jax.train import config_checks, freezing
 
 from conftest import tiny_config
@@ -72,8 +72,8 @@ def test_eval_mode_and_rate_zero_have_no_dropout():
   np.testing.assert_array_equal(trained, np.asarray(plain(jnp.asarray(X))))  # rate 0: bit-identical
 
 
-def _chat(rate, scan=True, drop_path=0.0):
-  cfg = tiny_config("instruct", use_llm_lora=4, use_backbone_lora=2, lora_dropout=rate,
+def _chat(rate, scan=True, drop_path=0.0, llm_rank=4):
+  cfg = tiny_config("instruct", use_llm_lora=llm_rank, use_backbone_lora=2, lora_dropout=rate,
                     **{"model.vision.drop_path_rate": drop_path, "model.vision.dropout": drop_path})
   model_cfg = freezing.model_config(cfg, cfg.model)
   model_cfg.language.scan_layers = model_cfg.vision.scan_layers = scan
@@ -95,15 +95,22 @@ def _logits(model, ids, px, key):
   return model(ids, px, lora_key=key).logits
 
 
-def test_chat_model_dropout_in_training_only_per_layer_keys_scan_equals_loop():
+def test_chat_model_dropout_in_training_only():
   model, ids, px = _chat(0.5)
   key = jax.random.key(11)
   train, evaluate = np.asarray(_logits(model, ids, px, key)), np.asarray(_logits(model, ids, px, None))
   assert np.abs(train - evaluate).max() > 1e-3
   np.testing.assert_array_equal(train, np.asarray(_logits(model, ids, px, key)))  # same key, same masks
   assert np.abs(train - np.asarray(_logits(model, ids, px, jax.random.key(12)))).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_scanned_and_looped_stacks_draw_the_same_masks():
+  key = jax.random.key(11)
+  model, ids, px = _chat(0.5)
   loop, *_ = _chat(0.5, scan=False)  # same weights: each layer's key is split(key, L)[i] either way
-  np.testing.assert_allclose(np.asarray(_logits(loop, ids, px, key)), train, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(_logits(loop, ids, px, key)), np.asarray(_logits(model, ids, px, key)),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_rate_zero_is_unchanged_and_the_lora_key_does_not_switch_on_the_vision_towers_drop_path():
@@ -130,3 +137,20 @@ def test_config_check_accepts_the_official_rate_and_refuses_one():
   with pytest.raises(config_checks.ConfigError, match="lora_dropout"):
     config_checks._finetune_fields(tiny_config("instruct", use_llm_lora=4, lora_dropout=1.0))
   config_checks._finetune_fields(tiny_config("instruct", use_llm_lora=4, lora_dropout=0.05))
+
+
+def test_vision_adapters_get_their_own_per_layer_keys():
+  model, ids, px = _chat(0.5, llm_rank=0)  # adapters on the vision tower only
+  key = jax.random.key(5)
+  assert np.abs(np.asarray(_logits(model, ids, px, key)) - np.asarray(_logits(model, ids, px, None))).max() > 1e-4
+
+  @nnx.jit
+  def first_layer(model, px, key):  # the tower's first block, and the same block by hand under split(key, L)[0]
+    ours = model.vision(px, lora_key=key, num_layers=1).last_hidden_state
+    with lora.dropout_scope(jax.random.split(key, model.config.vision.num_layers)[0]):
+      by_hand = stack.layer_at(model.vision.blocks, 0)(model.vision.embeddings(px), jnp.float32(0.0), None)
+    return ours, by_hand, model.vision(px, num_layers=1).last_hidden_state
+
+  ours, by_hand, undropped = first_layer(model, px, key)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(by_hand), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(ours) - np.asarray(undropped)).max() > 1e-4
