@@ -154,3 +154,39 @@ def test_vision_adapters_get_their_own_per_layer_keys():
   ours, by_hand, undropped = first_layer(model, px, key)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(by_hand), rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(ours) - np.asarray(undropped)).max() > 1e-4
+
+
+def test_mixed_dense_and_moe_stacks_drop_in_every_run_of_layers():
+  from internvl_jax.models import llm, presets
+
+  def decoder(scan, only_layer=None):  # only_layer: B non-zero in that layer only (layers count across stacks)
+    cfg = presets.language_config(vocab_size=50, hidden_size=16, num_layers=3, num_heads=2, num_kv_heads=2,
+                                  mlp_dim=32, num_experts=4, num_experts_per_tok=2, moe_mlp_dim=8,
+                                  decoder_sparse_step=2, scan_layers=scan)  # dense, MoE, dense: three runs
+    cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout = 2, 4.0, 0.5
+    model = llm.Decoder(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+
+    def fill(p, x):
+      if str(p[-1].key) != "lora_b":
+        return np.asarray(x)
+      b = rng.normal(size=x.shape).astype(np.float32)
+      if only_layer is not None:  # 'layers' holds the MoE layer (1), 'dense_layers' layers 0 and 2
+        keep = {0: ("dense_layers", 0), 1: ("layers", 0), 2: ("dense_layers", 1)}[only_layer]
+        b = b * np.asarray([(str(p[0].key), i) == keep for i in range(x.shape[0])], np.float32)[:, None, None]
+      return b
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(nnx.state(model))))
+    return model
+
+  @nnx.jit
+  def logits(model, ids, key):
+    return model(ids, lora_key=key).logits
+
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 7)))
+  key = jax.random.key(4)
+  train = np.asarray(logits(decoder(True), ids, key))
+  np.testing.assert_allclose(np.asarray(logits(decoder(False), ids, key)), train, rtol=1e-5, atol=1e-5)
+  for layer in range(3):  # adapters in that layer only: its run's dropout shows in the output
+    model = decoder(True, layer)
+    assert np.abs(np.asarray(logits(model, ids, key)) - np.asarray(logits(model, ids, None))).max() > 1e-4, layer
