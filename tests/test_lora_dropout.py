@@ -190,3 +190,21 @@ def test_mixed_dense_and_moe_stacks_drop_in_every_run_of_layers():
   for layer in range(3):  # adapters in that layer only: its run's dropout shows in the output
     model = decoder(True, layer)
     assert np.abs(np.asarray(logits(model, ids, key)) - np.asarray(logits(model, ids, None))).max() > 1e-4, layer
+
+
+def test_gradients_in_train_mode_follow_the_same_mask():
+  layer, w, bias, a, b = _layer()
+  key = jax.random.key(9)
+  g = np.random.default_rng(4).normal(size=(2, 4, 5))  # dL/dy of L = sum(y * g)
+  graphdef, state = nnx.split(layer)
+
+  def loss(x, st):
+    with lora.dropout_scope(key):
+      return jnp.sum(nnx.merge(graphdef, st)(x) * jnp.asarray(g, jnp.float32))
+
+  dx, dstate = jax.grad(loss, argnums=(0, 1))(jnp.asarray(X), state)
+  da = dstate["lora"]["lora_a"][...]
+  m = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 0), 1 - P, X.shape)) / (1 - P)
+  x, s = X.astype(np.float64), ALPHA / RANK
+  np.testing.assert_allclose(np.asarray(dx), g @ w.T + s * ((g @ b.T) @ a.T) * m, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(da), s * np.einsum("bti,btr->ir", x * m, g @ b.T), rtol=1e-4, atol=1e-5)
