@@ -3,11 +3,17 @@
   python -m internvl_jax.plan --config configs/contrastive.py:model=internvit_6b --mesh data=1,fsdp=8,tensor=1 \
       --batch_size 256 [--dtype bfloat16 --remat full] [--out plan.json] [--step_time 1.9 --chip h100] \
       [--depth_check 12] [--contrastive_scaling 1024,4096,16384]
+  python -m internvl_jax.plan --config configs/instruct.py:model=internvl3_5_8b --mesh data=1,fsdp=8 \
+      --batch_size 32 --dtype bfloat16 --remat full --set data.max_text_len=4096 --set data.max_tiles=7 \
+      --set freeze_llm=true --set freeze_mlp=true --set freeze_backbone=true --set use_llm_lora=16   # LoRA
 
 It builds the real train step (train/steps.py) on the real state layout (train/state.py: abstract shapes plus the
 shardings of the logical-axis table), lowers it with ShapeDtypeStructs that carry those shardings (no parameter is
 allocated) and compiles it for as many fake CPU devices as the mesh has. Memory figures come from XLA's compiled
 memory analysis (per device), FLOPs from its cost analysis and from the analytic formulas of bench/flops.py.
+Stage 3 runs under the run config's fine-tuning switches (train/freezing.py: freeze_*, use_*_lora), exactly as
+train.py builds its state: optimizer state and gradients for the trainable parameters only, frozen ones as
+stored; the analytic FLOPs count no weight gradients for frozen parts (instruct_flops).
 
 The compiler is XLA:CPU: its buffer assignment and fusion differ in detail from XLA:GPU / XLA:TPU, so read the
 temporaries as an estimate (typically within tens of percent); parameter, optimizer and gradient bytes are exact.
@@ -117,12 +123,7 @@ def analytic_flops(cfg) -> float | None:
 
   m, b, t, s = cfg.model, cfg.batch_size, cfg.data.max_text_len, config_checks.input_size(cfg)
   if cfg.task == "instruct" and m.get("mode") == "replace":
-    # Vision tower frozen: forward only; projector + language model: forward and backward. A MoE language
-    # model counts its active parameters (router + top-k experts), see flops.decoder_matmul_params.
-    tiles = cfg.data.get("max_tiles", 1)
-    vision = tiles * flops.vit_forward_flops(m.vision, s, flops.chat_vision_layers(m))
-    trained = tiles * flops.chat_projector_flops(m, s) + flops.decoder_sequence_flops(m.language, t, causal=True)
-    return b * ((1.0 if m.get("freeze_vision", True) else 3.0) * vision + 3.0 * trained)
+    return b * sum(f * x for f, x in instruct_flops(cfg).values())
   if cfg.task != "contrastive":
     return None
   if m.variant == "seed":
@@ -135,6 +136,58 @@ def analytic_flops(cfg) -> float | None:
     if m.variant == "g":
       return None  # the query path of G is not in the formulas yet
   return 3.0 * b * per_pair
+
+
+def adapter_flops_per_token(tower, kind: str) -> float:
+  """Forward FLOPs per token of a tower's LoRA adapters (2 r (in + out) per adapted matmul), 0 without LoRA.
+  kind 'language': q, k, v, o on every layer, gate / up / down on the dense ones; 'vision': qkv, proj, fc1, fc2."""
+  from internvl_jax.models import moe
+
+  r, d = int(tower.get("lora_rank", 0) or 0), tower.hidden_size
+  if not r:
+    return 0.0
+  if kind == "vision":
+    return 2.0 * r * tower.num_layers * ((d + 3 * d) + 2 * d + 2 * (d + tower.mlp_dim))
+  hd = tower.get("head_dim") or d // tower.num_heads
+  attn = (d + tower.num_heads * hd) * 2 + (d + tower.num_kv_heads * hd) * 2
+  dense = tower.num_layers - len(moe.moe_layer_ids(tower))
+  return 2.0 * r * (tower.num_layers * attn + dense * 3 * (d + tower.mlp_dim))
+
+
+def instruct_flops(cfg) -> dict[str, tuple[float, float]]:
+  """Stage 3 ('replace' mode) per example: part -> (factor, forward FLOPs), the step's FLOPs being the sum of
+  factor x forward. Factors follow what JAX differentiates under the run's freezing switches (train/freezing.py):
+  3 = forward + activation gradients + weight gradients (trained weights); 2 = forward + activation gradients
+  only (frozen weights that gradients must flow through to reach trained ones: a LoRA base, a frozen language
+  model under a trained projector); 1 = forward only (nothing trained at or before it: stop_gradient on a frozen
+  tower, frozen embeddings). Partly trained vision stacks (unfreeze_vit_layers) compute weight gradients for
+  every layer (masked afterwards), so they count 3. Adapters count 3 (rank-r matmuls beside their base)."""
+  from internvl_jax.bench import flops
+  from internvl_jax.train import config_checks, freezing
+
+  f = freezing.resolve(cfg)
+  m = freezing.model_config(cfg, cfg.model)
+  t, s, tiles = cfg.data.max_text_len, config_checks.input_size(cfg), cfg.data.get("max_tiles", 1)
+  v_layers = flops.chat_vision_layers(m)
+  patch = tiles * flops.vit_forward_flops(m.vision, s, 0)
+  blocks = tiles * flops.vit_forward_flops(m.vision, s, v_layers) - patch
+  v_adapters = tiles * flops.vit_tokens(m.vision, s) * adapter_flops_per_token(m.vision, "vision") * (
+      v_layers / m.vision.num_layers)
+  v_trained = not f.vision_base or f.vit_layers != 0
+  vision_grad = v_trained or bool(m.vision.get("lora_rank", 0))  # gradients reach into the tower
+  lm = m.language
+  head = 2.0 * lm.hidden_size * lm.vocab_size * t if lm.lm_head else 0.0
+  body = flops.decoder_sequence_flops(lm, t, causal=True) - head
+  upstream = vision_grad or not f.projector  # something trained below the language model
+  lm_grad = upstream or not f.language_base or bool(lm.get("lora_rank", 0)) or not f.lm_head
+  proj = 3.0 if not f.projector else (2.0 if vision_grad else 1.0)
+  return {"vision_patch": (3.0 if not f.vision_base else 1.0, patch),
+          "vision_blocks": (3.0 if v_trained else (2.0 if vision_grad else 1.0), blocks),
+          "vision_adapters": (3.0, v_adapters),
+          "projector": (proj, tiles * flops.chat_projector_flops(m, s)),
+          "language_body": (3.0 if not f.language_base else (2.0 if lm_grad else 1.0), body),
+          "language_adapters": (3.0, t * adapter_flops_per_token(lm, "language")),
+          "lm_head": (3.0 if not f.lm_head else (2.0 if lm_grad else 1.0), head)}
 
 
 def compile_step(cfg, mesh):
@@ -151,18 +204,21 @@ def compile_step(cfg, mesh):
 
 
 def memory_breakdown(compiled, setup) -> dict:
-  """Per-device bytes: params (trainable + frozen), optimizer state, gradients (one float32 copy of the trainable
-  parameters, sharded like them: exact), temporaries (XLA's temp buffers minus that gradient copy: activations,
-  rematerialised values, collective buffers), total (XLA: arguments + temps + outputs not aliased to donated
+  """Per-device bytes: params (trainable + frozen, as the state stores them), frozen_params (the part of params
+  with no gradient and no optimizer state: frozen towers, a LoRA base), optimizer state (over the trainable
+  parameters only), gradients (one float32 copy of the trainable parameters, sharded like them: exact),
+  temporaries (XLA's temp buffers minus that gradient copy: activations, rematerialised values, collective
+  buffers, compute-dtype copies of the weights), total (XLA: arguments + temps + outputs not aliased to donated
   arguments; includes the batch and small outputs, so slightly above the sum of the parts)."""
   abstract, sh = setup.abstract, setup.shardings
-  params = per_device_bytes(abstract["params"], sh["params"]) + per_device_bytes(abstract["frozen"], sh["frozen"])
+  frozen = per_device_bytes(abstract["frozen"], sh["frozen"])
+  params = per_device_bytes(abstract["params"], sh["params"]) + frozen
   optimizer = per_device_bytes(abstract["opt_state"], sh["opt_state"])
   gradients = per_device_bytes(abstract["params"], sh["params"])
   mem = compiled.memory_analysis()
   temp = int(mem.temp_size_in_bytes)
   total = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp)
-  return {"params": params, "optimizer": optimizer, "gradients": gradients,
+  return {"params": params, "frozen_params": frozen, "optimizer": optimizer, "gradients": gradients,
           "temporaries": max(temp - gradients, 0), "total": total}
 
 
@@ -276,6 +332,7 @@ def main(argv=None) -> dict:
   mem = memory_breakdown(compiled, setup)
   per_tower = tower_params(setup.abstract["params"], setup.abstract["frozen"])
   n_params = sum(per_tower.values())
+  n_trainable = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
   f_cost, f_model = cost_flops(compiled, n_devices), analytic_flops(cfg)
 
   from internvl_jax.train import config_checks
@@ -289,6 +346,13 @@ def main(argv=None) -> dict:
   for name, count in sorted(per_tower.items(), key=lambda kv: -kv[1]):
     print(f"  {name:<20} {count:>16,}")
   print(f"  {'total':<20} {n_params:>16,}")
+  print(f"  {'trainable':<20} {n_trainable:>16,}   (optimizer state and gradients exist for these only)")
+  if cfg.task == "instruct":
+    from internvl_jax.train import freezing
+
+    print("\nfine-tuning switches (train/freezing.py): trainable / frozen per group")
+    print("  " + freezing.parameter_table(setup.abstract["params"], setup.abstract["frozen"],
+                                          setup.layer_masks).replace("\n", "\n  "))
   lm = cfg.model.get("language")
   active = None
   if lm is not None and lm.get("num_experts", 0):
@@ -296,20 +360,27 @@ def main(argv=None) -> dict:
     print(f"  {'LM active per token':<20} {active:>16,}   (matmul parameters: {lm.num_experts_per_tok} of "
           f"{lm.num_experts} experts; FLOPs per token = 2 x this forward, 6 x in training, plus attention)")
   print("\nbytes per device (XLA:CPU compiled memory analysis of the sharded step)")
-  notes = {"params": "trainable + frozen float32 parameters, per-device shard (exact, from the shardings)",
-           "optimizer": "Adam moments (+ counts), sharded like the parameters (exact)",
+  notes = {"params": "trainable + frozen parameters as stored (float32), per-device shard (exact)",
+           "frozen_params": "of which frozen (no gradient, no optimizer state; e.g. a LoRA base)",
+           "optimizer": "Adam moments (+ counts) of the trainable parameters, sharded like them (exact)",
            "gradients": "one float32 copy of the trainable parameters' shards (exact; lives in XLA temps)",
            "temporaries": "XLA temp buffers minus the gradients: activations, remat values, collective buffers",
            "total": "XLA peak: arguments + temps + outputs not aliased to the donated state (includes the batch)"}
-  for k in ("params", "optimizer", "gradients", "temporaries", "total"):
-    print(f"  {k:<12} {gib(mem[k])}   {notes[k]}")
+  for k in ("params", "frozen_params", "optimizer", "gradients", "temporaries", "total"):
+    print(f"  {k:<13} {gib(mem[k])}   {notes[k]}")
   print("\nFLOPs per step (global)")
   print(f"  XLA cost analysis  {tflop(f_cost)}  (per-device program x devices; XLA counts a scan (while loop) "
         f"body ONCE, so with scan_layers this is far below the real count: read the analytic line)")
-  print(f"  analytic (model)   {tflop(f_model)}  (3 x forward, DESIGN §8; no remat, norms or softmax)")
+  print(f"  analytic (model)   {tflop(f_model)}  (3 x forward for trained parts, DESIGN §8; frozen parts 2 x "
+        f"(no weight gradients) or 1 x; no remat, norms or softmax)")
+  if cfg.task == "instruct" and cfg.model.get("mode") == "replace":
+    for part, (factor, fwd) in instruct_flops(cfg).items():
+      if fwd:
+        print(f"    {part:<18} {factor:.0f} x forward {tflop(cfg.batch_size * fwd)}")
   print(f"\ncompile time {seconds:.1f} s wall ({big_cpu:.1f} s CPU)")
 
-  result = {"params": int(n_params), "bytes_per_device": {k: int(mem[k]) for k in mem},
+  result = {"params": int(n_params), "trainable_params": int(n_trainable),
+            "bytes_per_device": {k: int(mem[k]) for k in mem},
             "flops_per_step": float(f_model or f_cost or 0.0), "compile_seconds": round(seconds, 2)}
   if active:
     result["lm_active_params_per_token"] = int(active)

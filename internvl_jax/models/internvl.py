@@ -107,10 +107,11 @@ class InternVLChat(nnx.Module):
       raise ValueError(f"select_layer {sel} is outside the vision tower's {total} layers")
     return n
 
-  def vision_tokens(self, pixel_values: jax.Array) -> jax.Array:
-    """pixel_values [N, H, W, 3] -> projected vision tokens [N, (H/p/f)*(W/p/f), D_lm]."""
+  def vision_tokens(self, pixel_values: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
+    """pixel_values [N, H, W, 3] -> projected vision tokens [N, (H/p/f)*(W/p/f), D_lm]. lora_key: LoRA dropout of
+    the vision adapters (training only; the tower's drop-path / dropout stay off here)."""
     cfg = self.config
-    hidden = self.vision(pixel_values, num_layers=self._vision_layers()).last_hidden_state[:, 1:]
+    hidden = self.vision(pixel_values, num_layers=self._vision_layers(), lora_key=lora_key).last_hidden_state[:, 1:]
     if cfg.freeze_vision:
       hidden = jax.lax.stop_gradient(hidden)  # no backward pass through the frozen tower
     p = cfg.vision.patch_size
@@ -118,14 +119,15 @@ class InternVLChat(nnx.Module):
     return self.projector(heads.pixel_shuffle(hidden, grid, cfg.downsample_ratio, cfg.ps_version))
 
   def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None,
-            vision_index: jax.Array | None = None) -> jax.Array:
+            vision_index: jax.Array | None = None, lora_key: jax.Array | None = None) -> jax.Array:
     """Token embeddings [B, T, D_lm] with image-token positions filled from pixel_values ('replace' mode): in
     order, or (vision_index [B, T] int, packed batches) each image token from the flat vision token
-    vision_index[b, t] of pixel_values' [num_tiles * tokens_per_tile] tokens."""
+    vision_index[b, t] of pixel_values' [num_tiles * tokens_per_tile] tokens. lora_key: the vision adapters'
+    dropout (training)."""
     embeds = self.language.embed(input_ids)
     if pixel_values is None:
       return embeds
-    vision = self.vision_tokens(pixel_values)
+    vision = self.vision_tokens(pixel_values, lora_key)
     vision = vision.reshape(-1, vision.shape[-1]).astype(embeds.dtype)
     is_image = (input_ids == self.config.image_token_id).reshape(-1)
     if vision_index is not None:  # packed: the count may be below the tile budget's (zero tiles are never read)
@@ -145,22 +147,27 @@ class InternVLChat(nnx.Module):
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
                cache: dict | None = None, segment_ids: jax.Array | None = None,
-               vision_index: jax.Array | None = None) -> llm.DecoderOutput:
+               vision_index: jax.Array | None = None, lora_key: jax.Array | None = None) -> llm.DecoderOutput:
     """input_ids [B, T]; pixel_values (see class doc) or None; returns logits [B, T, vocab] float32.
     Packed rows ('replace' mode, data/packing.py): segment_ids [B, T] (attention and positions per example) and
-    vision_index [B, T] (which vision token each image token takes)."""
+    vision_index [B, T] (which vision token each image token takes). lora_key: LoRA dropout in training (split
+    into a vision and a language stream); None: none (eval)."""
+    keys = (None, None) if lora_key is None else tuple(jax.random.split(lora_key))
     if self.config.mode == "replace":
-      return self.language(inputs_embeds=self.embed(input_ids, pixel_values, vision_index),
-                           attention_mask=attention_mask, positions=positions, cache=cache, segment_ids=segment_ids)
+      return self.language(inputs_embeds=self.embed(input_ids, pixel_values, vision_index, keys[0]),
+                           attention_mask=attention_mask, positions=positions, cache=cache, segment_ids=segment_ids,
+                           lora_key=keys[1])
     if segment_ids is not None or vision_index is not None:
       raise ValueError("packed rows (segment_ids, vision_index) need the chat model's 'replace' mode")
     text = self.language.embed(input_ids)
     if pixel_values is None:  # later decode steps: the prefix already sits in the cache
-      return self.language(inputs_embeds=text, attention_mask=attention_mask, positions=positions, cache=cache)
-    vision = self.vision_tokens(pixel_values).astype(text.dtype)
+      return self.language(inputs_embeds=text, attention_mask=attention_mask, positions=positions, cache=cache,
+                           lora_key=keys[1])
+    vision = self.vision_tokens(pixel_values, keys[0]).astype(text.dtype)
     b, nv = vision.shape[:2]
     mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     out = self.language(inputs_embeds=jnp.concatenate([vision, text], axis=1),
-                        attention_mask=jnp.concatenate([jnp.ones((b, nv), bool), mask], axis=1), cache=cache)
+                        attention_mask=jnp.concatenate([jnp.ones((b, nv), bool), mask], axis=1), cache=cache,
+                        lora_key=keys[1])
     return llm.DecoderOutput(None if out.logits is None else out.logits[:, nv:], out.last_hidden_state[:, nv:],
                              out.cache, out.aux_loss)

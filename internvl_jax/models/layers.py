@@ -32,14 +32,15 @@ def logical(init, names: Sequence[str | None]):
 
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *, rngs: nnx.Rngs,
           use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float | None = None,
-          lora: tuple[int, float] | None = None) -> nnx.Linear:
-  """nnx.Linear with a [in, out] kernel named `names` and a bias named names[1]; lora=(rank, alpha) adds a LoRA
-  adapter (lora.LoRALinear, same base parameters)."""
+          lora: tuple[int, float, float] | None = None) -> nnx.Linear:
+  """nnx.Linear with a [in, out] kernel named `names` and a bias named names[1]; lora=(rank, alpha, dropout)
+  (lora.lora_args) adds a LoRA adapter (lora.LoRALinear, same base parameters)."""
   kinit = (nnx.initializers.normal(init_std) if init_std is not None else nnx.initializers.lecun_normal())
   kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=logical(kinit, names),
             bias_init=logical(nnx.initializers.zeros, (names[1],)), rngs=rngs)
   if lora:
-    return lora_lib.LoRALinear(in_features, out_features, names, rank=lora[0], alpha=lora[1], **kw)
+    return lora_lib.LoRALinear(in_features, out_features, names, rank=lora[0], alpha=lora[1],
+                               dropout=lora[2] if len(lora) > 2 else 0.0, **kw)
   return nnx.Linear(in_features, out_features, **kw)
 
 
@@ -111,7 +112,7 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, out_dim: int | None = None, *, rngs: nnx.Rngs, use_bias: bool = True,
                dropout_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32,
-               lora: tuple[int, float] | None = None):
+               lora: tuple[int, float, float] | None = None):
     kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
     self.fc1 = dense(dim, hidden, ("embed", "mlp"), **kw)
     self.fc2 = dense(hidden, out_dim or dim, ("mlp", "embed"), **kw)
@@ -125,7 +126,7 @@ class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)), no biases (LLaMA / Qwen2 MLP). [..., D] -> [..., D]."""
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               init_std: float = 0.02, lora: tuple[int, float] | None = None):
+               init_std: float = 0.02, lora: tuple[int, float, float] | None = None):
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, init_std=init_std, lora=lora, rngs=rngs)
     self.gate = dense(dim, hidden, ("embed", "mlp"), **kw)
     self.up = dense(dim, hidden, ("embed", "mlp"), **kw)

@@ -252,13 +252,14 @@ class Decoder(nnx.Module):
                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                cache: dict | None = None, prefix_len: int | jax.Array | None = None,
                return_logits: bool = True, pixel_values: None = None,
-               segment_ids: jax.Array | None = None) -> DecoderOutput:
+               segment_ids: jax.Array | None = None, lora_key: jax.Array | None = None) -> DecoderOutput:
     """attention_mask [B, T] (1 = real token); positions [B, T] int (default: counts real tokens);
     segment_ids [B, T] int: packed rows (0 = padding, 1.. one per example), attention stays inside an example
     and positions restart at 0 for each (no cache);
     pixel_values: accepted (and must be None) so that a text-only LM has the chat model's call signature;
     prefix_len: bidirectional attention inside the first prefix_len positions (prefix-LM), causal after;
-    cache: from init_cache, for prefill and then one (or a few) tokens at a time."""
+    cache: from init_cache, for prefill and then one (or a few) tokens at a time;
+    lora_key: LoRA dropout (training; used when the adapters have a rate; not with a cache)."""
     cfg = self.config
     if pixel_values is not None:
       raise ValueError("this is a text-only language model; pixel_values must be None")
@@ -318,7 +319,8 @@ class Decoder(nnx.Module):
       h, stats = layer.feed_forward_with_stats(h, attention_mask)
       return h, (kv, stats)
 
-    x, new_kv, stats = self._run_layers(body, x, (kv_xs, layer_window))
+    lora_key = lora_key if cache is None and lora.wants_key(cfg) else None
+    x, new_kv, stats = self._run_layers(body, x, (kv_xs, layer_window), lora_key)
     new = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "mask": key_valid}
     return self._finish(x, cache, new, stats, attention_mask, return_logits)
 
@@ -366,15 +368,17 @@ class Decoder(nnx.Module):
     merge = lambda a: a.reshape((-1,) + a.shape[2:])  # [groups, n, ...] -> layer order
     return x, tuple(merge(a) for a in new), None if stats is None else jax.tree.map(merge, stats)
 
-  def _run_layers(self, body, x, xs):
+  def _run_layers(self, body, x, xs, lora_key=None):
     """Runs every layer in order: one scan over `layers`, or (dense and MoE layers mixed) one scan per run of
-    same-kind layers. xs: per-layer inputs ((k, v) or None, windows [L] or None), leading axis L.
+    same-kind layers. xs: per-layer inputs ((k, v) or None, windows [L] or None), leading axis L. lora_key: LoRA
+    dropout (a run of layers starting at layer i gets fold_in(lora_key, i)).
     Returns (x, (k, v) stacked over all layers or None, router stats [L_moe, E] or None)."""
     kv_xs = xs[0]
     cfg = self.config
-    run = lambda mods, h, xs: stack.run_stacked(mods, body, h, xs, scan=cfg.scan_layers, remat=cfg.remat)
+    run = lambda mods, h, xs, k: stack.run_stacked(mods, body, h, xs, scan=cfg.scan_layers, remat=cfg.remat,
+                                                   lora_key=k)
     if self.dense_layers is None:
-      x, (kv, stats) = run(self.layers, x, xs)
+      x, (kv, stats) = run(self.layers, x, xs, lora_key)
       return x, kv, stats
     kinds = [moe.is_moe_layer(cfg, i) for i in range(cfg.num_layers)]
     kvs, all_stats, start, used = [], [], 0, {True: 0, False: 0}
@@ -384,7 +388,8 @@ class Decoder(nnx.Module):
         stop += 1
       mods = self.layers if kind else self.dense_layers
       part = stack.layer_range(mods, used[kind], used[kind] + stop - start)
-      x, (kv, stats) = run(part, x, jax.tree.map(lambda a: a[start:stop], xs))
+      key = None if lora_key is None else jax.random.fold_in(lora_key, start)
+      x, (kv, stats) = run(part, x, jax.tree.map(lambda a: a[start:stop], xs), key)
       kvs.append(kv)
       if kind:
         all_stats.append(stats)

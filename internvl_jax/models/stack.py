@@ -14,6 +14,7 @@ import jax
 from flax import nnx
 
 from internvl_jax import sharding
+from internvl_jax.models import lora as lora_lib
 
 # Logical names of the residual stream [B, T, D] carried between layers: split over the batch, replicated over
 # width. Without it XLA's sharding propagation may follow the FSDP-sharded weights (whose 'embed' axis uses the
@@ -53,11 +54,12 @@ def layer_range(layers: nnx.Module, start: int, stop: int) -> nnx.Module:
 
 
 def run_stacked(layers: nnx.Module | tuple, body: Callable, carry: Any, xs: Any = None, *, scan: bool = True,
-                remat: str = "none", length: int | None = None) -> tuple[Any, Any]:
+                remat: str = "none", length: int | None = None, lora_key: jax.Array | None = None) -> tuple[Any, Any]:
   """Runs body(layer, carry, x) -> (carry, y) over the leading axis of `layers` (and of `xs`).
 
   `layers` may be a tuple of stacked modules that share the leading axis; body then gets a tuple of layers.
   Returns (final carry, stacked ys) like jax.lax.scan. `length` runs only the first `length` layers.
+  lora_key: LoRA dropout (training): layer i runs inside lora.dropout_scope(split(lora_key, L)[i]).
   """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)}")
@@ -73,23 +75,25 @@ def run_stacked(layers: nnx.Module | tuple, body: Callable, carry: Any, xs: Any 
   if n != total:
     states = jax.tree.map(lambda a: a[:n], states)
     xs = jax.tree.map(lambda a: a[:n], xs)
+  layer_keys = None if lora_key is None else jax.random.split(lora_key, total)[:n]
 
   def pin(c):  # no-op without a mesh in context (sharding.constrain)
     return sharding.constrain(c, RESIDUAL_NAMES) if isinstance(c, jax.Array) and c.ndim == 3 else c
 
   def step(c, inputs):
-    layer_states, x = inputs
+    layer_states, x, key = inputs
     built = tuple(nnx.merge(g, s) for g, s in zip(graphdefs, layer_states))
-    c, y = body(built if is_tuple else built[0], pin(c), x)
+    with lora_lib.dropout_scope(key):  # entered inside the traced step: the scope holds this layer's key only
+      c, y = body(built if is_tuple else built[0], pin(c), x)
     return pin(c), y
 
   if remat != "none":
     step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
   if scan:
-    return jax.lax.scan(step, carry, (states, xs))
+    return jax.lax.scan(step, carry, (states, xs, layer_keys))
   ys = []
   for i in range(n):
-    carry, y = step(carry, jax.tree.map(lambda a: a[i], (states, xs)))
+    carry, y = step(carry, jax.tree.map(lambda a: a[i], (states, xs, layer_keys)))
     ys.append(y)
   stacked_ys = None if all(y is None for y in ys) else jax.tree.map(lambda *a: jax.numpy.stack(a), *ys)
   return carry, stacked_ys

@@ -163,8 +163,10 @@ class InternViT(nnx.Module):
       raise ValueError(f"vision pooling {cfg.pooling!r} is not one of 'cls', 'mean', 'attention'")
 
   def __call__(self, pixel_values: jax.Array, *, dropout_key: jax.Array | None = None,
-               output_hidden_states: bool = False, num_layers: int | None = None) -> VisionOutput:
-    """num_layers: run only the first n blocks (a chat model reading layer n needs no more)."""
+               output_hidden_states: bool = False, num_layers: int | None = None,
+               lora_key: jax.Array | None = None) -> VisionOutput:
+    """num_layers: run only the first n blocks (a chat model reading layer n needs no more). dropout_key: drop-path
+    and attention dropout; lora_key: LoRA dropout only (its own stream; used when the adapters have a rate)."""
     cfg = self.config
     x0 = self.embeddings(pixel_values)
     n = cfg.num_layers if num_layers is None else num_layers
@@ -176,8 +178,9 @@ class InternViT(nnx.Module):
       h = block(h, rate, key)
       return h, (h if output_hidden_states else None)
 
+    lora_key = lora_key if lora.wants_key(cfg) else None
     x, per_layer = stack.run_stacked(self.blocks, body, x0, (drop_rates, keys), scan=cfg.scan_layers,
-                                     remat=cfg.remat, length=n)
+                                     remat=cfg.remat, length=n, lora_key=lora_key)
     hidden = (x0,) + tuple(per_layer[i] for i in range(n)) if output_hidden_states else None
     return VisionOutput(x, self._pool(x), hidden)
 

@@ -147,6 +147,5 @@ def _finetune_fields(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{field}={cfg[field]} must be a LoRA rank >= 0 (0 = off)")
   if float(cfg.get("lora_alpha", 0) or 0) < 0:
     raise ConfigError(f"config.lora_alpha={cfg.lora_alpha} must be >= 0 (0 = 2 * rank)")
-  if float(cfg.get("lora_dropout", 0) or 0) != 0:
-    raise ConfigError(f"config.lora_dropout={cfg.lora_dropout}: dropout on the LoRA input is not implemented; set "
-                      "it to 0.0")
+  if not 0.0 <= float(cfg.get("lora_dropout", 0) or 0) < 1.0:
+    raise ConfigError(f"config.lora_dropout={cfg.lora_dropout} must be in [0, 1) (the official recipe uses 0.05)")

@@ -11,6 +11,8 @@ the run config with the official names.
                        embeddings the head is the embedding table, which then trains
   use_llm_lora         LoRA rank on the language model (0 = off): its base weights frozen, the adapters train
   use_backbone_lora    LoRA rank on the vision tower (0 = off): likewise (models/lora.py)
+  lora_alpha           adapter scale alpha / r (0 = the official 2 * rank)
+  lora_dropout         dropout on the adapters' input in training (peft's; official recipe 0.05)
 
 Frozen parameters sit in the state's `frozen` (no gradient, no optimizer state). unfreeze_vit_layers cuts through
 a stacked parameter ([L, ...] with a leading 'layers' axis): those leaves stay in `params` and a per-layer 0/1 mask
@@ -76,6 +78,7 @@ def model_config(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
     rank = int(cfg.get(field, 0) or 0)
     out[tower].lora_rank = rank
     out[tower].lora_alpha = lora_alpha(cfg, rank) if rank else 0.0
+    out[tower].lora_dropout = float(cfg.get("lora_dropout", 0) or 0) if rank else 0.0
   out.freeze_vision = f.vision_base and f.vit_layers == 0 and not out.vision.lora_rank
   return out
 

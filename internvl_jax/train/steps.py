@@ -47,15 +47,21 @@ def alignment_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   return c_loss + cfg.caption_weight * g_loss, metrics
 
 
+LORA_STREAM = 0x10AA  # folded into the step's key: LoRA dropout draws from its own stream
+
+
 def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   """Stage 3: LM loss on answer tokens only, weighed by config.loss_reduction (losses.lm_loss). batch:
   pixel_values [B, K, S, S, 3] (K tile slots), input_ids / attention_mask / loss_mask [B, T]. A mixture-of-experts
   language model adds router_aux_loss_coef (its config's, i.e. the checkpoint's) x the router load-balancing
-  loss, as transformers' Qwen3-MoE does."""
+  loss, as transformers' Qwen3-MoE does. key: the LoRA dropout stream only (models/lora.py; the vision tower's
+  drop-path / dropout stay off in stage 3), used when config.lora_dropout > 0."""
   px = batch["pixel_values"]
   # packed rows (data/packing.py): pixel_values [N, S, S, 3] (the tile budget), segment_ids / vision_index [B, T]
   packed = {k: batch[k] for k in ("segment_ids", "vision_index") if k in batch}
-  out = model(batch["input_ids"], px.reshape((-1,) + px.shape[-3:]), batch["attention_mask"], **packed)
+  lora_key = None if key is None else jax.random.fold_in(key, LORA_STREAM)
+  out = model(batch["input_ids"], px.reshape((-1,) + px.shape[-3:]), batch["attention_mask"], lora_key=lora_key,
+              **packed)
   targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
   reduction = "token" if cfg is None else cfg.get("loss_reduction", "token")  # cfg None: a bare call (tests)
   loss, metrics = losses.lm_loss(out.logits, targets, mask, reduction, batch.get("segment_ids"))
