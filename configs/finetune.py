@@ -12,7 +12,7 @@ Arguments (after the colon, comma-separated):
   lora=R        LoRA rank on the language model (default 16); 0 = full fine-tuning (the full recipe)
 
 Recipe defaults (override any with --config.x=y):
-  LoRA (lora=R > 0): freeze_backbone, freeze_mlp, freeze_llm, use_llm_lora=R (alpha 2R), lr 4e-5,
+  LoRA (lora=R > 0): freeze_backbone, freeze_mlp, freeze_llm, use_llm_lora=R (alpha 2R, dropout 0.05), lr 4e-5,
                      max_dynamic_patch 6, max_seq_length 8192
   full (lora=0):     freeze_backbone only (projector + language model train), lr 2e-5, max_dynamic_patch 12,
                      max_seq_length 16384
@@ -76,6 +76,7 @@ def get_config(arg=None):
   c.freeze_backbone = recipe["freeze_backbone"]
   c.freeze_mlp, c.freeze_llm = recipe["freeze_mlp"], recipe["freeze_llm"]
   c.use_llm_lora = max(rank, 0)
+  c.lora_dropout = 0.05 if rank > 0 else 0.0  # wrap_llm_lora's lora_dropout
   c.lr, c.weight_decay, c.min_lr_ratio = recipe["lr"], 0.05, 0.0
   c.data.max_dynamic_patch = recipe["max_dynamic_patch"]
   c.data.max_tiles = recipe["max_dynamic_patch"] + 1  # + the thumbnail

@@ -33,6 +33,7 @@ def release(tmp_path_factory):
 def test_lora_and_full_recipes_on_a_preset():
   c = _finetune_config("model=internvl3_5_8b")
   assert (c.use_llm_lora, c.freeze_llm, c.freeze_mlp, c.freeze_backbone, c.lr) == (16, True, True, True, 4e-5)
+  assert c.lora_dropout == 0.05
   assert (c.data.max_dynamic_patch, c.data.max_tiles, c.data.max_text_len) == (6, 7, 8192)
   assert c.model.language.dtype == "bfloat16" and c.model.language.remat == "full"
   assert c.batch_size * c.grad_accum_steps == 128
