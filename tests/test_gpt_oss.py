@@ -291,11 +291,15 @@ def test_eight_devices_with_expert_4_equal_one_device(lm):
   _, _, folder = lm
   here = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(here, "moe_on_mesh.py"), folder], capture_output=True,
-                        text=True, env=env, timeout=600)
+  mesh = "fsdp=2,expert=4"
+  proc = subprocess.run([sys.executable, os.path.join(here, "moe_on_mesh.py"), folder, mesh], capture_output=True,
+                        text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
-  print(f"gpt_oss 8 devices (fsdp 2 x expert 4) vs 1: {r}")
-  assert r["devices"] == 8 and r["expert_spec"][:2] == ["None", "expert"] and r["uses_shard_map"]
-  assert r["logits_rel"] < 1e-6 and abs(r["aux"][0] - r["aux"][1]) < 1e-6
-  assert r["expert_grad_max"] > 0 and r["grad_rel"] < 1e-5
+  print(f"gpt_oss 8 devices ({mesh}) vs 1: {r}")
+  assert r.pop("devices") == 8 and set(r) == {f"{mesh}/rows8", f"{mesh}/rows2"}
+  for name, c in r.items():  # rows8: tokens gathered over 'expert' and reduce-scattered; rows2: psum
+    assert c["expert_spec"][:2] == ["None", "expert"] and c["shard_map"], name
+    assert c["logits_rel"] < 1e-5 and abs(c["aux"][0] - c["aux"][1]) < 1e-6, name
+    assert c["expert_grad_max"] > 0 and c["grad_rel"] < 1e-5, name
+  assert r[f"{mesh}/rows8"]["reduce_scatter"] and not r[f"{mesh}/rows2"]["reduce_scatter"]
