@@ -326,7 +326,6 @@ def test_packed_run_resumes_with_the_same_losses(tmp_path):
   assert a == b  # bit-identical losses and the same examples per step
 
 
-@pytest.mark.skipif(not hasattr(losses, "lm_token_weights"), reason="config.loss_reduction is not merged yet")
 @pytest.mark.parametrize("reduction", ["sample", "square"])
 def test_per_example_loss_reduction_counts_each_packed_example_alone(tok, model, reduction):
   """The official len2weight weighs example i's tokens by 1 / n_i or 1 / sqrt(n_i), n_i its own counted tokens:

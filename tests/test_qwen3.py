@@ -28,8 +28,6 @@ def lm(tmp_path_factory):
   return ref, convert.load_pretrained(folder)
 
 
-
-
 def test_config(lm):
   ref, ours = lm
   c = ours.config

@@ -33,8 +33,6 @@ def lm(tmp_path_factory):
   return ref, convert.load_pretrained(folder), folder
 
 
-
-
 def test_config_and_layer_stacks(lm):
   _, ours, _ = lm
   c = ours.config

@@ -37,32 +37,26 @@ def has_lora(model: nnx.Module) -> bool:
   return any(str(p[-1]) in ("lora_a", "lora_b") for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
-def _plain_config(model: internvl.InternVLChat):
-  tree = nnx.to_pure_dict(nnx.state(model))
-  return lora.merge_chat_params(tree, model.config)
+def _plain(cfg, tree: dict) -> nnx.Module:
+  """The plain chat model of config `cfg` (no LoRA) holding the variables `tree`."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: internvl.InternVLChat(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, tree)
+  return nnx.merge(graphdef, state)
 
 
 def merged(model: nnx.Module) -> nnx.Module:
   """The model with every LoRA adapter merged into its base kernel (a plain model of the same architecture)."""
   if not has_lora(model):
     return model
-  tree, cfg = _plain_config(model)
-  abstract = nnx.eval_shape(lambda: internvl.InternVLChat(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, tree)
-  return nnx.merge(graphdef, state)
+  tree, cfg = lora.merge_chat_params(nnx.to_pure_dict(nnx.state(model)), model.config)
+  return _plain(cfg, tree)
 
 
 def without_adapters(model: nnx.Module) -> nnx.Module:
   """The base model the adapters were trained on (adapters dropped, not merged)."""
   if not has_lora(model):
     return model
-  _, cfg = _plain_config(model)
-  tree = _drop_adapters(nnx.to_pure_dict(nnx.state(model)))
-  abstract = nnx.eval_shape(lambda: internvl.InternVLChat(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, tree)
-  return nnx.merge(graphdef, state)
+  return _plain(lora.without_lora(model.config), _drop_adapters(nnx.to_pure_dict(nnx.state(model))))
 
 
 def _drop_adapters(tree):
@@ -82,7 +76,9 @@ def module_name(disk_name: str) -> str:
 def _adapters(model: internvl.InternVLChat) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{torch module path: (lora_A [r, in], lora_B [out, r])} of every adapter of the model."""
   flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  _, rules = saver.export_plan(without_adapters(model))
+  # the export key map of the plain model: a function of its config only (an abstract model, nothing copied)
+  _, rules = saver.export_plan(nnx.eval_shape(
+      lambda: internvl.InternVLChat(lora.without_lora(model.config), rngs=nnx.Rngs(0))))
   by_target = {r.target: r for r in rules}
   out = {}
   for path in sorted(p for p in flat if p.endswith(".lora.lora_a")):

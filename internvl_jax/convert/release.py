@@ -94,8 +94,9 @@ def write_release(model: nnx.Module, out_dir: str, *, tokenizer: tokenizer_lib.T
     if not is_chat or chat is None:
       raise ConversionError("--layout opengvlab is the InternVL chat layout: export a chat model with its tokenizer "
                             "(a stage-3 workdir or a released chat folder)")
-    hf, rules = opengvlab_plan(peft_export.merged(model), chat)
-    written = ["config.json", *saver.write_folder(peft_export.merged(model), out_dir, hf, rules, dtype=dtype)]
+    plain = peft_export.merged(model)
+    hf, rules = opengvlab_plan(plain, chat)
+    written = ["config.json", *saver.write_folder(plain, out_dir, hf, rules, dtype=dtype)]
   else:
     written = ["config.json", *saver.save_pretrained(peft_export.merged(model), out_dir, dtype=dtype)]
   written = [os.path.basename(w) for w in written]
@@ -128,9 +129,8 @@ def load_source(src: str):
     return orbax_io.load_checkpoint(src), None, None, None
   run = _train_run(src)
   if run is not None:
-    loaded = eval_models.load_workdir(run, "caption" if _task(run) == "instruct" else "retrieval")
-    with open(os.path.join(run, "config.json")) as f:
-      run_config = ml_collections.ConfigDict(json.load(f))
+    run_config = ml_collections.ConfigDict(_run_config(run))
+    loaded = eval_models.load_workdir(run, "caption" if run_config.task == "instruct" else "retrieval")
     return loaded.model, loaded.tokenizer, loaded.chat, run_config
   model = load_pretrained(src)
   if not tokenizer_lib.saved_in(src):
@@ -141,9 +141,9 @@ def load_source(src: str):
   return model, tok, chat, None
 
 
-def _task(run: str) -> str:
+def _run_config(run: str) -> dict:
   with open(os.path.join(run, "config.json")) as f:
-    return json.load(f).get("task", "")
+    return json.load(f)
 
 
 def _train_run(src: str) -> str | None:
@@ -151,7 +151,7 @@ def _train_run(src: str) -> str | None:
   stage sub-folder of a multi-stage workdir, else None."""
   def is_run(d):
     return os.path.isdir(os.path.join(d, "checkpoints")) and os.path.exists(os.path.join(d, "config.json")) and \
-        bool(_task(d))
+        bool(_run_config(d).get("task"))
   if is_run(src):
     return src
   stages = [os.path.join(src, d) for d in sorted(os.listdir(src)) if is_run(os.path.join(src, d))]

@@ -129,11 +129,18 @@ def merge_params(tree: dict, scaling: float) -> dict:
 def merge_chat_params(tree: dict, model_cfg) -> tuple[dict, object]:
   """A chat model's variables (nested dict) with each tower's adapters merged at that tower's alpha / r, and the
   model config without LoRA that those variables fit (to export or serve a LoRA run as a plain model)."""
-  out, cfg = dict(tree), model_cfg.copy_and_resolve_references()
+  out = dict(tree)
   for tower in ("language", "vision"):
     args = lora_args(model_cfg[tower])
     if args and tower in out:
       out[tower] = merge_params(out[tower], args[1] / args[0])
+  return out, without_lora(model_cfg)
+
+
+def without_lora(model_cfg):
+  """A copy of a chat model config with LoRA off in both towers (the plain model a LoRA model merges into)."""
+  cfg = model_cfg.copy_and_resolve_references()
+  for tower in ("language", "vision"):
     with cfg.unlocked():
       cfg[tower].lora_rank, cfg[tower].lora_alpha, cfg[tower].lora_dropout = 0, 0.0, 0.0
-  return out, cfg
+  return cfg
