@@ -152,3 +152,61 @@ def test_an_unknown_chat_template_is_a_one_line_error(folders, tmp_path):
     _finetune_config(f"path={folder}")
   except ValueError as e:
     assert "\n" not in str(e)
+
+
+def test_a_format_without_a_default_system_block_is_not_exported_to_the_opengvlab_layout(folders):
+  from types import SimpleNamespace
+
+  from internvl_jax.convert import release
+  from internvl_jax.convert.configs import ConversionError
+  from internvl_jax.data import chat_format
+  fmt = chat_format.ChatFormat(tokenizer_lib.load(folders["qwen2"]), 56, 4, template="internvl2_5",
+                               default_system_block=False)
+  with pytest.raises(ConversionError, match="conversation.py always writes one: export --layout native"):
+    release.opengvlab_plan(SimpleNamespace(config=None), fmt)
+
+
+@pytest.mark.slow  # a train.py and a convert subprocess: ~2 min on 2 cores
+def test_finetune_from_an_hf_folder_trains_and_exports_its_template(folders, tmp_path):
+  from transformers import AutoTokenizer
+  from internvl_jax.evaluate import models
+  folder = folders["qwen2"]
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(8):
+    Image.fromarray(rng.integers(0, 255, (56, 56, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    records.append({"image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Noise."}]})
+  with open(tmp_path / "train.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in records))
+  meta = str(tmp_path / "meta.json")
+  with open(meta, "w") as f:
+    json.dump({"noise": {"root": str(tmp_path), "annotation": str(tmp_path / "train.jsonl"), "repeat_time": 1,
+                         "length": 8}}, f)
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  args = ["--config", f"configs/finetune.py:path={folder},lora=4", "--workdir", workdir,
+          "--config.total_steps=2", "--config.batch_size=2", "--config.grad_accum_steps=1", "--config.lr=1e-2",
+          "--config.eval_every=0", "--config.data.max_text_len=200", "--config.data.max_dynamic_patch=1",
+          "--config.data.max_tiles=1", "--config.progress=False", "--config.data.num_threads=1",
+          "--config.model.vision.dtype=float32", "--config.model.language.dtype=float32",
+          "--config.data.train.source=internvl", f"--config.data.train.path={meta}"]
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  assert any(m.get("tokens", 0) > 0 for m in logged)  # answers were trained
+  run = models.load_workdir(workdir, "caption")
+  assert (run.chat.template, run.chat.system, run.chat.default_system_block) == ("internvl2_5", None, False)
+  res = subprocess.run([sys.executable, "-m", "internvl_jax.convert", "export", workdir, out], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  # the exported template renders every conversation as the source folder's does (no system block added)
+  source, exported = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(out)
+  source_template = templates.read_chat_template(folder)
+  for turns, system, images in template_match._PROBES:
+    messages = templates.messages_from_turns(turns, system=system, image_count=images)
+    kw = dict(tokenize=False, add_generation_prompt=turns[-1][1] is None)
+    assert exported.apply_chat_template(messages, **kw) == \
+        source.apply_chat_template(messages, chat_template=source_template, **kw)
