@@ -205,7 +205,7 @@ def test_finetune_from_an_hf_folder_trains_and_exports_its_template(folders, tmp
   # the exported template renders every conversation as the source folder's does (no system block added)
   source, exported = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(out)
   source_template = templates.read_chat_template(folder)
-  for turns, system, images in template_match._PROBES:
+  for turns, system, images in template_match.PROBES:
     messages = templates.messages_from_turns(turns, system=system, image_count=images)
     kw = dict(tokenize=False, add_generation_prompt=turns[-1][1] is None)
     assert exported.apply_chat_template(messages, **kw) == \

@@ -25,7 +25,7 @@ from internvl_jax.data import templates
 # (turns, system message or None, images of the first question); finished conversations are rendered without the
 # generation prompt, open ones (last answer None) with it
 _ONE = [("<image>\nWhat is in the picture?", None)]
-_PROBES = (
+PROBES = (
     ([("What is 2+2?", None)], None, 0),
     ([("What is 2+2?", "4.")], None, 0),
     ([("Hi.", "Hello!"), ("What is 2+2?", "It is 4."), ("And 3+3?", None)], None, 0),
@@ -74,7 +74,7 @@ def _candidates(name: str, jinja_plain: str | None) -> list[Recognised]:
   if t.system_template is None:
     return [Recognised(name, None, True)]
   out = [Recognised(name, None, False)]
-  turns = _PROBES[0][0]
+  turns = PROBES[0][0]
   empty = templates.render(name, turns, system="")
   head = t.system_template.split("{system_message}")[0]
   rest = empty[len(head):]
@@ -91,10 +91,10 @@ def recognise(jinja: str, folder: str, **special_tokens) -> Recognised:
   passes to the template. Templates that render alike (Hermes-2 and internlm2-chat, which differ only in
   internlm2-chat's stripping of messages in training) resolve to the first in templates.NAMES. Raises a one-line
   ValueError naming the folder when none matches."""
-  rendered = [_jinja(jinja, turns, system, images, special_tokens) for turns, system, images in _PROBES]
+  rendered = [_jinja(jinja, turns, system, images, special_tokens) for turns, system, images in PROBES]
   for name in templates.NAMES:
     for candidate in _candidates(name, rendered[0]):
-      if all(text == _ours(name, turns, system, candidate) for text, (turns, system, _) in zip(rendered, _PROBES)):
+      if all(text == _ours(name, turns, system, candidate) for text, (turns, system, _) in zip(rendered, PROBES)):
         return candidate
   raise ValueError(f"the chat template of {folder} is not one of the InternVL conversation templates "
                    f"({', '.join(templates.NAMES)}): it renders the probe conversations differently; fine-tune from "
