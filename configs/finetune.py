@@ -5,9 +5,14 @@ internvl2.5/2nd_finetune/*_lora.sh and internvl3.0/2nd_finetune/*_full.sh), on d
       --config.data.train.source=internvl --config.data.train.path=META.json --config.total_steps=N
 
 Arguments (after the colon, comma-separated):
-  path=FOLDER   a released folder in OpenGVLab's remote-code layout (config.json with `template`): the model config
-                is read from it (no weights are read here), the weights at the start of the run (config.init.path),
-                its tokenizer files (config.tokenizer), its conversation template, system message and tiling
+  path=FOLDER   a released folder, in OpenGVLab's remote-code layout (config.json with `template`) or
+                transformers-native (-hf, InternVLForConditionalGeneration): the model config is read from it (no
+                weights are read here), the weights at the start of the run (config.init.path), its tokenizer
+                files (config.tokenizer) and its conversation template and system message: the OpenGVLab
+                config's `template` / `system_message`, or the named template whose rendering equals the -hf
+                folder's Jinja chat template on probe conversations (data/template_match.py; the -hf InternVL
+                templates are internvl2_5 without a default system block, data.default_system_block=False), so
+                the trained prompts are the ones transformers' apply_chat_template writes
   model=PRESET  a chat preset instead of a folder (planning, or a run from scratch), e.g. internvl3_5_8b
   lora=R        LoRA rank on the language model (default 16); 0 = full fine-tuning (the full recipe)
 
@@ -19,9 +24,8 @@ Recipe defaults (override any with --config.x=y):
   both:              weight decay 0.05, warmup 3% of the steps, cosine to 0, bfloat16 compute (float32 master
                      weights), full rematerialisation (grad_checkpoint), global batch 128 as 16 rows x 8
                      accumulation steps, loss_reduction 'token' (the official default), thumbnail tile on
--hf (transformers-native) folders ship a Jinja chat template instead of a template name: export them to the
-OpenGVLab layout first (`python -m internvl_jax.convert export FOLDER OUT --layout opengvlab` needs the template
-name, so train from the OpenGVLab release of the same model).
+An -hf folder whose chat template is none of ours (data/templates.py) is refused in one line: train from the
+OpenGVLab-layout release of the model.
 """
 
 import json
@@ -37,21 +41,34 @@ FULL_RECIPE = dict(freeze_backbone=True, freeze_mlp=False, freeze_llm=False, lr=
                    max_text_len=16384)
 
 
+def _template(folder: str, hf: dict) -> dict:
+  """config.data's template, system_message and default_system_block of a released folder: the OpenGVLab config's,
+  or those recognised from an -hf folder's Jinja chat template; a one-line error otherwise."""
+  from internvl_jax.data import template_match, templates, tokenizer  # local: config files stay light to import
+  if hf.get("template"):
+    return dict(template=hf["template"], system_message=hf.get("system_message"), default_system_block=True)
+  jinja = templates.read_chat_template(folder)
+  if jinja is None:
+    raise ValueError(f"{folder} names no conversation template: no 'template' in config.json (OpenGVLab layout) and "
+                     "no chat_template (-hf layout); give a released InternVL chat folder")
+  tok = tokenizer.load(folder)
+  match = template_match.recognise(jinja, folder, bos_token=tok.bos_token, eos_token=tok.eos_token)
+  return dict(template=match.template, system_message=match.system,
+              default_system_block=match.default_system_block)
+
+
 def _release(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
-  """(our chat model config, its OpenGVLab config.json) of a released folder; a one-line error otherwise."""
+  """(our chat model config, config.data's template fields) of a released folder; a one-line error otherwise."""
   from internvl_jax import convert  # local: pulls in the converters
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"path={folder} has no config.json; give a released InternVL chat folder")
   with open(path) as f:
     hf = json.load(f)
-  if not hf.get("template"):
-    raise ValueError(f"{folder} names no conversation template in config.json (an -hf / transformers-native "
-                     "folder?); fine-tune from the OpenGVLab-layout release of the model")
   model = convert.model_config(folder)
   if "language" not in model or "vision" not in model:
     raise ValueError(f"{folder} is not an InternVL chat model; configs/finetune.py fine-tunes chat models")
-  return model, hf
+  return model, _template(folder, hf)
 
 
 def get_config(arg=None):
@@ -63,13 +80,14 @@ def get_config(arg=None):
   recipe = LORA_RECIPE if rank > 0 else FULL_RECIPE
   c = defaults.base_config("instruct", preset or "tiny")
   if path:
-    c.model, hf = _release(path)
+    c.model, template = _release(path)
     c.model_name = os.path.basename(os.path.normpath(path))
     c.init.path = path
     c.tokenizer = path
-    c.data.template = hf["template"]
-    if hf.get("system_message") is not None:
-      c.data.system_message = hf["system_message"]
+    c.data.template = template["template"]
+    c.data.default_system_block = template["default_system_block"]
+    if template["system_message"] is not None:
+      c.data.system_message = template["system_message"]
   c.model.freeze_vision = True
   for tower in (c.model.vision, c.model.language):
     tower.dtype, tower.remat = "bfloat16", "full"

@@ -8,6 +8,9 @@
   internvl2_1b        InternVL2-1B: OpenGVLab InternVLChatModel, Qwen2, template Hermes-2, vocab.json + merges.txt
   internvl3_hf        InternVL3-1B-hf: transformers-native InternVLForConditionalGeneration, Qwen2 tokenizer.json,
                       the -hf chat_template.jinja, generation_config.json stop ids
+  internvl2_5_llama_hf  InternVL2_5-8B-MPO-hf / InternVL3-9B-hf: the same with a LLaMA language model and a
+                      LlamaTokenizer (tokenizer.json, BOS added) holding <|im_start|> <|im_end|> and InternVL's tokens,
+                      as transformers' conversion writes them for the InternLM2-based releases
 
 Each builder writes into `folder` and returns (folder, the transformers model or None). The chat models'
 vocabulary is the tokenizer's, and their image_token_id its <IMG_CONTEXT>; their vision tower takes 56 px tiles
@@ -82,16 +85,38 @@ def internvl2_1b(folder: str):
                          max_dynamic_patch=6)
 
 
-def internvl3_hf(folder: str):
-  tok = _tokenizer("qwen2", folder, tokenizer_json=True)
-  ref = hf_refs.chat_model(dict(hf_refs.QWEN2, vocab_size=tok.vocab_size), folder, image_token_id=tok.image_token_id)
+def _hf_files(folder: str, stops: list[int]) -> None:
+  """The -hf chat_template.jinja (transformers' conversion text), generation_config.json, preprocessor_config.json."""
   with open(HF_TEMPLATE, encoding="utf-8") as f:
     template = json.load(f)["chat_template"]
   with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
     f.write(template)
-  stops = [tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")]
   with open(os.path.join(folder, "generation_config.json"), "w") as f:
-    json.dump({"eos_token_id": stops, "pad_token_id": stops[1]}, f)
+    json.dump({"eos_token_id": stops, "pad_token_id": stops[-1]}, f)
   with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
     json.dump({"crop_to_patches": True, "max_patches": 12, "min_patches": 1, "size": {"height": 56, "width": 56}}, f)
+
+
+def internvl2_5_llama_hf(folder: str):
+  from transformers import AutoTokenizer
+  from internvl_jax.data import tokenizer
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_tok = AutoTokenizer.from_pretrained(tokenizer_folders.llama_sentencepiece(tmp), legacy=False,
+                                           extra_special_tokens={"start_image_token": "<img>",
+                                                                 "end_image_token": "</img>",
+                                                                 "context_image_token": "<IMG_CONTEXT>"})
+  hf_tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>",
+                                                           *tokenizer_folders.INTERNVL_TOKENS]})
+  hf_tok.save_pretrained(folder)
+  tok = tokenizer.load(folder)
+  ref = hf_refs.chat_model(dict(hf_refs.LLAMA, vocab_size=tok.vocab_size), folder, image_token_id=tok.image_token_id)
+  _hf_files(folder, [tok.token_id("<|im_end|>")])  # as the conversion's generation config: eos <|im_end|>
   return folder, ref
+
+
+def internvl3_hf(folder: str):
+  tok = _tokenizer("qwen2", folder, tokenizer_json=True)
+  ref = hf_refs.chat_model(dict(hf_refs.QWEN2, vocab_size=tok.vocab_size), folder, image_token_id=tok.image_token_id)
+  _hf_files(folder, [tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")])
+  return folder, ref
+

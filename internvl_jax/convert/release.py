@@ -3,7 +3,8 @@ model the way it was trained, in the transformers-native layout or OpenGVLab's r
 
   native     config.json + safetensors (saver.py), tokenizer files, chat_template.jinja (the run's conversation
              template as Jinja: apply_chat_template writes the same prompt the model was trained on, its
-             system message the default), generation_config.json (stop ids: the template separator's token and the
+             system message the default, or no system block for a run started from an -hf folder that wrote
+             none), generation_config.json (stop ids: the template separator's token and the
              tokenizer's eos), preprocessor_config.json + processor_config.json (InternVLProcessor: GotOcr2 tiles,
              image_seq_length)
   opengvlab  config.json of InternVLChatModel (vision_config, llm_config, template, system_message, tiling) +
@@ -39,6 +40,9 @@ def opengvlab_plan(model: internvl.InternVLChat, chat: chat_format_lib.ChatForma
   if chat.template is None:
     raise ConversionError("the OpenGVLab layout names a conversation template (config.json 'template'); this model's "
                           "format is a Jinja chat template: export --layout native")
+  if chat.system is None and not chat.default_system_block:
+    raise ConversionError("this model was trained without a system block when no system message is given (as its "
+                          "-hf chat template); OpenGVLab's conversation.py always writes one: export --layout native")
   hf = configs.chat_to_opengvlab(cfg, template=chat.template, system_message=chat.system,
                                  max_dynamic_patch=chat.max_num, use_thumbnail=chat.use_thumbnail)
   head = None if cfg.language.tie_embeddings else "language_model.lm_head"
@@ -109,7 +113,8 @@ def write_release(model: nnx.Module, out_dir: str, *, tokenizer: tokenizer_lib.T
       extra.update(processor_files(chat))
       # the run's system message (or the template's default) becomes the Jinja template's default
       with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
-        f.write(chat.jinja if chat.jinja is not None else templates.to_jinja(chat.template, chat.system))
+        f.write(chat.jinja if chat.jinja is not None else templates.to_jinja(
+            chat.template, chat.system, default_system_block=chat.default_system_block))
       written.append("chat_template.jinja")
     for name, content in extra.items():
       with open(os.path.join(out_dir, name), "w") as f:

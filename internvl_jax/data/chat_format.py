@@ -68,8 +68,10 @@ class ChatFormat:
   """A chat model's prompt layout, image geometry and stop rule.
 
   template: an OpenGVLab template name (data/templates.py) — or None with `jinja`, a transformers-native
-  chat_template; system: the system message (None = the template's default); stop_ids: generation stops at any
-  of them; max_num / use_thumbnail: dynamic tiling at inference (the release's max_dynamic_patch / use_thumbnail).
+  chat_template; system: the system message (None = the template's default); default_system_block: False = no
+  system block when system is None (a run fine-tuned from an -hf folder, whose Jinja template writes none);
+  stop_ids: generation stops at any of them; max_num / use_thumbnail: dynamic tiling at inference (the release's
+  max_dynamic_patch / use_thumbnail).
   """
   tokenizer: tokenizer_lib.Tokenizer
   image_size: int
@@ -80,6 +82,7 @@ class ChatFormat:
   stop_ids: tuple[int, ...] = ()
   max_num: int = 12
   use_thumbnail: bool = True
+  default_system_block: bool = True
 
   def __post_init__(self):
     if (self.template is None) == (self.jinja is None):
@@ -101,7 +104,8 @@ class ChatFormat:
     # wrote the placeholders)
     if num_tiles and not history and IMAGE_PLACEHOLDER not in question:
       question = IMAGE_PLACEHOLDER + "\n" + question
-    text = templates.render(self.template, [*history, (question, None)], system=self.system)
+    text = templates.render(self.template, [*history, (question, None)], system=self.system,
+                            default_system_block=self.default_system_block)
     return expand_placeholders(text, IMAGE_PLACEHOLDER, num_tiles, self.tokens_per_tile)
 
   def _jinja_prompt(self, question, num_tiles, history) -> str:
@@ -182,13 +186,14 @@ class ChatFormat:
 
   @classmethod
   def from_run(cls, cfg, tokenizer: tokenizer_lib.Tokenizer) -> ChatFormat:
-    """The format a train.py stage-3 run trained with: config.data.template / system_message, the model's
-    input size and the tile cap (data.max_dynamic_patch, by default max_tiles - 1)."""
+    """The format a train.py stage-3 run trained with: config.data.template / system_message /
+    default_system_block, the model's input size and the tile cap (data.max_dynamic_patch, by default
+    max_tiles - 1)."""
     from internvl_jax.train import config_checks  # local: a training-side import
     max_num = int(cfg.data.get("max_dynamic_patch", 0) or 0) or max(int(cfg.data.get("max_tiles", 1)) - 1, 1)
     return cls(tokenizer, config_checks.input_size(cfg), config_checks.tokens_per_tile(cfg),
                template=cfg.data.get("template", "plain"), system=cfg.data.get("system_message", None),
-               max_num=max_num)
+               max_num=max_num, default_system_block=bool(cfg.data.get("default_system_block", True)))
 
 
 def default_stop_ids(tok: tokenizer_lib.Tokenizer, template: str | None) -> tuple[int, ...]:

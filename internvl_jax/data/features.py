@@ -43,6 +43,7 @@ class FeatureSpec:
   max_tiles: int = 1  # instruct: tile slots per example (1 = no tiling)
   template: str = "plain"  # instruct: a conversation template of data/templates.py
   system: str | None = None  # instruct: the system message (None: the template's default; a record's wins)
+  default_system_block: bool = True  # instruct, system None, no system turn: False = no system block (-hf folders)
   # instruct: the tile cap of dynamic tiling (None: max_tiles - 1, room for the thumbnail; a dataset's own
   # max_dynamic_patch in an internvl meta file wins), and the frames a video record is sampled to
   max_dynamic_patch: int | None = None
@@ -183,7 +184,7 @@ def instruct_prompt(record: dict, spec: FeatureSpec, rng: np.random.Generator | 
   (no spare slots): the text `instruct` tokenises."""
   turns, system, tiles = instruct_layout(record, spec, rng)
   system = spec.system if system is None else system
-  text = templates.render(spec.template, turns, system=system)
+  text = templates.render(spec.template, turns, system=system, default_system_block=spec.default_system_block)
   return _expand([text], [len(t) for t in tiles], spec.tokens_per_tile)[0]
 
 
@@ -263,8 +264,9 @@ def _pieces_and_units(spec, turns, system):
   """templates.segments and train_units of a record's turns (its system turn, else the config's message)."""
   system = spec.system if system is None else system
   try:
-    return (templates.segments(spec.template, turns, system=system),
-            templates.train_units(spec.template, turns, system=system))
+    block = spec.default_system_block
+    return (templates.segments(spec.template, turns, system=system, default_system_block=block),
+            templates.train_units(spec.template, turns, system=system, default_system_block=block))
   except ValueError as e:
     raise ValueError(f"{e}; set config.data.template") from None
 

@@ -113,7 +113,8 @@ def stop_string(name: str) -> str:
   return get(name).stop
 
 
-def _pieces(name: str, turns, system: str | None, training: bool = False) -> list[tuple[str, bool]]:
+def _pieces(name: str, turns, system: str | None, training: bool = False,
+            default_system_block: bool = True) -> list[tuple[str, bool]]:
   """Unmerged (text, trained) pieces of the conversation, with a unit break marked by (None, False).
   training: the text the official training writes (adds the template's train_answer_prefix)."""
   t = get(name)
@@ -127,6 +128,8 @@ def _pieces(name: str, turns, system: str | None, training: bool = False) -> lis
   if t.system_template is None:
     if message:
       raise ValueError(f"template {name!r} has no system message; pass system=None")
+  elif system is None and not default_system_block:
+    pass  # no system block at all: the -hf templates write one only for a given system message
   else:
     # the system block is written even for an empty message, as get_prompt() does
     out += [(t.system_template.format(system_message=message) + t.sep, False), (None, False)]
@@ -145,23 +148,25 @@ def _pieces(name: str, turns, system: str | None, training: bool = False) -> lis
   return out
 
 
-def render(name: str, turns: Sequence[tuple[str, str | None]], *, system: str | None = None) -> str:
+def render(name: str, turns: Sequence[tuple[str, str | None]], *, system: str | None = None,
+           default_system_block: bool = True) -> str:
   """The conversation as the official code writes it.
 
   turns: (question, answer) pairs, oldest first; the last answer None leaves the assistant turn open (bare
   assistant role) for generation. system: None = the template's default message; any string, also '', replaces it
-  (the system block is still written)."""
-  return "".join(s for s, _ in _pieces(name, turns, system) if s)
+  (the system block is still written). default_system_block=False: with system None no system block is written
+  at all (what the transformers-native -hf chat templates do; the official conversation.py always writes one)."""
+  return "".join(s for s, _ in _pieces(name, turns, system, default_system_block=default_system_block) if s)
 
 
-def segments(name: str, turns: Sequence[tuple[str, str | None]], *,
-             system: str | None = None) -> list[tuple[str, bool]]:
+def segments(name: str, turns: Sequence[tuple[str, str | None]], *, system: str | None = None,
+             default_system_block: bool = True) -> list[tuple[str, bool]]:
   """The training text as consecutive pieces, True where the official training computes loss: each answer with the
   trained part of its separator (`<|im_end|>`, `<|end|>`, `</s>`, gpt-oss's `<|return|>` after the last one) and
   gpt-oss's `<|channel|>final<|message|>` before it. Roles, questions, the system block and internvl2_5's newline
   after `<|im_end|>` are False. ''.join(pieces) == render(...) except for the gpt-oss answer prefix."""
   merged: list[tuple[str, bool]] = []
-  for text, trained in _pieces(name, turns, system, training=True):
+  for text, trained in _pieces(name, turns, system, training=True, default_system_block=default_system_block):
     if not text:
       continue
     if merged and merged[-1][1] == trained:
@@ -171,11 +176,12 @@ def segments(name: str, turns: Sequence[tuple[str, str | None]], *,
   return merged
 
 
-def train_units(name: str, turns: Sequence[tuple[str, str | None]], *, system: str | None = None) -> list[str]:
+def train_units(name: str, turns: Sequence[tuple[str, str | None]], *, system: str | None = None,
+                default_system_block: bool = True) -> list[str]:
   """The strings the official training tokenises separately, whose concatenation is the training text (`segments`):
   internvl2_5 and internvl3_5_gpt_oss: the system block, then each user block and each assistant block (role +
   message + sep); the other templates: the whole conversation as one string."""
-  pieces = _pieces(name, turns, system, training=True)
+  pieces = _pieces(name, turns, system, training=True, default_system_block=default_system_block)
   if not get(name).per_turn_units:
     return ["".join(s for s, _ in pieces if s)]
   units, current = [], ""
@@ -313,7 +319,7 @@ def _literal(text: str) -> str:
   return json.dumps(text, ensure_ascii=False)  # a Jinja string literal: same escapes as JSON for these strings
 
 
-def to_jinja(name: str, system: str | None = None) -> str:
+def to_jinja(name: str, system: str | None = None, *, default_system_block: bool = True) -> str:
   """A Jinja chat template that writes what `render(name, ...)` writes, for transformers' apply_chat_template and
   for ChatFormat.from_folder on an exported -hf folder.
 
@@ -321,13 +327,17 @@ def to_jinja(name: str, system: str | None = None) -> str:
   default; content a string or parts ({"type": "image"} -> `<IMG_CONTEXT>\\n`, which InternVLProcessor expands
   into the image block, {"type": "text"} -> its text); an empty message is its bare role; add_generation_prompt
   opens the assistant turn. `last_sep` (gpt-oss's `<|return|>`) ends a conversation whose last message is an
-  answer. system: the default system message written when the messages have none (None: the template's)."""
+  answer. system: the default system message written when the messages have none (None: the template's);
+  default_system_block=False with system None: no system block unless the messages start with one (as the -hf
+  InternVL templates)."""
   t = get(name)
   user, assistant = t.roles
   default = t.system_message if system is None else system
   if t.system_template is None and default:
     raise ValueError(f"template {name!r} has no system message; pass system=None")
-  out = ["{%- set ns = namespace(system=" + _literal(default) + ", start=0) -%}",
+  # ns.system none: no system block (default_system_block=False and no system message)
+  no_block = system is None and not default_system_block
+  out = ["{%- set ns = namespace(system=" + ("none" if no_block else _literal(default)) + ", start=0) -%}",
          "{%- if messages and messages[0]['role'] == 'system' -%}",
          "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}",
          "{%- endif -%}"]
@@ -336,7 +346,8 @@ def to_jinja(name: str, system: str | None = None) -> str:
                ") }}{%- endif -%}")
   else:
     head, tail = t.system_template.split("{system_message}")
-    out.append("{{- " + _literal(head) + " + ns.system + " + _literal(tail + t.sep) + " -}}")
+    out.append("{%- if ns.system is not none -%}{{- " + _literal(head) + " + ns.system + " + _literal(tail + t.sep) +
+               " -}}{%- endif -%}")
   last_sep = _literal(t.last_sep) if t.last_sep else _literal(t.sep)
   out += [
       "{%- for message in messages[ns.start:] -%}",

@@ -168,6 +168,7 @@ def _chat_protocol(model: EvalModel, min_new: int, max_new: int, dynamic: bool, 
   """What the result JSON records of how a chat model was prompted and stopped."""
   fmt = model.chat
   return {"template": fmt.template or "chat_template (Jinja)", "system_message": fmt.system,
+          "default_system_block": fmt.default_system_block if fmt.template else None,
           "stop_ids": list(fmt.stop_ids), "min_new_tokens": min_new, "max_new_tokens": max_new,
           "dynamic": dynamic, "max_num": max_num if dynamic else 1, "image_size": fmt.image_size}
 

@@ -70,6 +70,9 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   # 'internvl2_5' | 'internlm2-chat' | 'Hermes-2' | 'phi3-chat' | 'internvl3_5_gpt_oss', for that release's tokenizer
   c.data.template = "plain"
   c.data.system_message = None  # None: the template's default system message (a record's system turn wins)
+  # with system_message None and no system turn: False writes no system block at all (as the Jinja templates of
+  # transformers-native -hf folders do; configs/finetune.py sets it from the folder)
+  c.data.default_system_block = True
   c.data.augment = False  # random-resized-crop for training images
   c.data.max_bad_fraction = 0.05
   c.data.num_threads = 2
