@@ -66,7 +66,8 @@ def feature_spec(cfg: ml_collections.ConfigDict, *, train: bool) -> features_lib
       tokens_per_tile=config_checks.tokens_per_tile(cfg) if cfg.task == "instruct" else 0,
       max_tiles=cfg.data.get("max_tiles", 1), template=cfg.data.get("template", "plain"),
       system=cfg.data.get("system_message", None),
-      default_system_block=bool(cfg.data.get("default_system_block", True)), max_dynamic_patch=cfg.data.get("max_dynamic_patch", 0) or None,
+      default_system_block=bool(cfg.data.get("default_system_block", True)),
+      max_dynamic_patch=cfg.data.get("max_dynamic_patch", 0) or None,
       min_num_frame=cfg.data.get("min_num_frame", 8), max_num_frame=cfg.data.get("max_num_frame", 32),
       augment=train and cfg.data.get("augment", False),
       text_prefix=caption_prefix(cfg), packed=train and packing_on(cfg))
