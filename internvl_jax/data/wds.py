@@ -259,22 +259,27 @@ class WdsIterator(grain.DatasetIterator):
 
 
 class WindowShuffle(grain.IterDataset):
-  """Reads `window` elements, yields them in a random order drawn from (seed, window number), and so on: the
+  """Reads `window` elements, yields them in a random order drawn from (seed, reader, window number), and so on: the
   state of grain's WindowShuffleIterDataset (where the window began in the parent, the window number, how many of
   it were yielded), whose restore re-reads the window. Ours because grain 0.2.18's draws each position with
   index_shuffle at about 90 ms per window whatever its size (20 ms per element for a window of 4)."""
 
   def __init__(self, parent: grain.IterDataset, *, window: int, seed: int):
     super().__init__(parent)
-    self.window, self.seed = window, seed
+    self.window, self.seed, self.reader = window, seed, 0
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    """grain's reader split: passed on to the shard reader; each reader also draws its own window orders."""
+    self._parent.set_slice(sl, sequential_slice)
+    self.reader = sl.start or 0
 
   def __iter__(self) -> "_WindowShuffleIterator":
-    return _WindowShuffleIterator(self._parent.__iter__(), self.window, self.seed)
+    return _WindowShuffleIterator(self._parent.__iter__(), self.window, [self.seed, self.reader])
 
 
 class _WindowShuffleIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, window: int, seed: int):
+  def __init__(self, parent: grain.DatasetIterator, window: int, seed: list[int]):
     super().__init__(parent)
     self.window, self.seed = window, seed
     self.index, self.taken, self.items = 0, 0, []
@@ -287,7 +292,7 @@ class _WindowShuffleIterator(grain.DatasetIterator):
         self.items.append(next(self._parent))
       except StopIteration:
         break
-    order = np.random.default_rng([self.seed, self.index]).permutation(len(self.items))
+    order = np.random.default_rng(self.seed + [self.index]).permutation(len(self.items))
     self.items = [self.items[i] for i in order[::-1]]  # popped from the end
 
   def __next__(self):
