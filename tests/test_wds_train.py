@@ -76,6 +76,7 @@ def test_demo_stage1_from_shards_learns(tmp_path):
                        capture_output=True, text=True, timeout=1800)
   assert out.returncode == 0, out.stderr[-3000:]
   final = json.load(open(os.path.join(wd, "stage1", "final_metrics.json")))
+  print({k: final[k] for k in ("loss", "i2t_r1", "t2i_r1", "records_seen", "records_bad")})  # shown with -s / -rA
   assert final["records_bad"] == 0
   # chance is about 1/264 scenes (test_demo_learns.py); the demo's own 600-step run reaches >= 0.2
   assert final["i2t_r1"] >= 0.1 and final["t2i_r1"] >= 0.1, final

@@ -5,7 +5,8 @@ the InternViT-6B contrastive train step consumes per accelerator.
       [--step_time 2.0 --per_chip_batch 32 --mfu 0.4 --chip h100]
 
 Data: synthetic JPEGs (quality 90, smooth colour gradients plus noise, width x height; img2dataset writes 256 to
-512 px images for stage-1 sets) with a 12-word caption, written as shards of 100 samples in a temporary folder.
+512 px images for stage-1 sets) with a 12-word caption, in shards of 100 samples (fewer for short runs) in a
+temporary folder.
 Pipeline: exactly train.py's (pipeline.train_dataset over data/wds.py): tar read, window shuffle (1000), JPEG
 decode, random-resized-crop (scale 0.8-1) to 224 px, ImageNet normalisation, caption tokenisation, batches of 32;
 data.num_threads reader threads. Also timed: the decode + crop + normalise transform alone in a plain loop (the
@@ -122,7 +123,8 @@ def main(argv=None) -> list[dict]:
   need = demand(args.step_time, args.per_chip_batch, args.mfu, args.chip)
   rows = []
   with tempfile.TemporaryDirectory() as folder:
-    paths, captions = write_shards(folder, args.samples + 64, args.width, args.height)
+    n = args.samples + 64
+    paths, captions = write_shards(folder, n, args.width, args.height, per_shard=min(100, max(n // 8, 1)))
     tok = tokenizer_lib.build_word_level(captions)
     alone = time_transform(paths, min(args.samples, 300))
     for threads in (int(t) for t in args.threads.split(",")):
