@@ -190,6 +190,20 @@ def test_mixture_proportions_and_resume(tmp_path):
   again.set_state(state)
   assert _keys(again, 200) == keys[137:337]
 
+  # through the training pipeline's 2 reader threads: each member's shards are dealt to both readers
+  def records():
+    return pipeline._iterable_records(mix, lambda r, rng: {"key": r["key"]}, seed=2, host=0, hosts=1, num_threads=2)
+  it = iter(records())
+  threaded = _keys(it, 300)
+  assert abs(sum(k.startswith("a") for k in threaded) / 300 - 0.75) < 0.02
+  assert {k for k in threaded if k.startswith("b")} == {f"b{s}_{i}" for s in range(2) for i in range(10)}
+  it = iter(records())
+  _keys(it, 101)
+  state = json.loads(json.dumps(it.get_state()))
+  again = iter(records())
+  again.set_state(state)
+  assert _keys(again, 199) == threaded[101:]
+
 
 def test_mixture_from_config(tmp_path):
   c = tiny_config("contrastive")
