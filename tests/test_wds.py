@@ -213,6 +213,11 @@ def test_mixture_from_config(tmp_path):
   c.data.train.mixture = "laion:0.7,coyo:0.3"
   src = sources.make_train_source(c.data, 8)
   assert isinstance(src, wds.Mixture) and src.weights == {"laion": 0.7, "coyo": 0.3}
+  for form in ({"laion": 0.7, "coyo": 0.3}, [("laion", 0.7), ("coyo", 0.3)]):  # as a config file may write it
+    c.data.train.mixture = form
+    copy = ml_collections.ConfigDict(c.to_dict())  # what loop.run trains on; config.json is written from it
+    assert json.loads(copy.to_json_best_effort())["data"]["train"]["mixture"]
+    assert sources.make_train_source(copy.data, 8).weights == {"laion": 0.7, "coyo": 0.3}
   c.data.train.mixture = "laion:0.7,cc12m:0.3"
   with pytest.raises(ValueError, match="config.data.sources.cc12m"):
     sources.make_train_source(c.data, 8)
