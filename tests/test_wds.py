@@ -173,6 +173,10 @@ def test_bad_samples_and_shards_are_counted_and_skipped(tmp_path):
   assert tracker.summary() == {"records_seen": 13, "records_bad": 7}
   assert any("a1" in e and "cannot be decoded" in e for e in tracker.examples)
 
+  empty = _write(tmp_path / "e.tar", [])
+  with pytest.raises(ValueError, match="hold no samples"):
+    next(iter(wds.WdsIterDataset([empty])))
+
 
 def test_mixture_proportions_and_resume(tmp_path):
   a = _shards(tmp_path, 2, 10, prefix="a")

@@ -204,6 +204,7 @@ class WdsIterator(grain.DatasetIterator):
     self.epoch = self.cursor = self.offset = 0
     self._reader: _ShardReader | None = None
     self._listed: tuple[int, list[str]] | None = None
+    self._empty = 0  # shards in a row that held no sample: a set of only empty shards must not spin forever
     if not ds.resampled and not ds.epoch_shards(0):
       raise ValueError(f"{len(ds.shards)} wds shards over {ds.hosts} hosts leave reader {ds.slice} without a "
                        "shard; write more (smaller) shards, lower data.num_threads, or set data.train.resampled")
@@ -238,7 +239,12 @@ class WdsIterator(grain.DatasetIterator):
         return {"id": f"{path}@{at}", "error": f"shard cannot be read past byte {at} ({type(e).__name__}: {e})"}
       if sample is None:
         self._next_shard()
+        self._empty += 1
+        if self._empty > 2 * len(self.ds.shards) + 10:
+          raise ValueError(f"wds shards hold no samples ({self._empty} read in a row without one, e.g. {path}); "
+                           "check config.data.<train|sources.X>.path")
         continue
+      self._empty = 0
       key, parts, self.offset = sample
       return make_record(path, key, parts, self.ds.caption_field)
 
@@ -256,6 +262,7 @@ class WdsIterator(grain.DatasetIterator):
 
   def close(self) -> None:
     self._close()
+    super().close()
 
 
 class WindowShuffle(grain.IterDataset):
