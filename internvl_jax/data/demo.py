@@ -13,11 +13,21 @@ Per example:
   label          the scene key as a class name (classification form)
   conversations  one question about the image, InternVL/LLaVA form, e.g. "<image>\\nwhat colour is the circle?"
                  -> "red"; every answer is one word
+
+The train split can also be written as webdataset shards (img2dataset layout), to run stage 1 from files:
+  python -m internvl_jax.data.demo --write_wds DIR [--size 8000 --shard_size 1000 --image_size 56]
 """
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
+import os
+import tarfile
+
 import numpy as np
+from PIL import Image
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -121,3 +131,45 @@ class DemoWorld:
     if self._cache is not None:
       self._cache[index] = record
     return record
+
+
+def write_wds(out_dir: str, size: int = 8000, shard_size: int = 1000, image_size: int = 56,
+              split: str = "train") -> list[str]:
+  """Writes examples 0..size-1 of a split as shards out_dir/<split>-00000.tar, ... of shard_size samples each, in
+  the img2dataset layout: <key>.jpg (quality 95), <key>.txt (one caption: the two phrasings alternate over the
+  examples) and <key>.json ({"caption", "captions", "scene"}). Returns the shard paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  world = DemoWorld(split, size, image_size, cache=False)
+  paths = []
+  for first in range(0, size, shard_size):
+    path = os.path.join(out_dir, f"{split}-{first // shard_size:05d}.tar")
+    with tarfile.open(path, "w") as tar:
+      for i in range(first, min(first + shard_size, size)):
+        rec = world[i]
+        jpg = io.BytesIO()
+        Image.fromarray(rec["image"]).save(jpg, format="JPEG", quality=95)
+        caption = rec["captions"][i % 2]
+        meta = {"caption": caption, "captions": rec["captions"], "scene": rec["key"]}
+        for ext, data in (("jpg", jpg.getvalue()), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+          info = tarfile.TarInfo(f"{i:08d}.{ext}")
+          info.size = len(data)
+          tar.addfile(info, io.BytesIO(data))
+    paths.append(path)
+  return paths
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description="Write the demo world's train split as webdataset shards.")
+  ap.add_argument("--write_wds", required=True, metavar="DIR", help="folder for the .tar shards")
+  ap.add_argument("--size", type=int, default=8000, help="examples (configs/demo.py stage 1 trains on 8000)")
+  ap.add_argument("--shard_size", type=int, default=1000)
+  ap.add_argument("--image_size", type=int, default=56)
+  args = ap.parse_args(argv)
+  paths = write_wds(args.write_wds, args.size, args.shard_size, args.image_size)
+  last = len(paths) - 1
+  print(f"wrote {len(paths)} shards; train with --config.data.train.source=wds "
+        f"--config.data.train.path='{os.path.join(args.write_wds, 'train-{00000..%05d}.tar' % last)}'")
+
+
+if __name__ == "__main__":
+  main()

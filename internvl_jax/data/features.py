@@ -66,6 +66,8 @@ def image_of(record: dict, size: int, rng: np.random.Generator | None, spec: Fea
     image = transforms.to_pil(record["image"])
   elif "image_path" in record:
     image = transforms.load_image(record["image_path"])
+  elif "image_bytes" in record:  # a webdataset sample (data/wds.py)
+    image = transforms.decode_image(record["image_bytes"], record.get("id", "?"))
   else:
     raise BadRecord("record has no image")
   if spec.augment and rng is not None:

@@ -5,6 +5,10 @@ Training: source -> global shuffle (seed, reshuffled each epoch) -> repeat forev
 deterministic) -> drop bad records -> batch of batch_size / process_count. The iterator's state (a small dict)
 goes into every checkpoint, so a resumed run sees exactly the batches an uninterrupted run would.
 
+An iterable source (data/wds.py: webdataset shards, mixtures) goes: its records for this host (shards dealt to
+hosts, then to the num_threads readers of grain's multithread_prefetch; window-shuffled) -> features (random_map,
+a per-reader rng) -> drop bad records -> batch. Its state is each reader's shard position, saved the same way.
+
 Evaluation: the whole eval split in order, in fixed-size batches (the last one padded, with a `valid` mask).
 """
 
@@ -82,6 +86,11 @@ def train_dataset(source, feature_fn, *, global_batch: int, seed: int, tracker: 
   if global_batch % hosts:
     raise ValueError(f"batch_size {global_batch} is not divisible by the {hosts} hosts; change --config.batch_size")
   guarded = _guarded(feature_fn, tracker)
+  if hasattr(source, "iter_dataset"):
+    it = _iterable_records(source, guarded, seed=seed, host=host, hosts=hosts, num_threads=num_threads)
+    if packing is not None:
+      return packing_lib.PackIterDataset(it, packing.for_host(hosts, host), tracker)
+    return it.batch(global_batch // hosts, drop_remainder=True)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
   # random_map before the host slice: each example's rng (caption choice, augmentation) is then a function of its
   # global position, so a global batch is the same whatever the number of hosts (MapDataset is lazy: a host
@@ -92,6 +101,19 @@ def train_dataset(source, feature_fn, *, global_batch: int, seed: int, tracker: 
   if packing is not None:
     return packing_lib.PackIterDataset(it, packing.for_host(hosts, host), tracker)
   return it.batch(global_batch // hosts, drop_remainder=True)
+
+
+def _iterable_records(source, guarded, *, seed: int, host: int, hosts: int, num_threads: int,
+                      epochs: int | None = None) -> grain.IterDataset:
+  """Featurised good records of an iterable source, read and featurised by num_threads reader threads (each
+  reads its own shards: grain sets its slice), interleaved in a fixed order, so the stream is deterministic for a
+  given num_threads (another num_threads deals the shards differently)."""
+  ds = source.iter_dataset(seed, host, hosts, epochs)
+  ds = ds.random_map(lambda rec, rng: guarded(rec, rng), seed=seed + 1).filter(lambda x: x is not None)
+  threads = max(int(num_threads), 1)
+  if threads == 1:
+    return ds
+  return grain.experimental.multithread_prefetch(ds, num_threads=threads, buffer_size=2)
 
 
 def eval_batches(source, feature_fn, *, batch_size: int, limit: int | None = None,

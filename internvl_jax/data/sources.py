@@ -1,7 +1,8 @@
-"""Random-access record sources: the demo world, JSON-lines files and tensorflow-datasets.
+"""Record sources: the demo world, JSON-lines files, tensorflow-datasets (random access), and webdataset shards
+and mixtures of them (iterable: data/wds.py).
 
 Every source yields plain dicts in one shape, so the feature code does not care where a record came from:
-  image          uint8 [H, W, 3] array, or image_path (str) decoded later
+  image          uint8 [H, W, 3] array, or image_path (str) / image_bytes (encoded, wds) decoded later
   captions       list[str] (image-text records; a single "caption" becomes a one-element list)
   label          str (classification records)
   conversations  [{"from": "human" | "gpt", "value": str}, ...] (instruction records)
@@ -16,7 +17,7 @@ import os
 
 import ml_collections
 
-from internvl_jax.data import demo, internvl_meta
+from internvl_jax.data import demo, internvl_meta, wds
 
 
 class JsonlSource:
@@ -188,5 +189,31 @@ def make_source(split_cfg: ml_collections.ConfigDict, image_size: int):
     return TfdsSource(split_cfg.get("name", ""), split_cfg.get("split", "train"),
                       split_cfg.get("image_key", "image"), split_cfg.get("caption_key", "captions.text"),
                       split_cfg.get("data_dir", ""))
-  raise ValueError(f"data source {kind!r} is not one of demo, jsonl, internvl, tfds; "
+  if kind == "wds":  # webdataset shards, iterable (data/wds.py): training only
+    return wds.WdsSource(split_cfg.get("path", ""), caption_field=split_cfg.get("caption_field", "caption"),
+                         shuffle_buffer=split_cfg.get("shuffle_buffer", 1000),
+                         resampled=split_cfg.get("resampled", False),
+                         shuffle_shards=split_cfg.get("shuffle_shards", True))
+  raise ValueError(f"data source {kind!r} is not one of demo, jsonl, internvl, tfds, wds; "
                    "set --config.data.<train|eval>.source")
+
+
+def make_train_source(data_cfg: ml_collections.ConfigDict, image_size: int):
+  """The training source of a `data` block: data.train, or, when data.train.mixture is set ('laion:0.7,coyo:0.3',
+  a {name: weight} dict or a list of (name, weight)), a wds.Mixture of the named data.sources.<name> blocks."""
+  mixture = data_cfg.train.get("mixture", "")
+  if not mixture:
+    return make_source(data_cfg.train, image_size)
+  weights = wds.parse_mixture(mixture)
+  defined = data_cfg.get("sources", None) or {}
+  members = {}
+  for name in weights:
+    if name not in defined:
+      raise ValueError(f"data.train.mixture names {name!r}, which is not defined: add config.data.sources.{name} = "
+                       f"{{source: 'wds', path: ...}} in a config file (defined: {sorted(defined) or 'none'})")
+    member = make_source(defined[name], image_size)
+    if not hasattr(member, "iter_dataset"):
+      raise ValueError(f"mixture member {name!r} has source {defined[name].get('source')!r}; mixtures take "
+                       "source='wds' members only")
+    members[name] = member
+  return wds.Mixture(members, weights)

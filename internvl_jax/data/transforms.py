@@ -3,6 +3,8 @@ and InternVL's dynamic tiling (DESIGN §5)."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image
 
@@ -23,6 +25,15 @@ def load_image(path: str) -> Image.Image:
     raise BadRecord(f"image file {path} does not exist") from None
   except Exception as e:  # PIL raises several types for corrupt data
     raise BadRecord(f"image file {path} cannot be decoded ({type(e).__name__})") from None
+
+
+def decode_image(data: bytes, record_id: str = "?") -> Image.Image:
+  """Encoded image bytes (JPEG, PNG, WebP, ...) -> RGB PIL image. Raises BadRecord when they cannot be decoded."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.convert("RGB")
+  except Exception as e:  # PIL raises several types for corrupt data
+    raise BadRecord(f"image of {record_id} cannot be decoded ({type(e).__name__})") from None
 
 
 def to_pil(image) -> Image.Image:

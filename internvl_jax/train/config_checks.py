@@ -125,8 +125,11 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
       raise ConfigError(f"config.{field}={cfg[field]} must be >= 0 (0 = only at the end)")
   for split in ("train", "eval"):
     src = cfg.data[split].source
-    if src not in ("demo", "jsonl", "internvl", "tfds", ""):
-      raise ConfigError(f"config.data.{split}.source={src!r} is not one of demo, jsonl, internvl, tfds")
+    if src not in ("demo", "jsonl", "internvl", "tfds", "wds", ""):
+      raise ConfigError(f"config.data.{split}.source={src!r} is not one of demo, jsonl, internvl, tfds, wds")
+    if src == "wds" and split == "eval":
+      raise ConfigError("config.data.eval.source=wds: evaluation reads a random-access split in order; use jsonl, "
+                        "tfds or demo for data.eval (wds is for data.train and data.sources)")
     if src == "internvl" and cfg.task != "instruct":
       raise ConfigError(f"config.data.{split}.source=internvl (conversations) is for the instruct stage, not "
                         f"{cfg.task}; use jsonl or tfds")

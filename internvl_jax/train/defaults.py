@@ -53,6 +53,14 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train = ml_collections.ConfigDict(dict(source="demo", split="train", size=20000, path="", name="",
                                                 data_dir="", image_key="image", caption_key="captions.text"))
+  # source=wds (data/wds.py): path = shard patterns ('/d/{00000..00099}.tar,/e/*.tar'); caption_field = the
+  # key.json field read when a sample has no key.txt; shuffle_buffer = samples per shuffle window; resampled =
+  # shards drawn with replacement (endless, no epochs); shuffle_shards = shard order drawn anew each epoch
+  c.data.train.update(dict(caption_field="caption", shuffle_buffer=1000, resampled=False, shuffle_shards=True))
+  # a weighted mixture of named sources instead of data.train ('laion:0.7,coyo:0.3'); each name is a block of
+  # data.sources defined in a config file, e.g. c.data.sources.laion = ConfigDict(dict(source='wds', path=...))
+  c.data.train.mixture = ml_collections.FieldReference(None, field_type=object)  # a string, a dict or a list
+  c.data.sources = ml_collections.ConfigDict()
   c.data.eval = ml_collections.ConfigDict(dict(source="demo", split="eval", size=512, path="", name="",
                                                data_dir="", image_key="image", caption_key="captions.text"))
   c.data.max_text_len = 64 if task == "instruct" else 32

@@ -90,7 +90,7 @@ def pack_spec(cfg: ml_collections.ConfigDict, tok, source=None) -> packing.PackS
   if not tiles:
     fn = features_lib.make_feature_fn(feature_spec(cfg, train=True), tok)
     sample = []
-    n = len(source) if source is not None else 0
+    n = len(source) if hasattr(source, "__len__") else 0  # an iterable source (wds) is not sampled
     for i in sorted({j * n // PACK_SAMPLE for j in range(PACK_SAMPLE)} if n else ()):
       try:
         sample.append(fn(source[i], None))
@@ -125,7 +125,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = config_checks.make_checked_mesh(cfg)
   image_size = config_checks.input_size(cfg)
-  train_source = sources.make_source(cfg.data.train, image_size)
+  train_source = sources.make_train_source(cfg.data, image_size)
   tok, from_scratch = _tokenizer(cfg, workdir, train_source)
   config_checks.adapt_model_to_tokenizer(cfg, tok, built=from_scratch)
   config_checks.validate(cfg, mesh)
