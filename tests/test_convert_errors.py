@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 import hf_refs
 from internvl_jax import convert
+from internvl_jax.convert import orbax_io
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,61 @@ def test_mesh_of_four_cpu_devices(tmp_path):
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.startswith("ok")
+
+
+def _convert_cli(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "internvl_jax.convert", *args], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_import_refuses_a_non_empty_out_dir_and_overwrite_replaces_it(tmp_path, vision_dir):
+  other = str(tmp_path / "other")
+  hf_refs.vision_model("layer_norm", other, seed=5)
+  out = str(tmp_path / "out")
+  assert _convert_cli("import", vision_dir, out).returncode == 0
+  first = params(orbax_io.load_checkpoint(out))
+  refused = _convert_cli("import", other, out)
+  assert refused.returncode == 2
+  lines = refused.stderr.strip().splitlines()
+  assert len(lines) == 1 and "is not empty" in lines[0] and "--overwrite" in lines[0], refused.stderr
+  kept = params(orbax_io.load_checkpoint(out))
+  assert all(np.array_equal(first[k], kept[k]) for k in first)  # nothing of the second import landed
+  assert _convert_cli("import", other, out, "--overwrite").returncode == 0
+  replaced = params(orbax_io.load_checkpoint(out))
+  expected = params(convert.load_pretrained(other))
+  assert all(np.array_equal(expected[k], replaced[k]) for k in expected)
+  assert not any(np.array_equal(first[k], replaced[k]) for k in first if first[k].size > 1)
+  assert sorted(os.listdir(tmp_path)) == ["other", "out"]  # no temporary folders left behind
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, vision_dir):
+  out = str(tmp_path / "out")
+  assert _convert_cli("import", vision_dir, out).returncode == 0
+  before = params(orbax_io.load_checkpoint(out))
+  broken = rewrite(vision_dir, str(tmp_path / "broken"),
+                   edit_tensors=lambda t: {k: v for k, v in t.items() if "patch_embedding" not in k})
+  failed = _convert_cli("import", broken, out, "--overwrite")
+  assert failed.returncode == 2 and "patch_embedding" in failed.stderr
+  after = params(orbax_io.load_checkpoint(out))
+  assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_non_finite_weights_are_named_and_refused_with_strict(tmp_path, vision_dir, caplog):
+  def poison(tensors):
+    name = sorted(k for k in tensors if k.endswith("fc1.weight"))[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, 0] = np.nan
+    return tensors
+  bad = rewrite(vision_dir, str(tmp_path / "nan"), edit_tensors=poison)
+  with caplog.at_level("WARNING"):
+    convert.load_pretrained(bad)
+  assert "1 tensors hold NaN or Inf" in caplog.text and "fc1.weight" in caplog.text
+  with pytest.raises(convert.ConversionError, match="NaN or Inf"):
+    convert.load_pretrained(bad, strict=True)
+  refused = _convert_cli("import", bad, str(tmp_path / "out"), "--strict")
+  assert refused.returncode == 2 and "fc1.weight" in refused.stderr
+  assert not os.path.exists(tmp_path / "out")
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    convert.load_pretrained(vision_dir)
+  assert "NaN" not in caplog.text

@@ -99,15 +99,23 @@ def model_config(path: str, *, image_token_id: int | None = None, variant: str =
     return families.build(family, hf, ckpt, image_token_id=image_token_id, variant=variant).config
 
 
+def _check_finite(x, names, found: list[str]) -> None:
+  """Appends the source tensor names of x to found when x holds NaN or Inf (float tensors only)."""
+  x = np.asarray(x)
+  if x.dtype.kind not in "biu" and not np.isfinite(x).all():
+    found.extend(n for n in names if n not in found)
+
+
 def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *, image_token_id: int | None = None,
-                    variant: str = "g"):
+                    variant: str = "g", strict: bool = False):
   """Loads a local checkpoint folder (config.json + *.safetensors, optionally sharded with an index).
 
   Returns an nnx model (InternViT, Decoder, InternVLChat or InternVLContrastive) whose parameters are `dtype`
   (default float32) and whose config (model.config) computes in `dtype`; with `mesh`, parameters are placed with
   the shardings of internvl_jax.sharding. image_token_id overrides the <IMG_CONTEXT> id of OpenGVLab chat
   checkpoints (read from the tokenizer files otherwise); variant picks InternVL-C ('c') or InternVL-G ('g', the
-  default) from an InternVL-14B checkpoint.
+  default) from an InternVL-14B checkpoint. Tensors holding NaN / Inf are named in a warning (a damaged or
+  badly converted checkpoint), or refused with strict=True.
   """
   hf = files.read_config(path)
   family = families.detect(hf)
@@ -123,7 +131,7 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *, i
     check(spec, targets, ckpt)
     shardings = _shardings(state, mesh)
     by_target = {r.target: r for r in spec.rules}
-    loaded = []
+    loaded, nonfinite = [], []
     for p, var in flat:
       rule = by_target[".".join(map(str, p))]
       sharding = shardings[p]
@@ -131,11 +139,20 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh: Mesh | None = None, *, i
         value = jnp.zeros(var.shape, dtype, device=sharding)
         for index, names, _ in rule.pieces(var.shape):
           x = rule.transform.load(*(ckpt.read(n) for n in names))
+          _check_finite(x, names, nonfinite)
           value = _piece_setter(sharding, len(index))(value, np.asarray(x).astype(dtype), np.asarray(index, np.int32))
       else:
         x = rule.transform.load(*(ckpt.read(n) for n in rule.sources))
+        _check_finite(x, rule.sources, nonfinite)
         value = jax.device_put(np.asarray(x).astype(dtype), sharding)
       loaded.append((p, var.replace(value=value)))
+  if nonfinite:
+    shown = ", ".join(nonfinite[:8]) + (f" and {len(nonfinite) - 8} more" if len(nonfinite) > 8 else "")
+    message = f"{path}: {len(nonfinite)} tensors hold NaN or Inf values ({shown})"
+    if strict:
+      raise ConversionError(message + "; the checkpoint is damaged or was saved from a diverged run")
+    logging.warning("%s; the model will compute NaN where they are used (--strict refuses such checkpoints)",
+                    message)
   model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
   logging.info("loaded %s checkpoint %s (%d parameters)", family, path, len(loaded))
   return model
