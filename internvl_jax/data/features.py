@@ -97,6 +97,8 @@ def _pad(values: list[int], n: int, fill: int) -> np.ndarray:
 
 def image_text(record: dict, tok, spec: FeatureSpec, rng: np.random.Generator | None) -> dict:
   """Features of an image-text (or classification) record; training picks a random caption, eval the first."""
+  if "error" in record:  # the source's own reason (not JSON, not UTF-8, ...) before any field is looked at
+    raise BadRecord(record["error"])
   captions = [c for c in record.get("captions", []) if str(c).strip()]
   if not captions and record.get("label"):
     captions = [record["label"]]

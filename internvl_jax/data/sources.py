@@ -20,10 +20,39 @@ import ml_collections
 from internvl_jax.data import demo, internvl_meta, wds
 
 
+def _kind(value) -> str:
+  return "null" if value is None else type(value).__name__
+
+
+def _field_problem(raw: dict) -> str | None:
+  """Why a JSONL record's fields cannot be used (a caption that is a number or null, ...), or None."""
+  if "image" in raw and not isinstance(raw["image"], str):
+    return f"'image' is {_kind(raw['image'])}, not a path"
+  for key in ("captions", "caption"):
+    if key in raw:
+      caps = raw[key]
+      if isinstance(caps, list):
+        bad = [c for c in caps if not isinstance(c, str)]
+        if bad:
+          return f"'{key}' holds {_kind(bad[0])}, not text"
+      elif not isinstance(caps, str):
+        return f"'{key}' is {_kind(caps)}, not text"
+      break
+  if "label" in raw and not isinstance(raw["label"], (str, int)):  # integer class ids are fine labels
+    return f"'label' is {_kind(raw['label'])}, not text"
+  if "conversations" in raw:
+    turns = raw["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                              for t in turns):
+      return "'conversations' is not a list of {\"from\", \"value\": text} turns"
+  return None
+
+
 class JsonlSource:
   """One record per line: {"image": path, "caption": str | "captions": [...]} or {"image", "label"} or
-  {"image", "conversations": [...]}. Image paths are relative to the file's folder. Lines that are not JSON
-  objects are kept as records that fail (and are counted) when read, so the bad-record share stays honest."""
+  {"image", "conversations": [...]}. Image paths are relative to the file's folder. Lines that are not UTF-8, not
+  JSON objects, or whose captions / label / conversations are not text are kept as records that fail (and are
+  counted, with file and line) when read, so the bad-record share stays honest and one bad line stops nothing."""
 
   def __init__(self, path: str):
     if not path:
@@ -32,7 +61,7 @@ class JsonlSource:
       raise FileNotFoundError(f"jsonl file {path} does not exist; check --config.data.<train|eval>.path")
     self.path = path
     self.root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 becomes one bad record, not a failed run
       self.lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
     if not self.lines:
       raise ValueError(f"jsonl file {path} holds no records")
@@ -41,21 +70,28 @@ class JsonlSource:
     return len(self.lines)
 
   def __getitem__(self, index: int) -> dict:
-    lineno, line = self.lines[index]
+    lineno, data = self.lines[index]
     rid = f"{self.path}:{lineno}"
+    try:
+      line = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      return {"id": rid, "error": f"line is not UTF-8 (byte 0x{data[e.start]:02x} at column {e.start + 1})"}
     try:
       raw = json.loads(line)
     except json.JSONDecodeError as e:
       return {"id": rid, "error": f"line is not JSON ({e.msg})"}
     if not isinstance(raw, dict):
       return {"id": rid, "error": "line is not a JSON object"}
+    problem = _field_problem(raw)
+    if problem:
+      return {"id": rid, "error": problem}
     rec = {"id": rid}
     if "image" in raw:
-      rec["image_path"] = os.path.join(self.root, str(raw["image"]))
-      rec["key"] = str(raw["image"])
+      rec["image_path"] = os.path.join(self.root, raw["image"])
+      rec["key"] = raw["image"]
     if "captions" in raw or "caption" in raw:
       caps = raw.get("captions", raw.get("caption"))
-      rec["captions"] = [caps] if isinstance(caps, str) else list(caps or [])
+      rec["captions"] = [caps] if isinstance(caps, str) else list(caps)
     if "label" in raw:
       rec["label"] = str(raw["label"])
     if "conversations" in raw:

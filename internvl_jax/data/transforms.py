@@ -16,22 +16,48 @@ class BadRecord(Exception):
   """A record that cannot be used (missing / undecodable image, empty text). The pipeline skips and counts it."""
 
 
+# PIL modes of one channel wider than 8 bits: 16-bit PNG / TIFF grey ("I;16*"), 32-bit integer ("I", also what
+# older Pillow gives for 16-bit PNG). PIL's own convert("RGB") clips these at 255 instead of scaling.
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(im: Image.Image, name: str) -> Image.Image:
+  """An opened image as 8-bit RGB; high-bit-depth grey scaled to 0..255 (16-bit: / 257, i.e. 65535 -> 255)."""
+  if im.mode in _WIDE_INT_MODES:
+    values = np.asarray(im)
+    if values.min() < 0 or values.max() > 65535:  # a 32-bit integer image: no known full-scale value
+      raise BadRecord(f"image {name} holds 32-bit integer pixels (range {values.min()}..{values.max()}); "
+                      "convert it to 8- or 16-bit")
+    grey = np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), "RGB")
+  if im.mode == "F":
+    raise BadRecord(f"image {name} holds floating-point pixels (mode F) with no defined range; convert it to 8- or "
+                    "16-bit")
+  return im.convert("RGB")
+
+
 def load_image(path: str) -> Image.Image:
-  """Decodes an image file to RGB. Raises BadRecord naming the file when it is missing or undecodable."""
+  """Decodes an image file to RGB (16-bit grey scaled, not clipped). Raises BadRecord naming the file when it is
+  missing, undecodable or of a pixel format with no defined range."""
   try:
     with Image.open(path) as im:
-      return im.convert("RGB")
+      return to_rgb(im, f"file {path}")
   except FileNotFoundError:
     raise BadRecord(f"image file {path} does not exist") from None
+  except BadRecord:
+    raise
   except Exception as e:  # PIL raises several types for corrupt data
     raise BadRecord(f"image file {path} cannot be decoded ({type(e).__name__})") from None
 
 
 def decode_image(data: bytes, record_id: str = "?") -> Image.Image:
-  """Encoded image bytes (JPEG, PNG, WebP, ...) -> RGB PIL image. Raises BadRecord when they cannot be decoded."""
+  """Encoded image bytes (JPEG, PNG, WebP, ...) -> RGB PIL image (16-bit grey scaled). Raises BadRecord when they
+  cannot be decoded."""
   try:
     with Image.open(io.BytesIO(data)) as im:
-      return im.convert("RGB")
+      return to_rgb(im, f"of {record_id}")
+  except BadRecord:
+    raise
   except Exception as e:  # PIL raises several types for corrupt data
     raise BadRecord(f"image of {record_id} cannot be decoded ({type(e).__name__})") from None
 

@@ -259,7 +259,9 @@ def decode_image(path: str) -> Image.Image:
     raise FileNotFoundError(f"image {path} does not exist")
   try:
     with Image.open(path) as img:
-      img = img.convert("RGB")  # decodes fully, so a truncated file fails here, not later
+      img = transforms.to_rgb(img, path)  # decodes fully (a truncated file fails here); 16-bit grey scaled
+  except transforms.BadRecord as e:
+    raise ValueError(f"cannot use image {path}: {e}") from None
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise ValueError(f"cannot decode image {path}: {e}") from e
   return img
