@@ -80,6 +80,7 @@ def main(argv):
 
   from internvl_jax.data.pipeline import DataError
   from internvl_jax.train import loop
+  from internvl_jax.train.checkpoint import CheckpointError
   from internvl_jax.train.config_checks import ConfigError
 
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -95,7 +96,8 @@ def main(argv):
       summary.append(loop.summarize(name, result, time.time() - start))
       if result.get("preempted"):
         break
-  except (ConfigError, DataError, loop.TrainingStopped, FileNotFoundError, ImportError, ValueError) as e:
+  except (ConfigError, DataError, CheckpointError, loop.TrainingStopped, FileNotFoundError, ImportError,
+          ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   if jax.process_index() == 0:

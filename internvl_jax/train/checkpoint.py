@@ -14,13 +14,26 @@ config.json.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data")
+DAMAGED_DIR = "checkpoints_damaged"  # where checkpoints that do not restore are moved (never deleted)
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir restores."""
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of an Orbax / TensorStore error (they run to dozens of lines)."""
+  text = " ".join(str(e).split("\n")[0].split())
+  return f"{type(e).__name__}: {text[:300]}"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -33,7 +46,8 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, save_frozen: bool = True):
     self.save_frozen = save_frozen  # False: a LoRA run, whose frozen base is rebuilt from config.init at restart
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+    self.root = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.root, options=options, item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -51,6 +65,40 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     out = self.manager.restore(step, args=args)
     return out["state"], out["data"]
+
+  def restore_latest_good(self, target) -> tuple[int, dict, dict, list[str]] | None:
+    """Restores the newest checkpoint that restores: (step, state, data_state, skipped) where skipped says which
+    newer ones did not and why; None when there is none. Those are moved to WORKDIR/checkpoints_damaged/ (kept for
+    inspection; a later save of the same step needs the name free). If no checkpoint restores, nothing is moved
+    and CheckpointError names the newest one's reason."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      try:
+        state, data = self.restore(step, target)
+      except Exception as e:  # Orbax / TensorStore raise many types for damaged files
+        failed.append((step, _reason(e)))
+        logging.warning("checkpoint %d of %s does not restore: %s", step, self.root, failed[-1][1])
+        continue
+      skipped = [f"step {s} ({why}) moved to {self._set_aside(s)}" for s, why in failed]
+      if failed:
+        self.manager.reload()
+      return step, state, data, skipped
+    if failed:
+      step, why = failed[0]
+      raise CheckpointError(f"no checkpoint in {self.root} restores (newest, step {step}: {why}); if the model or "
+                            "optimizer config changed, resume with the config of the run, else move the damaged "
+                            "step folders away")
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    dest_root = os.path.join(os.path.dirname(self.root), DAMAGED_DIR)
+    os.makedirs(dest_root, exist_ok=True)
+    dest = os.path.join(dest_root, str(step))
+    if os.path.exists(dest):
+      dest = f"{dest}.{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(os.path.join(self.root, str(step)), dest)
+    return dest
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -7,7 +7,11 @@ Every parameter of the new model is looked up by its path (e.g. vision/blocks/at
            or deeper model starts from a smaller one; with scanned layers the 'layers' axis is the first, so extra
            layers stay fresh)
   fresh    no such path in the source: freshly initialised
-With init.partial=False a shape mismatch is an error naming the parameter.
+With init.partial=False a shape mismatch is an error naming the parameter. Counts are reported per group (the
+first path component: vision, language, mlp1, ...). A source that matches no parameter at all is an error (a wrong
+path or model, which would otherwise train from scratch), and so, with init.partial=False, is a group that is
+loaded only in part (names that drifted): a group the source does not hold at all stays fresh (stage 3 takes the
+vision tower of stage 1 and starts its language model fresh); LoRA adapters are always fresh.
 """
 
 from __future__ import annotations
@@ -107,14 +111,48 @@ def _unflatten(flat: dict, like: dict, prefix: str = "") -> dict:
   return out
 
 
+def _is_adapter(path: str) -> bool:
+  return "lora" in path.split("/")
+
+
+def group_counts(rows: list[tuple[str, str, str]]) -> dict[str, dict[str, int]]:
+  """{group: {copied, partial, fresh}} with group the first path component."""
+  out: dict[str, dict[str, int]] = {}
+  for path, status, _ in rows:
+    counts = out.setdefault(path.split("/")[0], {"copied": 0, "partial": 0, "fresh": 0})
+    counts[status] += 1
+  return out
+
+
 def format_table(rows: list[tuple[str, str, str]]) -> str:
-  """The copied / partial / fresh table with a count line."""
+  """The copied / partial / fresh table, then per-group counts and a total line."""
   width = max((len(r[0]) for r in rows), default=10)
   lines = [f"{'parameter':<{width}}  {'status':<8}  shape"]
   lines += [f"{p:<{width}}  {s:<8}  {d}" for p, s, d in rows]
+  for group, c in group_counts(rows).items():
+    lines.append(f"init group {group}: {c['copied']} copied, {c['partial']} partial, {c['fresh']} fresh")
   counts = {s: sum(1 for r in rows if r[1] == s) for s in ("copied", "partial", "fresh")}
   lines.append(f"init: {counts['copied']} copied, {counts['partial']} partial, {counts['fresh']} fresh")
   return "\n".join(lines)
+
+
+def check_rows(rows: list[tuple[str, str, str]], path: str, partial: bool, source_names: list[str]) -> None:
+  """Raises ValueError when the source matched nothing, or (partial=False) left part of a loaded group fresh."""
+  if not any(status != "fresh" for _, status, _ in rows):
+    ours = ", ".join(r[0] for r in rows[:3])
+    theirs = ", ".join(source_names[:3]) or "none"
+    raise ValueError(f"config.init.path={path} matches none of this model's {len(rows)} parameters (its names: "
+                     f"{theirs}, ...; ours: {ours}, ...); check the path and the model preset")
+  if partial:
+    return
+  for group in group_counts(rows):
+    members = [r for r in rows if r[0].split("/")[0] == group and not _is_adapter(r[0])]
+    missing = [p for p, status, _ in members if status == "fresh"]
+    if missing and len(missing) < len(members):
+      shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+      raise ValueError(f"config.init.path={path} holds only part of group {group!r}: {shown} not found there; "
+                       "check that the source is the same architecture, or set config.init.partial=True to "
+                       "start those fresh")
 
 
 def initialize(state: dict, setup, init_cfg) -> tuple[dict, list]:
@@ -126,6 +164,7 @@ def initialize(state: dict, setup, init_cfg) -> tuple[dict, list]:
   for k in ("params", "frozen"):
     new[k], r = merge_into(host[k], source, partial=init_cfg.get("partial", False))
     rows += r
+  check_rows(rows, init_cfg.path, init_cfg.get("partial", False), sorted(_flatten(source)))
   placed = jax.device_put(new, {"params": setup.shardings["params"], "frozen": setup.shardings["frozen"]})
   return dict(state, **placed), rows
 

@@ -27,6 +27,7 @@ from internvl_jax.train import checkpoint as checkpoint_lib
 from internvl_jax.train import config_checks, evaluation, freezing, init_from, metrics as metrics_lib
 from internvl_jax.train import state as state_lib
 from internvl_jax.train import steps as steps_lib
+from internvl_jax.train import workdir as workdir_lib
 
 
 class TrainingStopped(RuntimeError):
@@ -120,9 +121,28 @@ def _tokenizer(cfg, workdir: str, train_source):
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains one stage in workdir. Returns the last logged metrics (with the final evaluation)."""
+  """Trains one stage in workdir. Returns the last logged metrics (with the final evaluation). One trainer per
+  workdir: a second one stops with workdir.WorkdirError naming the first."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise workdir_lib.WorkdirError(f"--workdir {workdir} is a file; give a folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise workdir_lib.WorkdirError(f"cannot create --workdir {workdir} ({e.strerror}); give a writable "
+                                   "folder") from None
+  if not os.access(workdir, os.W_OK):
+    raise workdir_lib.WorkdirError(f"--workdir {workdir} is not writable; give a writable folder")
+  with workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0):
+    return _run(cfg, workdir)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  root = checkpoint_lib.checkpoint_dir(workdir)
+  return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg = ml_collections.ConfigDict(cfg.to_dict())  # a private, mutable copy
-  os.makedirs(workdir, exist_ok=True)
   mesh = config_checks.make_checked_mesh(cfg)
   image_size = config_checks.input_size(cfg)
   train_source = sources.make_train_source(cfg.data, image_size)
@@ -131,6 +151,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.validate(cfg, mesh)
   if cfg.task == "instruct":
     freezing.prepare(cfg)  # config.json then records the model as built (LoRA, freeze_vision)
+  # before config.json is rewritten: eval.py reads the model from it, so it must keep matching the checkpoints
+  workdir_lib.check_same_model(workdir, cfg, _has_checkpoint(workdir))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
@@ -151,12 +173,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
                                      save_frozen=not lora)  # a LoRA run saves adapters + optimizer state only
 
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, setup.abstract_with_shardings())
+  restored = ckpt.restore_latest_good(setup.abstract_with_shardings())
+  if restored is not None:
+    latest, state, data_state, skipped = restored
+    for line in skipped:
+      print(f"warning: checkpoint {line}: it does not restore; resuming from step {latest}", flush=True)
     if lora:  # the base as at the start: seeded init, then config.init.path
       state = dict(state, frozen=init_from.rebuild_frozen(setup, cfg.init))
-    data_iter.set_state(data_state)
+    data_iter.set_state(_restore_records(data_state, tracker))
     logging.info("resumed from step %d of %s", latest, workdir)
   else:
     state = setup.create()
@@ -176,7 +200,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step = steps_lib.make_train_step(setup, cfg)
   evaluate = _make_evaluator(cfg, setup, tok, mesh)
-  log = metrics_lib.MetricsLog(workdir)
+  log = metrics_lib.MetricsLog(workdir, resume_step=int(state["step"]))
   batch_sh = steps_lib.batch_sharding(mesh)
   step = int(state["step"])
   total = cfg.total_steps
@@ -214,7 +238,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                                 f"(config.max_bad_steps={cfg.max_bad_steps}); lower config.lr or check the data. "
                                 f"The last good checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} is kept")
       if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total or preempt.requested:
-        ckpt.save(step, state, data_iter.get_state(), force=True)
+        ckpt.save(step, state, _with_records(data_iter.get_state(), tracker), force=True)
       if preempt.requested:
         logging.warning("SIGTERM: saved step %d, stopping", step)
         print(f"preempted: checkpoint saved at step {step} in {workdir}; rerun the same command to resume",
@@ -229,6 +253,20 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(final_path, "w") as f:
       json.dump(last, f, indent=2)
   return dict(last, step=step, preempted=float(step < total))
+
+
+def _with_records(iterator_state: dict, tracker: pipeline.BadRecordTracker) -> dict:
+  """The data slot of a checkpoint: the iterator's state and the bad-record counters (so the max_bad_fraction
+  budget carries across resumes instead of restarting at 0)."""
+  return {"iterator": iterator_state, "records": {"seen": tracker.seen, "bad": tracker.bad}}
+
+
+def _restore_records(data_state: dict, tracker: pipeline.BadRecordTracker) -> dict:
+  """Inverse of _with_records; checkpoints written before the counters were saved hold the iterator state alone."""
+  if set(data_state) == {"iterator", "records"}:
+    tracker.seen, tracker.bad = int(data_state["records"]["seen"]), int(data_state["records"]["bad"])
+    return data_state["iterator"]
+  return data_state
 
 
 def _make_evaluator(cfg, setup, tok, mesh):

@@ -16,12 +16,16 @@ from internvl_jax.train import tensorboard
 class MetricsLog:
   """write(step, metrics) -> metrics.jsonl + TensorBoard (process 0 only); keeps the history for the plot."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
+    """resume_step: the step the run (re)starts from; rows of metrics.jsonl past it (written after the checkpoint
+    that was restored, and about to be replayed) are dropped, so each step appears once. The kept rows become the
+    history, so the final curves cover the whole run."""
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.history: list[dict] = []
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      self.history = _keep_until(self.path, resume_step)
       self._f = open(self.path, "a", encoding="utf-8")
       self._tb = tensorboard.ScalarWriter(os.path.join(workdir, "tensorboard"))
 
@@ -37,6 +41,31 @@ class MetricsLog:
     if self.enabled:
       self._f.close()
       self._tb.close()
+
+
+def _keep_until(path: str, step: int) -> list[dict]:
+  """Rewrites metrics.jsonl (atomically) without rows past `step` (and without a torn last line); returns the rows
+  kept."""
+  if not os.path.exists(path):
+    return []
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # a line cut by kill -9
+        dropped += 1
+        continue
+      if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+        kept.append(row)
+      else:
+        dropped += 1
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+  return kept
 
 
 def plot_curves(history: list[dict], path: str, keys=("loss", "lr", "i2t_r1", "t2i_r1", "exact_match", "eval_loss"),
