@@ -1,13 +1,14 @@
 """eval.py's --data SOURCE strings -> the evaluation sets of evaluate/sources.py.
 
   demo[:N]              the demo world's eval split (N examples, default 500, drawn at the model's image size):
-                        captions (retrieval, caption), scene labels (zeroshot), one question each (vqa)
+                        captions (retrieval, caption), scene labels (zeroshot, probes), one question each (vqa);
+                        as --train_data of a probe, its train split
   jsonl:PATH            caption / label / vqa records (sources.read_jsonl_*)
   tfds:NAME[:SPLIT]     an image-caption tensorflow-datasets set (needs tensorflow-datasets installed), prepared
                         in array_record format under $TFDS_DATA_DIR (default ~/tensorflow_datasets)
   flickr30k:ROOT        Flickr30K Karpathy test (ROOT/flickr30k_test_karpathy.txt, ROOT/Images)
   coco:ROOT             COCO Karpathy test (ROOT/coco_test_karpathy.json)
-  folder:ROOT or ROOT   a folder of class sub-folders (zeroshot)
+  folder:ROOT or ROOT   a folder of class sub-folders (zeroshot, probes)
 
 Sets whose images are arrays (demo, tfds) are written once as PNG files under `cache_dir`, so every set is
 image paths and the evaluators, loaders and galleries see one form.
@@ -26,6 +27,7 @@ from internvl_jax.evaluate import sources
 
 DEMO_EVAL_SIZE = 500  # configs/demo.py's eval split
 KINDS = ("demo", "jsonl", "tfds", "flickr30k", "coco", "folder")
+LABEL_TASKS = ("zeroshot", "linear_probe", "attention_probe")  # read LabelSets
 
 
 def parse(spec: str) -> tuple[str, str]:
@@ -72,15 +74,15 @@ def demo_classnames() -> tuple[list[str], dict[str, int]]:
   return names, index
 
 
-def _demo(task: str, arg: str, image_size: int, cache_dir: str | None):
+def _demo(task: str, arg: str, image_size: int, cache_dir: str | None, split: str = "eval"):
   from internvl_jax.data import demo
   try:
     size = int(arg) if arg else DEMO_EVAL_SIZE
   except ValueError:
     raise ValueError(f"--data demo:{arg}: the size must be an integer, e.g. demo:100") from None
-  world = demo.DemoWorld("eval", size, image_size, cache=False)
+  world = demo.DemoWorld(split, size, image_size, cache=False)
   records = [world[i] for i in range(size)]
-  paths = _write_images((r["image"] for r in records), _cache(cache_dir, f"demo/eval/{size}/{image_size}"))
+  paths = _write_images((r["image"] for r in records), _cache(cache_dir, f"demo/{split}/{size}/{image_size}"))
   if task in ("retrieval", "caption"):
     texts, txt2img = [], []
     for i, r in enumerate(records):
@@ -88,7 +90,7 @@ def _demo(task: str, arg: str, image_size: int, cache_dir: str | None):
       txt2img += [i] * len(r["captions"])
     # images of one scene are interchangeable: they share their captions (retrieval.recall_from_topk)
     return sources.ImageTextSet(paths, texts, txt2img, groups=[r["key"] for r in records])
-  if task == "zeroshot":
+  if task in LABEL_TASKS:
     names, index = demo_classnames()
     return sources.LabelSet(paths, [index[r["key"]] for r in records], names)
   questions = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in records]
@@ -122,25 +124,45 @@ def _tfds(task: str, arg: str, cache_dir: str | None):
   return sources.ImageTextSet(paths, texts, txt2img)
 
 
-def load(spec: str, task: str, image_size: int, cache_dir: str | None = None):
-  """The evaluation set of `task` from a --data string: ImageTextSet (retrieval, caption), LabelSet (zeroshot)
-  or VqaSet (vqa). A demo ImageTextSet also carries `groups` [N] (scene keys)."""
+def check(spec: str, task: str) -> None:
+  """Cheap checks of a --data string for `task` before any model loads: its kind serves the task and its file or
+  folder exists. One-line ValueError / FileNotFoundError otherwise."""
+  kind, arg = parse(spec)
+  if kind in ("demo", "tfds"):
+    if kind == "tfds" and task not in ("retrieval", "caption"):
+      raise ValueError(f"--data tfds: serves image-caption sets only (retrieval, caption), not {task}; use "
+                       "jsonl:PATH" + (" or a folder of class sub-folders" if task in LABEL_TASKS else ""))
+    return
+  if not arg:
+    raise ValueError(f"--data {kind}: needs a path, e.g. {kind}:/data/{kind}")
+  if kind == "folder" and task not in LABEL_TASKS:
+    raise ValueError(f"a folder of class sub-folders is classification data, not {task} data; use jsonl:PATH")
+  if kind in ("flickr30k", "coco") and task not in ("retrieval", "caption"):
+    raise ValueError(f"--data {kind}: holds captions (retrieval, caption), not {task} data")
+  if not os.path.exists(arg):
+    raise FileNotFoundError(f"--data {spec}: {arg} does not exist")
+
+
+def load(spec: str, task: str, image_size: int, cache_dir: str | None = None, split: str = "eval"):
+  """The evaluation set of `task` from a --data string: ImageTextSet (retrieval, caption), LabelSet (zeroshot,
+  linear_probe, attention_probe) or VqaSet (vqa). A demo ImageTextSet also carries `groups` [N] (scene keys).
+  split: the demo world's split ("train" for a probe's --train_data); other sources are the files named."""
   kind, arg = parse(spec)
   if kind == "demo":
-    return _demo(task, arg, image_size, cache_dir)
+    return _demo(task, arg, image_size, cache_dir, split)
   if kind == "tfds":
     return _tfds(task, arg, cache_dir)
   if not arg:
     raise ValueError(f"--data {kind}: needs a path, e.g. {kind}:/data/{kind}")
   if kind == "jsonl":
-    if task == "zeroshot":
+    if task in LABEL_TASKS:
       return sources.read_jsonl_labels(arg)
     if task == "vqa":
       return sources.read_jsonl_vqa(arg)
     return sources.read_jsonl_captions(arg)
   if kind == "folder":
-    if task != "zeroshot":
-      raise ValueError(f"a folder of class sub-folders is zeroshot data, not {task} data; use jsonl:PATH")
+    if task not in LABEL_TASKS:
+      raise ValueError(f"a folder of class sub-folders is classification data, not {task} data; use jsonl:PATH")
     return sources.read_class_folders(arg)
   if task not in ("retrieval", "caption"):
     raise ValueError(f"--data {kind}: holds captions (retrieval, caption), not {task} data")
