@@ -10,7 +10,8 @@ SOURCE: demo[:N] | jsonl:PATH | tfds:NAME[:SPLIT] | flickr30k:ROOT | coco:ROOT |
 --workdir: a train.py workdir (its latest checkpoint; for a multi-stage run such as the demo, the stage whose
 model fits the task). --hf: a local Hugging Face folder as released (config.json, safetensors, its tokenizer files).
 The probes train a classifier on the frozen vision tower's features of --train_data (the demo's train split for
-`demo`) and score it on --data. Prints a markdown table; --out writes the JSON (and, for retrieval / zeroshot, a PNG gallery beside it).
+`demo`) and score it on --data.
+Prints a markdown table; --out writes the JSON (and, for retrieval / zeroshot, a PNG gallery beside it).
 --mesh lays the weights out over all devices as they are read (docs/eval.md, "Big models").
 """
 

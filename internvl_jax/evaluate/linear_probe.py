@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 # wd grid of the sweep: 1e-6 .. 1 in half decades (on standardised features a wd near 1 leaves an almost flat head)
 DEFAULT_WEIGHT_DECAYS = tuple(float(10.0 ** e) for e in np.arange(-6.0, 0.01, 0.5))
@@ -127,7 +128,7 @@ def holdout_split(n: int, fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> 
 
 def sweep_weight_decay(x: np.ndarray, y: np.ndarray, num_classes: int,
                        weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, *, holdout: float = HOLDOUT_FRACTION,
-                       seed: int = 0) -> tuple[float, list[dict]]:
+                       seed: int = 0, progress: bool = False) -> tuple[float, list[dict]]:
   """Fits one head per wd on (1 - holdout) of (x, y) and scores it on the rest. Returns (the wd with the best
   held-out top-1, ties broken by the lower held-out cross-entropy; the per-wd scores [{"weight_decay",
   "holdout_top1", "holdout_loss"}]). The fits run from the strongest penalty down, each warm-started."""
@@ -140,7 +141,7 @@ def sweep_weight_decay(x: np.ndarray, y: np.ndarray, num_classes: int,
   xs = (x - mean) / np.where(std < 1e-6, 1.0, std)
   y = np.asarray(y)
   scores, params = [], None
-  for wd in sorted(weight_decays, reverse=True):
+  for wd in tqdm(sorted(weight_decays, reverse=True), desc="weight decay sweep", disable=not progress, leave=False):
     params = fit_logistic(xs, y, num_classes, wd, init=params, rows=rows)
     logits = predict_logits(params, xs[held_idx])
     scores.append({"weight_decay": float(wd), "holdout_top1": topk_accuracy(logits, y[held_idx], 1),
@@ -162,13 +163,14 @@ class ProbeResult:
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  num_classes: int, weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, *,
-                 holdout: float = HOLDOUT_FRACTION, seed: int = 0) -> ProbeResult:
+                 holdout: float = HOLDOUT_FRACTION, seed: int = 0, progress: bool = False) -> ProbeResult:
   """The whole probe: wd by the held-out sweep on the train split, then a refit on all of it (standardised with its
   statistics) and the test split scored. train_x [N, F], train_y int [N], test_x [M, F], test_y int [M]."""
   if len(weight_decays) == 1:
     wd, sweep = float(weight_decays[0]), []
   else:
-    wd, sweep = sweep_weight_decay(train_x, train_y, num_classes, weight_decays, holdout=holdout, seed=seed)
+    wd, sweep = sweep_weight_decay(train_x, train_y, num_classes, weight_decays, holdout=holdout, seed=seed,
+                                   progress=progress)
   xtr, xte = standardize(train_x, test_x)
   params = fit_logistic(xtr, train_y, num_classes, wd)
   logits = predict_logits(params, xte)

@@ -88,7 +88,8 @@ def validate_result(result: Mapping[str, Any]) -> None:
   for key in required[task]:
     if key not in result:
       raise ValueError(f"{task} result lacks {key!r}")
-  for key in ("num_images", "num_texts", "num_questions", "num_train", "num_classes", "devices", "param_bytes_total", "param_bytes_per_device"):
+  for key in ("num_images", "num_texts", "num_questions", "num_train", "num_classes", "devices", "param_bytes_total",
+              "param_bytes_per_device"):
     if key in result and (not isinstance(result[key], int) or result[key] <= 0):
       raise ValueError(f"{key} must be a positive integer, got {result[key]!r}")
   if result.get("param_bytes_per_device", 0) > result.get("param_bytes_total", float("inf")):

@@ -147,7 +147,8 @@ def run_linear_probe(model: EvalModel, train: sources.LabelSet, test: sources.La
                         "train features")
   fte = _vision_outputs(model.probe_features, test.image_paths, model.image_size, batch_size, progress,
                         "test features")
-  res = linear_probe.linear_probe(ftr, ytr, fte, yte, len(names), weight_decays or linear_probe.DEFAULT_WEIGHT_DECAYS)
+  res = linear_probe.linear_probe(ftr, ytr, fte, yte, len(names), weight_decays or linear_probe.DEFAULT_WEIGHT_DECAYS,
+                                  progress=progress)
   per_class = zeroshot.per_class_accuracy(res.logits.argmax(1), yte, names)
   return report.probe_result("linear_probe", data_name, train_name, len(ytr), len(yte), len(names), res.top1,
                              res.top5, weight_decay=res.weight_decay, sweep=res.sweep, per_class=per_class,
