@@ -29,7 +29,7 @@ flags.DEFINE_string("workdir", None, "a train.py workdir (latest checkpoint, con
 flags.DEFINE_string("hf", None, "a local Hugging Face checkpoint folder, as released (weights, config, tokenizer)")
 flags.DEFINE_string("data", None, "demo[:N] | jsonl:PATH | tfds:NAME[:SPLIT] | flickr30k:ROOT | coco:ROOT | FOLDER")
 flags.DEFINE_string("train_data", None, "linear_probe / attention_probe: the train split, a label set as --data "
-                    "(jsonl:PATH | FOLDER | demo[:N], the demo's train split)")
+                    "(jsonl:PATH | FOLDER | tfds:NAME[:SPLIT], split default train | demo[:N], the demo's train split)")
 flags.DEFINE_list("weight_decays", None, "linear_probe: L2 penalties to choose from on 20% of the train split "
                   "(default 1e-6 .. 1 in half decades; one value: no sweep)")
 flags.DEFINE_integer("probe_epochs", 10, "attention_probe: epochs over the cached train tokens (official: 10)")

@@ -205,3 +205,43 @@ def test_eval_py_checks_the_data_before_loading_a_model(tmp_path):
                str(tmp_path / "missing"), "--data", "demo:4"])
   assert res.returncode == 1
   assert "missing" in res.stderr.strip().splitlines()[-1] and "no_model" not in res.stderr
+
+
+def test_tfds_classification_splits(tmp_path, monkeypatch):
+  """tfds:NAME for a probe: image + ClassLabel sets (cifar10's layout) read without TensorFlow, the split from the
+  spec or, by default, test for --data and train for --train_data; names from the ClassLabel, pixels exact."""
+  import tensorflow_datasets as tfds
+  from internvl_jax.evaluate import datasets
+
+  def image(n):
+    return np.full((8, 8, 3), 20 * n, np.uint8)
+
+  class InternvlTinyClasses(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=["cat", "dog", "eel"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(range(6)), "test": self._generate_examples(range(6, 9))}
+
+    def _generate_examples(self, numbers):
+      for n in numbers:
+        yield n, {"image": Image.fromarray(image(n)), "label": n % 3}
+
+  InternvlTinyClasses(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+  monkeypatch.setattr(datasets, "TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  cache = str(tmp_path / "cache")
+  train = datasets.load("tfds:internvl_tiny_classes", "linear_probe", 8, cache, split="train")
+  test = datasets.load("tfds:internvl_tiny_classes", "attention_probe", 8, cache)
+  named = datasets.load("tfds:internvl_tiny_classes:train", "zeroshot", 8, cache)
+  assert train.classnames == test.classnames == ["cat", "dog", "eel"]
+  assert len(train.image_paths) == 6 and len(test.image_paths) == 3 and len(named.image_paths) == 6
+  for data in (train, test):
+    for path, lab in zip(data.image_paths, data.labels):
+      pixels = np.asarray(Image.open(path))
+      assert pixels[0, 0, 0] % 60 == 20 * lab  # example n has label n % 3 and value 20 n
+  with pytest.raises(ValueError, match="tfds:internvl_tiny_classes:nope"):
+    datasets.load("tfds:internvl_tiny_classes:nope", "linear_probe", 8, cache)

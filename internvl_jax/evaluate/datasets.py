@@ -4,8 +4,10 @@
                         captions (retrieval, caption), scene labels (zeroshot, probes), one question each (vqa);
                         as --train_data of a probe, its train split
   jsonl:PATH            caption / label / vqa records (sources.read_jsonl_*)
-  tfds:NAME[:SPLIT]     an image-caption tensorflow-datasets set (needs tensorflow-datasets installed), prepared
-                        in array_record format under $TFDS_DATA_DIR (default ~/tensorflow_datasets)
+  tfds:NAME[:SPLIT]     a tensorflow-datasets set (needs tensorflow-datasets installed), prepared in array_record
+                        format under $TFDS_DATA_DIR (default ~/tensorflow_datasets): image-caption sets
+                        (retrieval, caption; SPLIT default test) or image + ClassLabel `label` sets (zeroshot, the
+                        probes; SPLIT default test, and train for a probe's --train_data)
   flickr30k:ROOT        Flickr30K Karpathy test (ROOT/flickr30k_test_karpathy.txt, ROOT/Images)
   coco:ROOT             COCO Karpathy test (ROOT/coco_test_karpathy.json)
   folder:ROOT or ROOT   a folder of class sub-folders (zeroshot, probes)
@@ -28,6 +30,7 @@ from internvl_jax.evaluate import sources
 DEMO_EVAL_SIZE = 500  # configs/demo.py's eval split
 KINDS = ("demo", "jsonl", "tfds", "flickr30k", "coco", "folder")
 LABEL_TASKS = ("zeroshot", "linear_probe", "attention_probe")  # read LabelSets
+TFDS_DATA_DIR = None  # None: tensorflow-datasets' default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
 
 
 def parse(spec: str) -> tuple[str, str]:
@@ -98,9 +101,51 @@ def _demo(task: str, arg: str, image_size: int, cache_dir: str | None, split: st
   return sources.VqaSet(paths, questions, answers, [r["id"] for r in records])
 
 
+def _tfds_labels(arg: str, cache_dir: str | None, split: str) -> sources.LabelSet:
+  """An image classification tfds set: features `image` and a ClassLabel `label` (e.g. cifar10, imagenet2012,
+  oxford_flowers102), its class names from the ClassLabel; images written once as PNG under cache_dir."""
+  try:
+    import tensorflow_datasets as tfds  # optional dependency
+  except ImportError:
+    raise ImportError("--data tfds:NAME needs tensorflow-datasets: pip install tensorflow-datasets "
+                      "(or use a folder of class sub-folders / jsonl:PATH)") from None
+  name, _, given = arg.partition(":")
+  split = given or split
+  if not name:
+    raise ValueError("--data tfds: needs a dataset name, e.g. tfds:cifar10:test")
+  prepare = f"prepare it first: tfds build {name} --file_format=array_record (into $TFDS_DATA_DIR)"
+  try:
+    builder = tfds.builder(name, data_dir=TFDS_DATA_DIR)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise FileNotFoundError(f"tfds dataset {name!r} is neither registered nor prepared; {prepare}") from None
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}; {prepare}")
+  features = builder.info.features
+  keys = set(features.keys())
+  label = features["label"] if "label" in keys else None
+  if "image" not in keys or not isinstance(label, tfds.features.ClassLabel):
+    raise ValueError(f"tfds:{name} has no 'image' and ClassLabel 'label' features, so it is not a classification "
+                     "set; use a folder of class sub-folders or jsonl:PATH")
+  try:
+    ds = builder.as_data_source(split=split)
+  except (NotImplementedError, ValueError) as e:  # tfrecord preparations have no random access; unknown split
+    raise ValueError(f"tfds:{name}:{split}: {' '.join(str(e).split())}") from None
+  labels = []
+
+  def images():
+    for i in range(len(ds)):
+      ex = ds[i]
+      labels.append(int(ex["label"]))
+      img = np.asarray(ex["image"])
+      yield img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+
+  paths = _write_images(images(), _cache(cache_dir, f"tfds/{name}/{split}/{len(ds)}/labels"))
+  return sources.LabelSet(paths, labels, list(label.names))
+
+
 def _tfds(task: str, arg: str, cache_dir: str | None):
   if task not in ("retrieval", "caption"):
-    raise ValueError(f"--data tfds: serves image-caption sets only (retrieval, caption), not {task}; use jsonl:PATH")
+    raise ValueError(f"--data tfds: serves image-caption and classification sets, not {task}; use jsonl:PATH")
   try:
     import tensorflow_datasets  # noqa: F401  (optional dependency)
   except ImportError:
@@ -129,9 +174,8 @@ def check(spec: str, task: str) -> None:
   folder exists. One-line ValueError / FileNotFoundError otherwise."""
   kind, arg = parse(spec)
   if kind in ("demo", "tfds"):
-    if kind == "tfds" and task not in ("retrieval", "caption"):
-      raise ValueError(f"--data tfds: serves image-caption sets only (retrieval, caption), not {task}; use "
-                       "jsonl:PATH" + (" or a folder of class sub-folders" if task in LABEL_TASKS else ""))
+    if kind == "tfds" and task not in ("retrieval", "caption") + LABEL_TASKS:
+      raise ValueError(f"--data tfds: serves image-caption and classification sets, not {task}; use jsonl:PATH")
     return
   if not arg:
     raise ValueError(f"--data {kind}: needs a path, e.g. {kind}:/data/{kind}")
@@ -151,6 +195,8 @@ def load(spec: str, task: str, image_size: int, cache_dir: str | None = None, sp
   if kind == "demo":
     return _demo(task, arg, image_size, cache_dir, split)
   if kind == "tfds":
+    if task in LABEL_TASKS:
+      return _tfds_labels(arg, cache_dir, "train" if split == "train" else "test")
     return _tfds(task, arg, cache_dir)
   if not arg:
     raise ValueError(f"--data {kind}: needs a path, e.g. {kind}:/data/{kind}")
