@@ -149,6 +149,13 @@ def test_probe_labels_align_the_splits():
   assert names == ["ant", "bee"] and yte.tolist() == [1]  # test folders matched by name
   with pytest.raises(ValueError, match="test class 'eel' is not one of the 2 classes"):
     run.probe_labels(train, sources.LabelSet(["x"], ["eel"]))
+  digits = sources.LabelSet(["a", "b"], ["10", "3"])
+  names, ytr, _ = run.probe_labels(digits, digits)
+  assert names == ["3", "10"] and ytr.tolist() == [1, 0]  # integer labels sort numerically and are names
+  with pytest.raises(ValueError, match="test class '1' is not one"):  # not "the class at index 1"
+    run.probe_labels(digits, sources.LabelSet(["c"], ["1"]))
+  _, _, yte = run.probe_labels(sources.LabelSet(["a"], ["0"]), sources.LabelSet(["c"], ["1"]), classnames=["x", "y"])
+  assert yte.tolist() == [1]  # with --classnames, as zeroshot: an index
 
 
 # ------------------------------------------------------------------------------------------------------ eval.py
@@ -245,3 +252,14 @@ def test_tfds_classification_splits(tmp_path, monkeypatch):
       assert pixels[0, 0, 0] % 60 == 20 * lab  # example n has label n % 3 and value 20 n
   with pytest.raises(ValueError, match="tfds:internvl_tiny_classes:nope"):
     datasets.load("tfds:internvl_tiny_classes:nope", "linear_probe", 8, cache)
+
+
+def test_probes_take_the_stage_that_trained_the_vision_tower(tmp_path):
+  from internvl_jax.evaluate import models
+  for stage, task in (("stage1", "contrastive"), ("stage3", "instruct")):
+    (tmp_path / stage).mkdir()
+    (tmp_path / stage / "config.json").write_text(json.dumps({"task": task}))
+  assert models.stage_dir(str(tmp_path), "linear_probe").endswith("stage1")
+  assert models.stage_dir(str(tmp_path), "vqa").endswith("stage3")
+  (tmp_path / "stage1" / "config.json").unlink()  # a chat-only workdir: its tower is the one there is
+  assert models.stage_dir(str(tmp_path), "attention_probe").endswith("stage3")

@@ -115,7 +115,10 @@ def probe_labels(train: sources.LabelSet, test: sources.LabelSet,
                  classnames: list[str] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
   """One class list for both splits and int64 labels [N], [M] into it: `classnames` when given; else the train
   set's own (class folders, the demo), test classes matched to it by name; else (JSONL) the distinct train
-  labels, integers in numeric order and names alphabetically. A test class the train split lacks is an error."""
+  labels, integers in numeric order and names alphabetically. A test class the train split lacks is an error.
+  Integer labels index `classnames` only when it is given and does not name them (zeroshot's rule); otherwise
+  they are names ("3" is the class called 3, not the fourth)."""
+  by_index = classnames is not None
   if classnames is None and train.classnames:
     classnames = list(train.classnames)
   if classnames is None:
@@ -126,7 +129,7 @@ def probe_labels(train: sources.LabelSet, test: sources.LabelSet,
       return np.asarray(data.labels, np.int64)
     raw = [data.classnames[i] for i in data.labels] if data.classnames else [str(x) for x in data.labels]
     known = set(classnames)
-    unknown = sorted({x for x in raw if x not in known and not (x.isdigit() and int(x) < len(classnames))})
+    unknown = sorted({x for x in raw if x not in known and not (by_index and x.isdigit() and int(x) < len(classnames))})
     if unknown:
       raise ValueError(f"{split} class {unknown[0]!r} is not one of the {len(classnames)} classes of the train "
                        "split (give both splits the same classes, or pass --classnames FILE)")
