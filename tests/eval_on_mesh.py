@@ -83,7 +83,8 @@ def contrastive_workdir(root: str) -> str:
 
 def embeddings(m: models.EvalModel, texts) -> dict:
   pixels = np.random.default_rng(1).standard_normal((6, m.image_size, m.image_size, 3)).astype(np.float32)
-  return {"images": m.embed_images(pixels), "texts": m.embed_texts(texts)}
+  return {"images": m.embed_images(pixels), "texts": m.embed_texts(texts),
+          "probe": m.probe_features(pixels)}  # the linear probe's features: the tower's raw last block
 
 
 def run_contrastive(load, texts, runs) -> dict:
@@ -94,7 +95,8 @@ def run_contrastive(load, texts, runs) -> dict:
     m = load(dtype, placement.make_mesh(mesh))
     got = embeddings(m, texts)
     out[f"{dtype} {mesh}"] = {"images": errors(got["images"], want["images"]),
-                             "texts": errors(got["texts"], want["texts"]), "bytes": bytes_check(m)}
+                             "texts": errors(got["texts"], want["texts"]), "probe": errors(got["probe"], want["probe"]),
+                             "bytes": bytes_check(m)}
   return out
 
 

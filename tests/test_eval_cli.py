@@ -57,3 +57,17 @@ def test_wrong_model_for_the_task_is_one_line(workdir):
   res = _eval(["--task", "retrieval", "--workdir", os.path.join(workdir, "stage3"), "--data", "demo:4"])
   assert res.returncode == 1
   assert res.stderr.strip().splitlines()[-1].startswith("error: task retrieval needs a contrastive model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["linear_probe", "attention_probe"])
+def test_probes_from_a_workdir(workdir, tmp_path, task):
+  """The probes read the contrastive stage's vision tower; --train_data demo is the demo's train split."""
+  out = str(tmp_path / f"{task}.json")
+  res = _eval(["--task", task, "--workdir", workdir, "--train_data", "demo:16", "--data", "demo:8", "--out", out,
+               "--batch_size", "8", "--weight_decays", "1e-2", "--cache_dir", str(tmp_path / "cache")])
+  assert res.returncode == 0, res.stderr[-3000:]
+  result = json.load(open(out))
+  report.validate_result(result)
+  assert "stage1" in result["model"] and result["num_train"] == 16 and result["num_images"] == 8
+  assert result["num_classes"] == 264 and result["top5"] is not None

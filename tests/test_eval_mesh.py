@@ -57,9 +57,10 @@ def _check_contrastive(out: dict) -> None:
       continue
     dtype, mesh = run.split(" ")
     tol = F32_TOL if dtype == "float32" else BF16_TOL
-    print(f"{run}: images max abs {r['images']['abs']:.2e}, texts {r['texts']['abs']:.2e}; "
-          f"{r['bytes']['device0']} of {r['bytes']['reported']['total']} bytes per device")
+    print(f"{run}: images max abs {r['images']['abs']:.2e}, texts {r['texts']['abs']:.2e}, probe features max "
+          f"rel {r['probe']['rel']:.2e}; {r['bytes']['device0']} of {r['bytes']['reported']['total']} bytes per device")
     assert r["images"]["abs"] < tol and r["texts"]["abs"] < tol
+    assert r["probe"]["rel"] < tol  # eval.py --task linear_probe's features (relative: they are not unit-norm)
     _check_bytes(r["bytes"], mesh)
     assert r["bytes"]["describe"]["dtype"] == dtype
     assert r["bytes"]["describe"]["mesh"] == placement.parse_mesh(mesh)

@@ -8,6 +8,7 @@ answers for chat models).
   mesh as they are read, and the model runs sharded (batches split over data x fsdp x expert)
   m.embed_images(pixels [B, S, S, 3] float32) -> [B, E] float32;  m.embed_texts(list of B str) -> [B, E] float32
   m.generate(pixels [N, S, S, 3], prompts (B lists of ids), max_new_tokens) -> list of B answers
+  m.probe_features(pixels) -> [B, 2D] float32;  m.vision_tokens(pixels) -> [B, 1 + N, D]  (any model's vision tower)
 
 Released InternVL-C/G folders get their texts exactly as the published evaluation tokenises them (EOS forced,
 padded / cut to 80 tokens, pooled at the EOS: tokenizer.contrastive_text_ids); released chat folders are prompted,
@@ -31,11 +32,12 @@ from internvl_jax import sharding
 from internvl_jax.data import chat_format as chat_format_lib
 from internvl_jax.data import features as features_lib
 from internvl_jax.data import tokenizer as tokenizer_lib
-from internvl_jax.evaluate import placement
+from internvl_jax.evaluate import linear_probe, placement
 from internvl_jax.models import internvl
 
 EMBED_TASKS = ("retrieval", "zeroshot")  # need a contrastive model
 CHAT_TASKS = ("caption", "vqa")  # need a chat model
+PROBE_TASKS = ("linear_probe", "attention_probe")  # need a vision tower: either kind
 HF_MAX_TEXT_LEN = 80  # InternVL-C/G's published text length
 
 
@@ -75,9 +77,15 @@ class EvalModel:
       with placement.mesh_context(mesh):
         return nnx.merge(graphdef, s).encode_text(ids, mask)
 
+    def tokens(s, x):  # the vision tower's last block, every token (class token first); no pooling, no projection
+      with placement.mesh_context(mesh):
+        return nnx.merge(graphdef, s).vision(x).last_hidden_state
+
     # One jitted program per function; the state is an argument (not a constant) so it is not baked into the HLO.
     self._img = jax.jit(img) if self.kind == "contrastive" else None
     self._txt = jax.jit(txt) if self.kind == "contrastive" else None
+    self._tokens = jax.jit(tokens)
+    self._probe = jax.jit(lambda s, x: linear_probe.cls_patch_concat(tokens(s, x)))
 
   def _sharded(self, fn, *arrays) -> np.ndarray:
     """fn(state, *arrays) with the batch padded to a multiple of data x fsdp x expert and split over them;
@@ -86,6 +94,8 @@ class EvalModel:
     return np.asarray(fn(self._state, *placement.place_batch(batch, self.mesh)))[:n]
 
   def require(self, task: str) -> None:
+    if task in PROBE_TASKS:  # both kinds have a vision tower
+      return
     want = "contrastive" if task in EMBED_TASKS else "chat"
     if self.kind != want:
       raise ValueError(f"task {task} needs a {want} model but {self.name} is a {self.kind} model; pass a "
@@ -118,6 +128,17 @@ class EvalModel:
 
   def embed_texts(self, texts: list[str]) -> np.ndarray:
     return self.embed_tokens(self.tokenize(list(texts)))
+
+  # ------------------------------------------------------------------------------------------ vision tower probes
+
+  def probe_features(self, pixels: np.ndarray) -> np.ndarray:
+    """pixels float32 [B, S, S, 3] -> float32 [B, 2D]: the last block's class token and mean patch token
+    (linear_probe.cls_patch_concat, the official linear-probing feature)."""
+    return self._sharded(self._probe, pixels)
+
+  def vision_tokens(self, pixels: np.ndarray) -> np.ndarray:
+    """pixels float32 [B, S, S, 3] -> the last block's tokens [B, 1 + N, D] in the model's compute dtype."""
+    return self._sharded(self._tokens, pixels)
 
   # ------------------------------------------------------------------------------------------------- chat models
 
@@ -154,14 +175,19 @@ def _read_config(workdir: str) -> ml_collections.ConfigDict:
 def stage_dir(workdir: str, task: str) -> str:
   """The folder holding the run for `task`: workdir itself when it has a config.json, else the last of its stage
   sub-folders (train.py's multi-stage layout) whose model suits the task (contrastive / alignment for
-  retrieval and zeroshot, instruct for caption and vqa)."""
+  retrieval, zeroshot and the probes — whose vision tower they trained —, instruct for caption and vqa, and for the
+  probes when there is no other)."""
   if os.path.exists(os.path.join(workdir, "config.json")):
     return workdir
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir given to train.py")
   wanted = ("contrastive", "alignment") if task in EMBED_TASKS else ("instruct",)
-  found = [d for d in sorted(os.listdir(workdir)) if os.path.exists(os.path.join(workdir, d, "config.json"))
-           and _read_config(os.path.join(workdir, d)).task in wanted]
+  stages = [d for d in sorted(os.listdir(workdir)) if os.path.exists(os.path.join(workdir, d, "config.json"))]
+  if task in PROBE_TASKS:  # the stage that trained the vision tower (contrastive / alignment), else any
+    wanted = ("contrastive", "alignment")
+    if not any(_read_config(os.path.join(workdir, d)).task in wanted for d in stages):
+      wanted = ("instruct",)
+  found = [d for d in stages if _read_config(os.path.join(workdir, d)).task in wanted]
   if not found:
     raise FileNotFoundError(f"{workdir} holds no config.json of a {' or '.join(wanted)} run for task {task}; "
                             "pass a train.py workdir (or a stage folder of one)")

@@ -9,6 +9,10 @@ Schemas (values in percent unless named otherwise; CIDEr / BLEU-4 x100 as papers
               "references"}]}
   vqa        {"task", "data", "num_questions", "accuracy", "samples": [{"image", "question", "prediction",
               "answers"}]}
+  linear_probe / attention_probe
+             {"task", "data", "train_data", "num_train", "num_images", "num_classes", "top1", "top5" (null for
+              <= 5 classes)}; linear_probe adds "weight_decay" (the chosen one) and "sweep": [{"weight_decay",
+              "holdout_top1", "holdout_loss"}]
 Builders may add fields via **extra (e.g. the checkpoint evaluated); validate_result checks the required ones.
 eval.py adds, for every task, how the model ran (evaluate/placement.describe; checked when present):
   {"dtype": parameter dtype(s) e.g. "bfloat16", "mesh": {"data", "fsdp", "expert", "tensor"} sizes or null (one device),
@@ -54,6 +58,17 @@ def vqa_result(data: str, num_questions: int, accuracy: float, samples: Sequence
           "samples": [dict(s) for s in samples], **extra}
 
 
+PROBE_TASKS = ("linear_probe", "attention_probe")
+
+
+def probe_result(task: str, data: str, train_data: str, num_train: int, num_images: int, num_classes: int,
+                 top1: float, top5: float | None, **extra) -> dict:
+  """A linear / attention probe's result: top-1 (and top-5 when > 5 classes, else None) on the test split."""
+  return {"task": task, "data": data, "train_data": train_data, "num_train": int(num_train),
+          "num_images": int(num_images), "num_classes": int(num_classes), "top1": float(top1),
+          "top5": None if top5 is None else float(top5), **extra}
+
+
 def _pct(name: str, value: Any, upper: float = 100.0) -> None:
   if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= upper:
     raise ValueError(f"{name} must be a number in [0, {upper:g}], got {value!r}")
@@ -64,14 +79,17 @@ def validate_result(result: Mapping[str, Any]) -> None:
   required = {"retrieval": ("data", "num_images", "num_texts", "image_to_text", "text_to_image"),
               "zeroshot": ("data", "num_images", "top1", "top5", "per_class"),
               "caption": ("data", "num_images", "CIDEr", "BLEU-4", "samples"),
-              "vqa": ("data", "num_questions", "accuracy", "samples")}
+              "vqa": ("data", "num_questions", "accuracy", "samples"),
+              **{t: ("data", "train_data", "num_train", "num_images", "num_classes", "top1", "top5")
+                 for t in PROBE_TASKS}}
   task = result.get("task")
   if task not in required:
     raise ValueError(f"result task must be one of {sorted(required)}, got {task!r}")
   for key in required[task]:
     if key not in result:
       raise ValueError(f"{task} result lacks {key!r}")
-  for key in ("num_images", "num_texts", "num_questions", "devices", "param_bytes_total", "param_bytes_per_device"):
+  for key in ("num_images", "num_texts", "num_questions", "num_train", "num_classes", "devices", "param_bytes_total",
+              "param_bytes_per_device"):
     if key in result and (not isinstance(result[key], int) or result[key] <= 0):
       raise ValueError(f"{key} must be a positive integer, got {result[key]!r}")
   if result.get("param_bytes_per_device", 0) > result.get("param_bytes_total", float("inf")):
@@ -95,6 +113,15 @@ def validate_result(result: Mapping[str, Any]) -> None:
       raise ValueError(f"top1 {result['top1']} exceeds top5 {result['top5']}")
     for name, v in result["per_class"].items():
       _pct(f"per_class[{name!r}]", v)
+  elif task in PROBE_TASKS:
+    _pct("top1", result["top1"])
+    if result["top5"] is not None:
+      _pct("top5", result["top5"])
+      if result["top1"] > result["top5"]:
+        raise ValueError(f"top1 {result['top1']} exceeds top5 {result['top5']}")
+    if task == "linear_probe" and not (isinstance(result.get("weight_decay"), (int, float))
+                                       and result["weight_decay"] >= 0):
+      raise ValueError(f"linear_probe result needs a weight_decay >= 0, got {result.get('weight_decay')!r}")
   elif task == "caption":
     _pct("CIDEr", result["CIDEr"], upper=1000.0)  # x100 scale; CIDEr-D is at most 10 per image (1000)
     _pct("BLEU-4", result["BLEU-4"])
@@ -130,6 +157,14 @@ def result_table(result: Mapping[str, Any]) -> str:
   if task == "zeroshot":
     return markdown_table(["data", "images", "top-1", "top-5"],
                           [[result["data"], result["num_images"], result["top1"], result["top5"]]])
+  if task in PROBE_TASKS:
+    top5 = "-" if result["top5"] is None else result["top5"]
+    headers = ["data", "train images", "test images", "classes", "top-1", "top-5"]
+    row = [result["data"], result["num_train"], result["num_images"], result["num_classes"], result["top1"], top5]
+    if task == "linear_probe":
+      headers.append("weight decay")
+      row.append(f"{result['weight_decay']:.3g}")
+    return markdown_table(headers, [row])
   if task == "caption":
     return markdown_table(["data", "images", "CIDEr", "BLEU-4"],
                           [[result["data"], result["num_images"], result["CIDEr"], result["BLEU-4"]]])

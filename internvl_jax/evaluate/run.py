@@ -1,7 +1,8 @@
-"""The four evaluation tasks end to end on a loaded model (evaluate/models.py) and set (evaluate/datasets.py):
-embed or generate in batches, score with the protocol modules, build the result JSON (report.py).
+"""The evaluation tasks end to end on a loaded model (evaluate/models.py) and set (evaluate/datasets.py): embed,
+generate or probe in batches, score with the protocol modules, build the result JSON (report.py).
 
   result = run_retrieval(model, data, data_name, batch_size=64)   # likewise run_zeroshot / run_caption / run_vqa
+  result = run_linear_probe(model, train, test, data_name, train_name)   # likewise run_attention_probe
   run_task(task, model, data_spec, out=FILE.json)                 # load the data, run, print table, write JSON/PNG
 
 eval.py is a thin CLI over run_task; train.py's in-loop evaluation uses retrieval.evaluate_retrieval directly
@@ -21,10 +22,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from internvl_jax.data import chat_format
-from internvl_jax.evaluate import captioning, datasets, placement, report, retrieval, sources, vqa, zeroshot
-from internvl_jax.evaluate.models import EvalModel
+from internvl_jax.evaluate import (attention_probe, captioning, datasets, linear_probe, placement, report, retrieval,
+                                   sources, vqa, zeroshot)
+from internvl_jax.evaluate.models import PROBE_TASKS, EvalModel
 
-TASKS = ("retrieval", "zeroshot", "caption", "vqa")
+TASKS = ("retrieval", "zeroshot", "caption", "vqa") + PROBE_TASKS
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # InternVL's COCO caption prompt
 VQA_SUFFIX = "Answer the question using a single word or phrase."  # InternVL's VQAv2 short-answer prompt
 NUM_SAMPLES = 20  # generated captions / answers kept in the JSON
@@ -82,6 +84,105 @@ def run_zeroshot(model: EvalModel, data: sources.LabelSet, data_name: str, *, cl
                                   num_classes=len(classnames), num_templates=len(templates),
                                   text_prefix=model.text_prefix, preprocessing="resize short side + center crop")
   return result, top, logits, classnames, labels
+
+
+def _vision_outputs(fn, paths: Sequence[str], image_size: int, batch_size: int, progress: bool,
+                    desc: str) -> np.ndarray:
+  """fn(pixels [batch_size, S, S, 3]) -> [batch_size, ...] over the images (short side to S + centre crop, the
+  official probe test transform), a short last batch padded so one program serves; stacked into one host array
+  [N, ...] allocated once (token caches are large)."""
+  out = None
+  batches = sources.image_batches(paths, image_size, batch_size, resize="center_crop")
+  for i, batch in enumerate(tqdm(batches, total=-(-len(paths) // batch_size), desc=desc, disable=not progress,
+                                 leave=False)):
+    n = len(batch)
+    if n < batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, 0)])
+    y = np.asarray(fn(batch))[:n]
+    if out is None:
+      out = np.empty((len(paths),) + y.shape[1:], y.dtype)
+    out[i * batch_size:i * batch_size + n] = y
+  return out
+
+
+def _sorted_labels(labels) -> list[str]:
+  """Distinct raw labels in a stable order: numerically when all are integers, else alphabetically."""
+  distinct = {str(x) for x in labels}
+  return sorted(distinct, key=int) if all(x.lstrip("-").isdigit() for x in distinct) else sorted(distinct)
+
+
+def probe_labels(train: sources.LabelSet, test: sources.LabelSet,
+                 classnames: list[str] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """One class list for both splits and int64 labels [N], [M] into it: `classnames` when given; else the train
+  set's own (class folders, the demo), test classes matched to it by name; else (JSONL) the distinct train
+  labels, integers in numeric order and names alphabetically. A test class the train split lacks is an error.
+  Integer labels index `classnames` only when it is given and does not name them (zeroshot's rule); otherwise
+  they are names ("3" is the class called 3, not the fourth)."""
+  by_index = classnames is not None
+  if classnames is None and train.classnames:
+    classnames = list(train.classnames)
+  if classnames is None:
+    classnames = _sorted_labels(train.labels)
+
+  def index(data: sources.LabelSet, split: str) -> np.ndarray:
+    if data.classnames and list(data.classnames) == classnames:
+      return np.asarray(data.labels, np.int64)
+    raw = [data.classnames[i] for i in data.labels] if data.classnames else [str(x) for x in data.labels]
+    known = set(classnames)
+    unknown = sorted({x for x in raw if x not in known and not (by_index and x.isdigit() and int(x) < len(classnames))})
+    if unknown:
+      raise ValueError(f"{split} class {unknown[0]!r} is not one of the {len(classnames)} classes of the train "
+                       "split (give both splits the same classes, or pass --classnames FILE)")
+    return zeroshot.labels_to_indices(raw, classnames)
+
+  return classnames, index(train, "train"), index(test, "test")
+
+
+def run_linear_probe(model: EvalModel, train: sources.LabelSet, test: sources.LabelSet, data_name: str,
+                     train_name: str, *, classnames: list[str] | None = None,
+                     weight_decays: Sequence[float] | None = None, batch_size: int = 64,
+                     progress: bool = True) -> dict:
+  """Linear probe (evaluate/linear_probe.py): the class token + mean patch token of the vision tower's last block
+  for both splits, then logistic regression with the weight decay picked on 20% of the train split, refit on all
+  of it; top-1 / top-5 on the test split."""
+  names, ytr, yte = probe_labels(train, test, classnames)
+  ftr = _vision_outputs(model.probe_features, train.image_paths, model.image_size, batch_size, progress,
+                        "train features")
+  fte = _vision_outputs(model.probe_features, test.image_paths, model.image_size, batch_size, progress,
+                        "test features")
+  res = linear_probe.linear_probe(ftr, ytr, fte, yte, len(names), weight_decays or linear_probe.DEFAULT_WEIGHT_DECAYS,
+                                  progress=progress)
+  per_class = zeroshot.per_class_accuracy(res.logits.argmax(1), yte, names)
+  return report.probe_result("linear_probe", data_name, train_name, len(ytr), len(yte), len(names), res.top1,
+                             res.top5, weight_decay=res.weight_decay, sweep=res.sweep, per_class=per_class,
+                             model=model.name, feature="cls_patch_concat (class token ; mean patch token, last "
+                             "block)", feature_dim=int(ftr.shape[1]),
+                             preprocessing="resize short side + center crop")
+
+
+def run_attention_probe(model: EvalModel, train: sources.LabelSet, test: sources.LabelSet, data_name: str,
+                        train_name: str, *, classnames: list[str] | None = None, batch_size: int = 64,
+                        epochs: int = attention_probe.EPOCHS, probe_batch_size: int = attention_probe.BATCH_SIZE,
+                        base_lr: float = attention_probe.BASE_LR, progress: bool = True) -> dict:
+  """Attention-pooling probe (evaluate/attention_probe.py): the last block's tokens of both splits cached in host
+  memory, the official attention_pooling head trained on the train split's; top-1 (top-5) on the test split."""
+  names, ytr, yte = probe_labels(train, test, classnames)
+  ttr = _vision_outputs(model.vision_tokens, train.image_paths, model.image_size, batch_size, progress,
+                        "train tokens")
+  heads = int(model.model.vision.config.num_heads)
+  probe, log = attention_probe.train_attention_probe(ttr, ytr, len(names), heads, epochs=epochs,
+                                                     batch_size=probe_batch_size, base_lr=base_lr, progress=progress)
+  del ttr  # the train cache is the big one
+  tte = _vision_outputs(model.vision_tokens, test.image_paths, model.image_size, batch_size, progress, "test tokens")
+  logits = attention_probe.predict(probe, tte)
+  k5 = len(names) > 5
+  top1 = linear_probe.topk_accuracy(logits, yte, 1)
+  top5 = linear_probe.topk_accuracy(logits, yte, 5) if k5 else None
+  per_class = zeroshot.per_class_accuracy(logits.argmax(1), yte, names)
+  return report.probe_result("attention_probe", data_name, train_name, len(ytr), len(yte), len(names), top1, top5,
+                             per_class=per_class, model=model.name, num_heads=heads, epochs=epochs, **log,
+                             tokens=f"{tte.shape[1]} x {tte.shape[2]} (last block, class token included)",
+                             preprocessing="resize short side + center crop")
 
 
 def _generate_all(model: EvalModel, paths: Sequence[str], questions: Sequence[str], batch_size: int,
@@ -176,11 +277,17 @@ def _chat_protocol(model: EvalModel, min_new: int, max_new: int, dynamic: bool, 
 def run_task(task: str, model: EvalModel, data_spec: str, *, out: str | None = None, batch_size: int = 64,
              classnames: str | None = None, templates: str | None = None, vqa_suffix: str | None = None,
              max_new_tokens: int | None = None, cache_dir: str | None = None, progress: bool = True,
-             dynamic: bool = False, max_num: int = 6, stream=sys.stdout) -> dict:
-  """Loads `data_spec` for `task`, evaluates, prints the markdown table, writes `out` (JSON) and, for retrieval
-  and zeroshot, a PNG gallery beside it (same name, .png). Returns the result dict."""
+             dynamic: bool = False, max_num: int = 6, train_data: str | None = None,
+             weight_decays: Sequence[float] | None = None, probe_epochs: int = attention_probe.EPOCHS,
+             probe_batch_size: int = attention_probe.BATCH_SIZE, probe_lr: float = attention_probe.BASE_LR,
+             stream=sys.stdout) -> dict:
+  """Loads `data_spec` for `task` (and, for the probes, `train_data`: their train split), evaluates, prints the
+  markdown table, writes `out` (JSON) and, for retrieval and zeroshot, a PNG gallery beside it (same name, .png).
+  Returns the result dict."""
   if task not in TASKS:
     raise ValueError(f"--task {task!r} is not one of {', '.join(TASKS)}")
+  if task in PROBE_TASKS and not train_data:
+    raise ValueError(f"--task {task} trains on --train_data SOURCE (its train split) and scores --data")
   model.require(task)
   start = time.time()
   data = datasets.load(data_spec, task, model.image_size, cache_dir)
@@ -199,6 +306,16 @@ def run_task(task: str, model: EvalModel, data_spec: str, *, out: str | None = N
                                                       batch_size=batch_size, progress=progress)
     if gallery:
       report.zeroshot_gallery(gallery, data.image_paths, labels, names, top, logits)
+  elif task in PROBE_TASKS:
+    train = datasets.load(train_data, task, model.image_size, cache_dir, split="train")
+    names = zeroshot.load_classnames(classnames) if classnames else None
+    if task == "linear_probe":
+      result = run_linear_probe(model, train, data, data_spec, train_data, classnames=names,
+                                weight_decays=weight_decays, batch_size=batch_size, progress=progress)
+    else:
+      result = run_attention_probe(model, train, data, data_spec, train_data, classnames=names,
+                                   batch_size=batch_size, epochs=probe_epochs, probe_batch_size=probe_batch_size,
+                                   base_lr=probe_lr, progress=progress)
   elif task == "caption":
     kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     if max_new_tokens is not None and max_new_tokens < 8:  # the published minimum cannot exceed the maximum
