@@ -127,8 +127,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   tok, from_scratch = _tokenizer(cfg, workdir, train_source)
   config_checks.adapt_model_to_tokenizer(cfg, tok, built=from_scratch)
   config_checks.validate(cfg, mesh)
-  if cfg.task == "instruct":
-    freezing.prepare(cfg)  # config.json then records the model as built (LoRA, freeze_vision)
+  state_lib.prepare(cfg)  # config.json then records the model as built (LoRA, freeze_vision, logit bias)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
