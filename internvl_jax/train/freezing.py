@@ -24,10 +24,11 @@ The image-text stages (contrastive, alignment) have LiT's locked towers (Zhai et
 The projections into the shared space, the logit scale / bias (and stage 2's caption decoder) always train. A
 locked tower runs without drop-path or dropout (model_config sets its rates to 0).
 
-Frozen parameters sit in the state's `frozen` (no gradient, no optimizer state). unfreeze_vit_layers and unlock_last_n cut through
-a stacked parameter ([L, ...] with a leading 'layers' axis): those leaves stay in `params` and a per-layer 0/1 mask
-zeroes their gradient before the optimizer and their update after it (AdamW's decoupled weight decay would move a
-frozen layer otherwise), so the frozen layers stay bit-identical; their Adam moments exist but stay zero.
+Frozen parameters sit in the state's `frozen` (no gradient, no optimizer state). unfreeze_vit_layers and
+unlock_last_n cut through a stacked parameter ([L, ...] with a leading 'layers' axis): those leaves stay in `params`
+and a per-layer 0/1 mask zeroes their gradient before the optimizer and their update after it (AdamW's decoupled
+weight decay would move a frozen layer otherwise), so the frozen layers stay bit-identical; their Adam moments exist
+but stay zero.
 """
 
 from __future__ import annotations
@@ -245,8 +246,8 @@ def apply_layer_masks(tree, masks: dict[str, np.ndarray]):
 
 
 def parameter_table(params, frozen, masks: dict[str, np.ndarray] | None = None) -> str:
-  """Per group (vision, text, projector, language, lm_head, adapters, other): trainable and frozen parameter counts and bytes.
-  params / frozen: the state's trees (arrays or ShapeDtypeStructs)."""
+  """Per group (vision, text, projector, language, lm_head, adapters, other): trainable and frozen parameter counts
+  and bytes. params / frozen: the state's trees (arrays or ShapeDtypeStructs)."""
   masks = masks or {}
   rows = {g: [0, 0, 0, 0] for g in GROUPS + ("other",)}  # trainable n, bytes; frozen n, bytes
   for tree, is_params in ((params, True), (frozen, False)):
