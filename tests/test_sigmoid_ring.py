@@ -1,7 +1,7 @@
 """The ring form of the sigmoid loss (losses.sharded_sigmoid_loss) equals SigLIP's formula in numpy and the plain
 jnp form (value, metrics, gradients) on 8 fake CPU devices; every ring step is taken once; no device forms the
-global [B, B] logits; the train step with config.loss='sigmoid' uses the ring on a split batch. The 8-device run is
-a subprocess because the device count is fixed when JAX starts (see sigmoid_ring_check.py)."""
+global [B, B] logits; the train step with config.loss='sigmoid' uses the ring on a split batch (slow). The 8-device
+runs are subprocesses because the device count is fixed when JAX starts (see sigmoid_ring_check.py)."""
 
 import json
 import os
@@ -14,13 +14,17 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def result():
+def _run(part: str) -> dict:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "sigmoid_ring_check.py")], capture_output=True,
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "sigmoid_ring_check.py"), part], capture_output=True,
                         text=True, env=env, timeout=1500)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def result():
+  return _run("loss")
 
 
 @pytest.mark.parametrize("case", ["siglip_init", "large_negatives"])
@@ -58,7 +62,9 @@ def test_no_device_forms_the_global_logits(result):
     assert h["local_block"] and not h["global_block"], direction  # [B/8, B/8] blocks, never [B, B]
 
 
-def test_train_step_uses_the_ring_with_the_same_result(result):
+@pytest.mark.slow  # two compilations of the tiny model's train step on 8 devices: 1-2 minutes on 2 quiet cores
+def test_train_step_uses_the_ring_with_the_same_result():
+  result = _run("train_step")
   on, off = result["train_step"]["True"], result["train_step"]["False"]
   assert on["uses_ppermute"] and not off["uses_ppermute"]
   for k in ("loss", "grad_norm", "loss_pos", "loss_neg", "acc_i2t", "acc_t2i"):
