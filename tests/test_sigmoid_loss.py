@@ -109,3 +109,25 @@ def test_config_errors_name_the_field(make_config, overrides, match):
   cfg = make_config("contrastive", **overrides)
   with pytest.raises(config_checks.ConfigError, match=match):
     config_checks.validate(cfg, sharding.make_mesh(dict(cfg.mesh)))
+
+
+def test_alignment_stage_uses_the_sigmoid_loss_with_the_model_bias(make_config):
+  from conftest import demo_batch, demo_state_setup
+  cfg = make_config("alignment", loss="sigmoid")
+  setup, tok = demo_state_setup(cfg)
+  state = setup.create()
+  batch = demo_batch(cfg, tok, 0, cfg.batch_size)
+
+  @jax.jit
+  def run(state, batch):
+    model = state_lib.merge_model(setup.graphdef, state)
+    loss, m = steps.alignment_loss_fn(model, batch, None, cfg)
+    img = model.encode_image(batch["pixel_values"])
+    txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    return loss, m, img, txt
+
+  loss, m, img, txt = run(state, batch)
+  want = numpy_siglip(np.asarray(img), np.asarray(txt), 10.0, -10.0)[0]  # SigLIP's init t = 10, b = -10
+  np.testing.assert_allclose(float(m["loss_contrastive"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want + cfg.caption_weight * float(m["loss_caption"]), rtol=1e-5)
+  assert float(m["logit_bias"]) == -10.0
