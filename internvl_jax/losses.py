@@ -1,10 +1,11 @@
-"""Training losses: symmetric InfoNCE with a learnable temperature, and a masked language-model loss.
+"""Training losses: symmetric InfoNCE with a learnable temperature, the sigmoid pairwise loss of SigLIP, and a
+masked language-model loss.
 
-Both compute in float32 whatever the activation dtype. Under jit with a batch sharded over the mesh, the
+All compute in float32 whatever the activation dtype. Under jit with a batch sharded over the mesh, the
 similarity matrix is formed over the *global* batch, so the negatives of every example are all other examples of
-the global batch. `contrastive_loss` leaves the layout of the [B, B] logits to XLA (which may replicate them);
-`sharded_contrastive_loss` computes each device's rows where its batch shard lives, so per-device memory grows
-with B_local x B instead of B x B.
+the global batch. `contrastive_loss` / `sigmoid_loss` leave the layout of the [B, B] logits to XLA (which may
+replicate them); `sharded_contrastive_loss` computes each device's rows where its batch shard lives (memory
+B_local x B per device); `sharded_sigmoid_loss` passes the text shards around a ring (memory B_local x B_local).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from internvl_jax import sharding
@@ -81,6 +83,97 @@ def sharded_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: j
   metrics = {"loss_i2t": total[0] / n, "loss_t2i": total[1] / n, "acc_i2t": total[2] / n,
              "acc_t2i": total[3] / n, "logit_scale": jnp.asarray(scale, jnp.float32)}
   return loss, metrics
+
+
+def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array,
+                 bias: jax.Array) -> tuple[jax.Array, dict]:
+  """The pairwise sigmoid loss of SigLIP (Zhai et al. 2023): every image-text pair of the batch is a binary
+  question "do these match?", with no normalisation over the batch.
+
+  image_emb, text_emb: [B, E] (unit-norm, as the models return them); scale: [] t = exp(t') (already
+  exponentiated); bias: [] b. logits = t * image @ text.T + b [B, B]; label z_ij = +1 on the diagonal, -1 elsewhere;
+  loss = -sum_ij log_sigmoid(z_ij * logits_ij) / B. Returns (loss [], metrics: its matching-pair and non-matching
+  parts loss_pos / loss_neg, in-batch top-1 accuracies acc_i2t / acc_t2i, logit_scale t, logit_bias b).
+  """
+  img, txt = image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)
+  t, b = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+  logits = t * img @ txt.T + b  # [B, B]
+  n = logits.shape[0]
+  eye = jnp.eye(n, dtype=bool)
+  terms = -jax.nn.log_sigmoid(jnp.where(eye, logits, -logits))
+  pos, neg = jnp.sum(jnp.where(eye, terms, 0.0)), jnp.sum(jnp.where(eye, 0.0, terms))
+  labels = jnp.arange(n)
+  metrics = {"loss_pos": pos / n, "loss_neg": neg / n,
+             "acc_i2t": jnp.mean(jnp.argmax(logits, axis=1) == labels),
+             "acc_t2i": jnp.mean(jnp.argmax(logits, axis=0) == labels), "logit_scale": t, "logit_bias": b}
+  return (pos + neg) / n, metrics
+
+
+def _running_argmax(best, idx, values, indices):
+  """Keeps, per entry, the larger value (ties: the smaller index, as jnp.argmax over the whole row)."""
+  take = (values > best) | ((values == best) & (indices < idx))
+  return jnp.where(take, values, best), jnp.where(take, indices, idx)
+
+
+def sharded_sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, bias: jax.Array, mesh: Mesh,
+                         batch_axes: Sequence[str] = sharding.BATCH_AXES) -> tuple[jax.Array, dict]:
+  """`sigmoid_loss` over the global batch without any device holding more than a [b, b] block of logits
+  (b = B / n, n = the product of the mesh's `batch_axes`); same value, gradients and metrics.
+
+  image_emb, text_emb: [B, E] global arrays whose leading axis is split over `batch_axes`; scale [] t (already
+  exponentiated), bias [] b. Under shard_map each device first scores its own images against its own texts (the
+  only block with matching pairs), then the text shards travel one step around the ring (ppermute over the batch
+  axes, n - 1 steps, the next shard's transfer independent of the current block so the two can overlap) and each
+  device adds the terms of its images against every other shard's texts (all negatives). The loss sums the terms
+  (psum) and divides by the global B. Gradients flow back around the ring through ppermute's transpose. The
+  text-to-image accuracy's running argmax travels with its texts. Returns (loss [], metrics as sigmoid_loss).
+  """
+  axes = batch_axes_of(mesh, batch_axes) or tuple(batch_axes[:1])
+  n = int(np.prod([mesh.shape[a] for a in axes]))
+  total = image_emb.shape[0]
+  ring = [(i, (i + 1) % n) for i in range(n)]  # device i hands its text shard on to device i + 1
+
+  def local(img, txt, t, b):
+    img, txt, t, b = (x.astype(jnp.float32) for x in (img, txt, t, b))
+    m = img.shape[0]
+    me = jax.lax.axis_index(axes)
+    rows = jnp.arange(m)
+    own = me * m + rows  # global indices of this device's images (and, at step 0, texts)
+
+    def score(acc, txt_k, k):
+      """Adds the block of this device's images x the text shard k steps up the ring (shard me - k)."""
+      i_best, i_idx, t_best, t_idx, pos, neg = acc
+      logits = t * img @ txt_k.T + b  # [m, m]
+      positive = (rows[:, None] == rows[None, :]) & (k == 0)
+      terms = -jax.nn.log_sigmoid(jnp.where(positive, logits, -logits))
+      cols = ((me - k) % n) * m + rows
+      i_best, i_idx = _running_argmax(i_best, i_idx, jnp.max(logits, 1), cols[jnp.argmax(logits, 1)])
+      t_best, t_idx = _running_argmax(t_best, t_idx, jnp.max(logits, 0), own[jnp.argmax(logits, 0)])
+      return (i_best, i_idx, t_best, t_idx, pos + jnp.sum(jnp.where(positive, terms, 0.0)),
+              neg + jnp.sum(jnp.where(positive, 0.0, terms)))
+
+    def step(carry, k):
+      txt_k, acc = carry
+      nxt = jax.lax.ppermute(txt_k, axes, ring)  # needs nothing from this block: may overlap with it
+      i_best, i_idx, t_best, t_idx, pos, neg = score(acc, txt_k, k)
+      t_best, t_idx = jax.lax.ppermute((t_best, t_idx), axes, ring)  # the texts' argmax travels with them
+      return (nxt, (i_best, i_idx, t_best, t_idx, pos, neg)), None
+
+    start = (jnp.full((m,), -jnp.inf), jnp.full((m,), total), jnp.full((m,), -jnp.inf), jnp.full((m,), total),
+             jnp.zeros(()), jnp.zeros(()))
+    start = jax.lax.pcast(start, axes, to="varying")  # per-device values: the scan carry's type must say so
+    (txt_k, acc), _ = jax.lax.scan(step, (txt, start), jnp.arange(n - 1))
+    _, i_idx, _, t_idx, pos, neg = score(acc, txt_k, n - 1)
+    held = ((me + 1) % n) * m + rows  # after n - 1 steps this device holds shard me - (n - 1) = me + 1
+    hits = jnp.stack([jnp.sum(i_idx == own), jnp.sum(t_idx == held)]).astype(jnp.float32)
+    return jax.lax.psum(jnp.concatenate([jnp.stack([pos, neg]), hits]), axes)
+
+  spec = P(axes)
+  t, b = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+  sums = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=P())(image_emb, text_emb, t, b)
+  metrics = {"loss_pos": sums[0] / total, "loss_neg": sums[1] / total, "acc_i2t": sums[2] / total,
+             "acc_t2i": sums[3] / total, "logit_scale": t, "logit_bias": b}
+  return (sums[0] + sums[1]) / total, metrics
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -44,6 +44,10 @@ def export_plan(model: nnx.Module) -> tuple[dict, list]:
              + keymaps.decoder_for(cfg.language, "language_model.model", "language", head))
     return configs.chat_to_native(cfg), rules
   if isinstance(model, internvl.InternVLContrastive) and cfg.variant in ("c", "g"):
+    if cfg.get("logit_bias_init", None) is not None:  # InternVLModel has no logit bias to hold it
+      logging.warning("a sigmoid-loss InternVL-C/G model is written in the internvl_jax layout (the InternVL-14B "
+                      "layout has no logit bias)")
+      return own_layout_plan(model)
     hf = configs.contrastive_to_14b(cfg)  # InternVL-C/G: no transformers class; OpenGVLab's InternVL-14B layout
     return hf, keymaps.internvl_14b(cfg, None if cfg.text.tie_embeddings else "qllama.lm_head")
   if isinstance(model, internvl.InternVLContrastive) and cfg.variant == "seed":
@@ -74,11 +78,14 @@ def seed_plan(cfg) -> tuple[dict, list]:
                       "AutoModel": "modeling_internvl_seed.InternVLSeedModel"},
             vision_config=configs.vision_to_native(v), text_config=text, embed_dim=cfg.embed_dim,
             num_proj_layers=cfg.num_proj_layers, text_pooling=cfg.text_pooling,
+            logit_bias=cfg.get("logit_bias_init", None) is not None,  # a sigmoid-loss (SigLIP) model's bias b
             internvl_jax=json.loads(cfg.to_json()))
   rules = keymaps.internvit_native(v, "vision_model", "vision") + keymaps.decoder_hf(t, "text_model", "text")
   for j in range(cfg.num_proj_layers):
     rules += keymaps.linear(f"image_projection.linears.{j}", f"image_projection.{j}")
   rules += keymaps.linear("text_projection", "text_projection") + [keymaps.same("logit_scale", "logit_scale")]
+  if hf["logit_bias"]:
+    rules.append(keymaps.same("logit_bias", "logit_bias"))
   return hf, rules
 
 

@@ -17,7 +17,8 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 class InternVLContrastive(nnx.Module):
-  """Image tower and text tower mapped to a shared unit-norm space, plus a learnable logit scale.
+  """Image tower and text tower mapped to a shared unit-norm space, plus a learnable logit scale s (the loss uses
+  exp(s)) and, when cfg.logit_bias_init is set (the sigmoid loss), a learnable logit bias.
 
   variant 'seed': ViT CLS -> ProjectionMLP; bidirectional text tower -> pooling -> Linear.
   variant 'c':    ViT tokens -> attention pooling (in the ViT); QLLaMA text -> last real token -> text_projection.
@@ -42,6 +43,10 @@ class InternVLContrastive(nnx.Module):
                                               dtype=dtype, attention_impl=cfg.text.attention_impl)
                        if cfg.variant == "g" else None)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), out_sharding=())
+    # the sigmoid loss's bias b (SigLIP); absent for the softmax loss, so older checkpoints and the converted
+    # releases (which have none) keep their exact parameter tree
+    bias = cfg.get("logit_bias_init", None)
+    self.logit_bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32), out_sharding=())
 
   def encode_image(self, pixel_values: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """pixel_values [B, H, W, 3] (normalised) -> unit-norm [B, embed_dim] float32."""
@@ -68,11 +73,15 @@ class InternVLContrastive(nnx.Module):
       hidden = self.text(input_ids, attention_mask=attention_mask, return_logits=False).last_hidden_state
     return l2_normalize(self.text_projection(llm.pool_tokens(hidden, attention_mask, self.config.text_pooling)))
 
+  def loss_params(self) -> tuple[jax.Array, jax.Array | None]:
+    """(logit scale exp(s) [], logit bias [] or None when the model has none), float32: the loss's parameters."""
+    return jnp.exp(self.logit_scale[...]), None if self.logit_bias is None else self.logit_bias[...]
+
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (image embeddings [B, E], text embeddings [B, E], logit scale exp(s) []), all float32."""
     return (self.encode_image(pixel_values, dropout_key=dropout_key), self.encode_text(input_ids, attention_mask),
-            jnp.exp(self.logit_scale[...]))
+            self.loss_params()[0])
 
 
 class InternVLChat(nnx.Module):

@@ -108,6 +108,8 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
                         f"(downsample_ratio {m.downsample_ratio}) cannot halve; use a multiple of {patch * f}")
   if cfg.task == "instruct":
     _finetune_fields(cfg)
+  else:
+    _image_text_fields(cfg)
   shards = sharding.batch_ways(mesh)
   for field in ("batch_size", "eval_batch_size"):
     if cfg[field] <= 0 or cfg[field] % shards:
@@ -152,3 +154,19 @@ def _finetune_fields(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.lora_alpha={cfg.lora_alpha} must be >= 0 (0 = 2 * rank)")
   if not 0.0 <= float(cfg.get("lora_dropout", 0) or 0) < 1.0:
     raise ConfigError(f"config.lora_dropout={cfg.lora_dropout} must be in [0, 1) (the official recipe uses 0.05)")
+
+
+def _image_text_fields(cfg: ml_collections.ConfigDict) -> None:
+  loss = cfg.get("loss", "softmax")
+  if loss not in ("softmax", "sigmoid"):
+    raise ConfigError(f"config.loss={loss!r} is not 'softmax' (InfoNCE) or 'sigmoid' (SigLIP)")
+  n = int(cfg.get("unlock_last_n", 0) or 0)
+  locked = [t for t in ("vision", "text") if cfg.get(f"lock_{t}", False)]
+  if n < 0 or (n and not locked):
+    raise ConfigError(f"config.unlock_last_n={n} must be >= 0 and unlocks layers of a locked tower; set "
+                      "config.lock_vision or config.lock_text, or leave it 0")
+  for tower in locked:
+    layers = cfg.model[tower].num_layers
+    if n > layers:
+      raise ConfigError(f"config.unlock_last_n={n} is more than the {tower} tower's {layers} layers; use at most "
+                        f"{layers}")

@@ -96,8 +96,10 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   c.weight_decay = 0.05
   c.b1, c.b2, c.eps = 0.9, 0.98, 1e-6
   c.grad_clip = 1.0
-  c.sharded_contrastive_loss = True  # InfoNCE rows computed per batch shard (losses.sharded_contrastive_loss)
+  c.sharded_contrastive_loss = True  # the image-text loss computed per batch shard (losses.sharded_*_loss)
   c.caption_weight = 1.0  # alignment: loss = contrastive + caption_weight * caption LM loss
+  if task != "instruct":
+    add_image_text_fields(c)
   c.dropout_rng = True
 
   c.seed = 0
@@ -112,6 +114,16 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   if task == "instruct":
     add_finetune_fields(c)
   return c
+
+
+def add_image_text_fields(c: ml_collections.ConfigDict) -> None:
+  """The image-text stages' loss and LiT switches (losses.py, train/freezing.py)."""
+  # 'softmax': symmetric InfoNCE (CLIP, InternVL); 'sigmoid': SigLIP's pairwise loss, with a learnable bias
+  # (model.logit_bias_init = -10) and the logit scale started at log 10 (train/state.run_model_config)
+  c.loss = "softmax"
+  c.lock_vision = False  # LiT: the image tower gets no gradient and no optimizer state
+  c.lock_text = False  # the text tower likewise
+  c.unlock_last_n = 0  # N > 0: the last N layers of each locked tower train
 
 
 def add_finetune_fields(c: ml_collections.ConfigDict) -> None:

@@ -14,10 +14,21 @@ the run config with the official names.
   lora_alpha           adapter scale alpha / r (0 = the official 2 * rank)
   lora_dropout         dropout on the adapters' input in training (peft's; official recipe 0.05)
 
-Frozen parameters sit in the state's `frozen` (no gradient, no optimizer state). unfreeze_vit_layers cuts through
-a stacked parameter ([L, ...] with a leading 'layers' axis): those leaves stay in `params` and a per-layer 0/1 mask
-zeroes their gradient before the optimizer and their update after it (AdamW's decoupled weight decay would move a
-frozen layer otherwise), so the frozen layers stay bit-identical; their Adam moments exist but stay zero.
+The image-text stages (contrastive, alignment) have LiT's locked towers (Zhai et al. 2022) instead:
+
+  lock_vision          the image tower (`vision`: InternViT with its pooling) locked
+  lock_text            the text tower (`text`: the decoder or QLLaMA with its query tokens) locked
+  unlock_last_n        N > 0: the last N layers of each locked tower train again (for QLLaMA also the cross-attention
+                       layers among them); embeddings, final norms and pooling stay locked
+
+The projections into the shared space, the logit scale / bias (and stage 2's caption decoder) always train. A
+locked tower runs without drop-path or dropout (model_config sets its rates to 0).
+
+Frozen parameters sit in the state's `frozen` (no gradient, no optimizer state). unfreeze_vit_layers and
+unlock_last_n cut through a stacked parameter ([L, ...] with a leading 'layers' axis): those leaves stay in `params`
+and a per-layer 0/1 mask zeroes their gradient before the optimizer and their update after it (AdamW's decoupled
+weight decay would move a frozen layer otherwise), so the frozen layers stay bit-identical; their Adam moments exist
+but stay zero.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ import numpy as np
 from flax import nnx
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
-GROUPS = ("vision", "projector", "language", "lm_head", "adapters")
+GROUPS = ("vision", "text", "projector", "language", "lm_head", "adapters")
+IMAGE_TEXT_TASKS = ("contrastive", "alignment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +74,66 @@ def resolve(cfg: ml_collections.ConfigDict) -> Freezing:
                   tied_head=not (lang.get("lm_head", True) and not lang.get("tie_embeddings", False)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Locks:
+  """LiT switches of an image-text stage."""
+  vision: bool
+  text: bool
+  unlock_last_n: int
+
+
+def resolve_locks(cfg: ml_collections.ConfigDict) -> Locks:
+  """config.lock_vision / lock_text / unlock_last_n of an image-text run (all off when absent)."""
+  return Locks(vision=bool(cfg.get("lock_vision", False)), text=bool(cfg.get("lock_text", False)),
+               unlock_last_n=int(cfg.get("unlock_last_n", 0) or 0))
+
+
+def any_lock(cfg: ml_collections.ConfigDict) -> bool:
+  return cfg.task in IMAGE_TEXT_TASKS and (resolve_locks(cfg).vision or resolve_locks(cfg).text)
+
+
+def tower_layer_ids(model_cfg: ml_collections.ConfigDict, keys: tuple[str, ...]) -> tuple[str, list[int]] | None:
+  """For a parameter of a contrastive model's layer stack: (tower, the tower layer index of each entry of its
+  leading axis); None for any other parameter. Stacks: vision/blocks; text/layers (text/dense_layers when dense
+  and MoE layers are mixed); QLLaMA text/decoder/layers and text/cross_attention (in layers 0, f, 2f, ...)."""
+  from internvl_jax.models import moe  # local: the models are imported lazily here
+
+  if keys[:2] == ("vision", "blocks"):
+    return "vision", list(range(model_cfg.vision.num_layers))
+  if keys[0] != "text":
+    return None
+  text = model_cfg.text
+  if keys[1:2] == ("cross_attention",):
+    return "text", list(range(0, text.num_layers, text.cross_attention_frequency))
+  rest = keys[2:] if keys[1:2] == ("decoder",) else keys[1:]
+  sparse = moe.moe_layer_ids(text)
+  mixed = 0 < len(sparse) < text.num_layers
+  if rest[:1] == ("layers",):
+    return "text", list(sparse) if mixed else list(range(text.num_layers))
+  if rest[:1] == ("dense_layers",):
+    return "text", [i for i in range(text.num_layers) if i not in sparse]
+  return None
+
+
+def _lit_trainable(locks: Locks, model_cfg: ml_collections.ConfigDict, keys: tuple[str, ...]) -> bool:
+  tower = {"vision": locks.vision, "text": locks.text}
+  if not tower.get(keys[0], False):
+    return True
+  return locks.unlock_last_n > 0 and tower_layer_ids(model_cfg, keys) is not None
+
+
 def lora_alpha(cfg: ml_collections.ConfigDict, rank: int) -> float:
   """config.lora_alpha, or the official 2 * rank when 0."""
   return float(cfg.get("lora_alpha", 0) or 2 * rank)
 
 
 def model_config(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of the chat model config carrying what the model itself must know: LoRA (rank, alpha) per tower, and
-  freeze_vision = no gradient needed through the vision tower at all (it is then cut by stop_gradient)."""
+  """A copy of the model config carrying what the model itself must know: for a chat model LoRA (rank, alpha) per
+  tower, and freeze_vision = no gradient needed through the vision tower at all (it is then cut by stop_gradient);
+  for an image-text model with a locked vision tower, no drop-path or dropout in it."""
   out = ml_collections.ConfigDict(model_cfg.to_dict())
+  if cfg.task in IMAGE_TEXT_TASKS and resolve_locks(cfg).vision:
+    out.vision.drop_path_rate, out.vision.dropout = 0.0, 0.0  # a locked tower runs deterministically
   if cfg.task != "instruct":
     return out
   f = resolve(cfg)
@@ -124,15 +187,22 @@ def _trainable(f: Freezing, keys: tuple[str, ...]) -> bool:
 
 
 def trainable_filter(cfg: ml_collections.ConfigDict):
-  """The nnx filter of the chat model's parameters to differentiate and optimise."""
-  f = resolve(cfg)
+  """The nnx filter of the parameters to differentiate and optimise: stage 3's switches on a chat model, the LiT
+  locks on an image-text model."""
   is_param = nnx.filterlib.to_predicate(nnx.Param)
+  if cfg.task in IMAGE_TEXT_TASKS:
+    locks = resolve_locks(cfg)
+    return lambda path, x: is_param(path, x) and _lit_trainable(locks, cfg.model, _keys(path))
+  f = resolve(cfg)
   return lambda path, x: is_param(path, x) and _trainable(f, _keys(path))
 
 
 def layer_masks(cfg: ml_collections.ConfigDict, params) -> dict[str, np.ndarray]:
   """'path' -> bool [L] for every trainable leaf only some of whose layers train (unfreeze_vit_layers on a frozen
-  tower: the vision blocks' base weights). params: the trainable tree (arrays or ShapeDtypeStructs)."""
+  tower: the vision blocks' base weights; unlock_last_n on a locked image-text tower: its layer stacks). params: the
+  trainable tree (arrays or ShapeDtypeStructs)."""
+  if cfg.task in IMAGE_TEXT_TASKS:
+    return _lit_layer_masks(cfg, params)
   f = resolve(cfg) if cfg.task == "instruct" else None
   if f is None or not f.vision_base or f.vit_layers == 0:
     return {}
@@ -143,6 +213,21 @@ def layer_masks(cfg: ml_collections.ConfigDict, params) -> dict[str, np.ndarray]
       layers = np.zeros((x.shape[0],), bool)
       layers[f.vit_layers:] = True
       out["/".join(keys)] = layers
+  return out
+
+
+def _lit_layer_masks(cfg: ml_collections.ConfigDict, params) -> dict[str, np.ndarray]:
+  locks = resolve_locks(cfg)
+  if locks.unlock_last_n <= 0:
+    return {}
+  out = {}
+  for path, _ in jax.tree_util.tree_leaves_with_path(params):
+    keys = _keys(path)
+    found = tower_layer_ids(cfg.model, keys)
+    if found is None or not {"vision": locks.vision, "text": locks.text}[found[0]]:
+      continue
+    total = (cfg.model.vision if found[0] == "vision" else cfg.model.text).num_layers
+    out["/".join(keys)] = np.asarray([i >= total - locks.unlock_last_n for i in found[1]], bool)
   return out
 
 
@@ -161,8 +246,8 @@ def apply_layer_masks(tree, masks: dict[str, np.ndarray]):
 
 
 def parameter_table(params, frozen, masks: dict[str, np.ndarray] | None = None) -> str:
-  """Per group (vision, projector, language, lm_head, adapters): trainable and frozen parameter counts and bytes.
-  params / frozen: the state's trees (arrays or ShapeDtypeStructs)."""
+  """Per group (vision, text, projector, language, lm_head, adapters, other): trainable and frozen parameter counts
+  and bytes. params / frozen: the state's trees (arrays or ShapeDtypeStructs)."""
   masks = masks or {}
   rows = {g: [0, 0, 0, 0] for g in GROUPS + ("other",)}  # trainable n, bytes; frozen n, bytes
   for tree, is_params in ((params, True), (frozen, False)):

@@ -149,8 +149,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   tok, from_scratch = _tokenizer(cfg, workdir, train_source)
   config_checks.adapt_model_to_tokenizer(cfg, tok, built=from_scratch)
   config_checks.validate(cfg, mesh)
-  if cfg.task == "instruct":
-    freezing.prepare(cfg)  # config.json then records the model as built (LoRA, freeze_vision)
+  state_lib.prepare(cfg)  # config.json then records the model as built (LoRA, freeze_vision, logit bias)
   # before config.json is rewritten: eval.py reads the model from it, so it must keep matching the checkpoints
   workdir_lib.check_same_model(workdir, cfg, _has_checkpoint(workdir))
   if jax.process_index() == 0:

@@ -16,6 +16,7 @@ table (sharding.py), and the init runs under jit with those out_shardings.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -41,10 +42,36 @@ def model_factory(task: str, model_cfg: ml_collections.ConfigDict, seed: int) ->
   return lambda: cls(model_cfg, rngs=nnx.Rngs(seed))
 
 
+# SigLIP's initialisation of the sigmoid loss's parameters: t' = log 10 (t = exp(t') = 10) and b = -10
+SIGMOID_LOGIT_SCALE_INIT, SIGMOID_LOGIT_BIAS_INIT = math.log(10.0), -10.0
+
+
+def run_model_config(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The model config as the run builds it (a copy): the freezing, LoRA and lock fields (freezing.model_config)
+  and, for an image-text stage with config.loss='sigmoid', the logit bias parameter (model.logit_bias_init = -10,
+  model.logit_scale_init = log 10, SigLIP's) unless the model config already sets logit_bias_init. Idempotent."""
+  out = freezing.model_config(cfg, model_cfg)
+  if cfg.task in freezing.IMAGE_TEXT_TASKS and cfg.get("loss", "softmax") == "sigmoid" and \
+     out.get("logit_bias_init", None) is None:
+    out.logit_scale_init, out.logit_bias_init = SIGMOID_LOGIT_SCALE_INIT, SIGMOID_LOGIT_BIAS_INIT
+  return out
+
+
+def prepare(cfg: ml_collections.ConfigDict) -> None:
+  """Pins cfg.model to the model the run builds (run_model_config; stage 3 also resolves freeze_backbone,
+  freezing.prepare), so that config.json records it and eval.py rebuilds the same model. Idempotent."""
+  if cfg.task == "instruct":
+    freezing.prepare(cfg)
+  else:
+    with cfg.unlocked():
+      cfg.model = run_model_config(cfg, cfg.model)
+
+
 def trainable_filter(model: nnx.Module, cfg: ml_collections.ConfigDict | None = None):
-  """Stage 3 (cfg given, task 'instruct'): the official freezing switches (freezing.py); otherwise the stage
-  model's own rule (InternVLChat freezes its vision tower by config) or every Param."""
-  if cfg is not None and cfg.task == "instruct":
+  """Stage 3 (cfg given, task 'instruct') or an image-text stage with a locked tower (config.lock_vision /
+  lock_text): freezing.trainable_filter; otherwise the stage model's own rule (InternVLChat freezes its vision
+  tower by config) or every Param."""
+  if cfg is not None and (cfg.task == "instruct" or freezing.any_lock(cfg)):
     return freezing.trainable_filter(cfg)
   return model.trainable_filter() if hasattr(model, "trainable_filter") else nnx.Param
 
@@ -92,9 +119,10 @@ def optimizer_state_shardings(opt_state_abstract, params_abstract, params_shardi
 
 
 def setup_state(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, mesh: Mesh) -> StateSetup:
-  """Shapes, shardings, optimizer and init function for cfg.task with model_cfg on mesh. Stage 3 applies the
-  run's freezing and LoRA switches (freezing.py) to the model config and the trainable / frozen split."""
-  model_cfg = freezing.model_config(cfg, model_cfg)
+  """Shapes, shardings, optimizer and init function for cfg.task with model_cfg on mesh. The run's freezing,
+  LoRA and lock switches (freezing.py) and its loss (run_model_config) shape the model config and the trainable /
+  frozen split."""
+  model_cfg = run_model_config(cfg, model_cfg)
   make_model = model_factory(cfg.task, model_cfg, cfg.seed)
   abstract_model = nnx.eval_shape(make_model)
   graphdef, params_state, frozen_state = nnx.split(abstract_model, trainable_filter(abstract_model, cfg), ...)

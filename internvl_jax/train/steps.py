@@ -19,18 +19,37 @@ from internvl_jax import losses, sharding
 from internvl_jax.train import freezing, state as state_lib
 
 
-def _contrastive(img, txt, scale, cfg, mesh: Mesh | None):
-  """InfoNCE over the global batch: the sharded form (per-device rows of the similarity matrix) when the batch is
-  split over more than one device and config.sharded_contrastive_loss (default on), else the plain one."""
-  if mesh is not None and cfg.get("sharded_contrastive_loss", True) and losses.batch_axes_of(mesh):
+CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+
+
+def _contrastive(img, txt, scale, cfg, mesh: Mesh | None, bias=None):
+  """The image-text loss of config.loss over the global batch, the one dispatch of the stages' contrastive terms.
+
+  img, txt: [B, E] float32 embeddings; scale: [] exp(s); bias: [] the sigmoid loss's b (model.loss_params()).
+  'softmax' (default): symmetric InfoNCE, the sharded form (per-device rows of the similarity matrix) when the
+  batch is split over more than one device and config.sharded_contrastive_loss (default on), else the plain one.
+  'sigmoid': SigLIP's pairwise loss, with the same switch choosing the ring form (losses.sharded_sigmoid_loss)."""
+  kind = cfg.get("loss", "softmax") if cfg is not None else "softmax"
+  sharded = mesh is not None and cfg.get("sharded_contrastive_loss", True) and losses.batch_axes_of(mesh)
+  if kind == "sigmoid":
+    if bias is None:  # a model built without the bias (config.loss changed after the model config was made)
+      raise ValueError("config.loss='sigmoid' needs the model's logit bias; build the model from the run config "
+                       "(train.state.run_model_config) so that model.logit_bias_init is set")
+    if sharded:
+      return losses.sharded_sigmoid_loss(img, txt, scale, bias, mesh)
+    return losses.sigmoid_loss(img, txt, scale, bias)
+  if kind != "softmax":
+    raise ValueError(f"config.loss={kind!r} is not one of {CONTRASTIVE_LOSSES}")
+  if sharded:
     return losses.sharded_contrastive_loss(img, txt, scale, mesh)
   return losses.contrastive_loss(img, txt, scale)
 
 
 def contrastive_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   """Stage 1. batch: pixel_values [B, S, S, 3], input_ids / attention_mask [B, T]."""
-  img, txt, scale = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], dropout_key=key)
-  return _contrastive(img, txt, scale, cfg, mesh)
+  img, txt, _ = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], dropout_key=key)
+  scale, bias = model.loss_params()
+  return _contrastive(img, txt, scale, cfg, mesh, bias=bias)
 
 
 def alignment_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
@@ -39,7 +58,8 @@ def alignment_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   out = model.vision(batch["pixel_values"], dropout_key=k1)
   img = model.image_features(out, dropout_key=k2)
   txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
-  c_loss, metrics = _contrastive(img, txt, jnp.exp(model.logit_scale[...]), cfg, mesh)
+  scale, bias = model.loss_params()
+  c_loss, metrics = _contrastive(img, txt, scale, cfg, mesh, bias=bias)
   logits = model.caption_logits(out, batch["input_ids"], batch["attention_mask"])
   targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["attention_mask"])
   g_loss, g_metrics = losses.lm_loss(logits, targets, mask)

@@ -5,7 +5,8 @@ export` and loaded with `AutoModel.from_pretrained(folder, trust_remote_code=Tru
   image: InternVLVisionModel (transformers) -> CLS of the last layer -> MLP (Linear, exact GELU, ..., Linear)
   text:  embeddings -> pre-norm blocks (RMSNorm, grouped-query attention with RoPE over positions that count real
          tokens, bidirectional unless `causal`, SwiGLU) -> RMSNorm -> pooling over real tokens -> Linear
-  both L2-normalised; logits = exp(logit_scale) * image @ text.T
+  both L2-normalised; logits = exp(logit_scale) * image @ text.T (+ logit_bias for a model trained with the sigmoid
+  loss, config.logit_bias)
 
 Norms, RoPE and the softmax run in float32, as in the JAX model.
 """
@@ -152,6 +153,7 @@ class InternVLSeedModel(PreTrainedModel):
     self.text_model = TextEncoder(config.text_config)
     self.text_projection = nn.Linear(config.text_config["hidden_size"], e)
     self.logit_scale = nn.Parameter(torch.tensor(0.0))
+    self.logit_bias = nn.Parameter(torch.tensor(0.0)) if getattr(config, "logit_bias", False) else None
     self.post_init()
 
   def _init_weights(self, module):
@@ -178,4 +180,5 @@ class InternVLSeedModel(PreTrainedModel):
     """Returns (image embeddings, text embeddings, logits_per_image [B_img, B_txt])."""
     image = self.get_image_features(pixel_values)
     text = self.get_text_features(input_ids, attention_mask)
-    return image, text, self.logit_scale.exp() * image @ text.T
+    logits = self.logit_scale.exp() * image @ text.T
+    return image, text, logits if self.logit_bias is None else logits + self.logit_bias
