@@ -54,7 +54,12 @@ def _with_lora(plain: internvl.InternVLChat, seed: int = 1) -> internvl.InternVL
   return model
 
 
-@pytest.fixture(scope="module", params=["internlm2", "phi3"])
+# the other language families the native export writes: every adapter on an unfused Linear (no adapters on routed
+# experts, so GPT-OSS's interleaved gate_up_proj has none)
+OTHERS = [pytest.param(f, marks=pytest.mark.slow) for f in ("qwen3_moe", "gpt_oss")]
+
+
+@pytest.fixture(scope="module", params=["internlm2", "phi3"] + OTHERS)
 def exported(request, tmp_path_factory):
   """(family, our LoRA model, native base folder, adapter folder)."""
   family, tmp = request.param, tmp_path_factory.mktemp(request.param)
@@ -64,7 +69,8 @@ def exported(request, tmp_path_factory):
     src = str(tmp / "opengvlab")
     opengvlab_layout.chat_to_opengvlab(native, src, "internlm2")
   else:
-    hf_refs.chat_model(VARIANTS["window"], native, image_token_id=IMG)
+    hf_refs.chat_model(VARIANTS["window"] if family == "phi3" else getattr(hf_refs, family.upper()), native,
+                       image_token_id=IMG)
     src = native
   model = _with_lora(convert.load_pretrained(src))
   base_dir, adapter_dir = str(tmp / "base"), str(tmp / "adapter")
@@ -87,11 +93,12 @@ def test_the_base_export_has_the_expected_torch_layout(exported):
   family, _, base_dir, adapter_dir = exported
   with open(os.path.join(base_dir, "config.json")) as f:
     text = json.load(f)["text_config"]
-  assert text["model_type"] == {"internlm2": "llama", "phi3": "phi3"}[family]
+  assert text["model_type"] == {"internlm2": "llama"}.get(family, family)
   names = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-  modules = {"internlm2": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
-             "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj")}[family]
-  for module in modules + ("self_attn.o_proj", "mlp.down_proj"):
+  modules = {"internlm2": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
+                           "mlp.down_proj"),
+             "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")}.get(family, ("self_attn.q_proj",))
+  for module in modules + ("self_attn.o_proj",):
     assert f"{LAYER0}.{module}.lora_A.weight" in names
 
 
@@ -115,13 +122,15 @@ def test_peft_on_the_native_base_gives_our_lora_logits(exported):
       assert module.scaling["default"] == pytest.approx(ALPHA / RANK)
   else:
     assert layer.self_attn.q_proj.lora_A["default"].weight.shape == (RANK, hidden)
+    assert not hasattr(layer.self_attn, "qkv_proj")
   vit = peft_model.base_model.model.model.vision_tower.encoder.layer[0].attention.q_proj
   assert vit.scaling["default"] == pytest.approx(VIT_ALPHA / VIT_RANK)
 
 
 def _permuted(adapter_dir: str, out_dir: str, family: str, cfg) -> None:
   """The adapter with rows of one lora_B permuted as a wrong layout would: Phi-3's k and v row blocks of qkv_proj
-  swapped; InternLM2's query heads 0 and 1 (both read KV head 0) swapped in q_proj."""
+  swapped; otherwise (InternLM2's de-interleaved heads) query heads 0 and 1 (both read KV head 0) swapped in
+  q_proj."""
   tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
   hd = cfg.head_dim or cfg.hidden_size // cfg.num_heads
   if family == "phi3":

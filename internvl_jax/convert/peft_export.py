@@ -164,7 +164,7 @@ def write_adapter(model: internvl.InternVLChat, out_dir: str, *, full_groups: tu
         modules = [module_name(n) for n in names]
         if not any(m.startswith(g + ".") or m == g for m in modules for g in full_groups):
           continue
-        if isinstance(rule.transform, transforms.FUSED):
+        if isinstance(rule.transform, transforms.FUSED):  # not reached: fused tensors live in decoder layers only
           raise ConversionError(f"{rule.target} is stored fused; save the merged model instead")
         value = np.asarray(params[rule.target][index] if index else params[rule.target])
         for module, x in zip(modules, rule.transform.save(value)):
