@@ -13,6 +13,8 @@ the run config with the official names.
   use_backbone_lora    LoRA rank on the vision tower (0 = off): likewise (models/lora.py)
   lora_alpha           adapter scale alpha / r (0 = the official 2 * rank)
   lora_dropout         dropout on the adapters' input in training (peft's; official recipe 0.05)
+  lora_base_dtype      'float32' | 'bfloat16': the dtype the state holds a LoRA run's frozen variables in (the
+                       base model; a bfloat16 base halves their memory, the trained ones stay float32)
 
 Frozen parameters sit in the state's `frozen` (no gradient, no optimizer state). unfreeze_vit_layers cuts through
 a stacked parameter ([L, ...] with a leading 'layers' axis): those leaves stay in `params` and a per-layer 0/1 mask
@@ -60,6 +62,27 @@ def resolve(cfg: ml_collections.ConfigDict) -> Freezing:
                   projector=bool(cfg.get("freeze_mlp", False)), language_base=language,
                   lm_head=language and not cfg.get("unfreeze_lm_head", False),
                   tied_head=not (lang.get("lm_head", True) and not lang.get("tie_embeddings", False)))
+
+
+BASE_DTYPES = ("float32", "bfloat16")
+
+
+def uses_lora(cfg: ml_collections.ConfigDict) -> bool:
+  return cfg.task == "instruct" and bool(cfg.get("use_llm_lora", 0) or cfg.get("use_backbone_lora", 0))
+
+
+def frozen_dtype(cfg: ml_collections.ConfigDict):
+  """The dtype a run stores its frozen floating-point variables in: config.lora_base_dtype for a LoRA run, else
+  None (as built, float32)."""
+  name = str(cfg.get("lora_base_dtype", "float32") or "float32")
+  return jnp.dtype(name) if uses_lora(cfg) and name != "float32" else None
+
+
+def cast_frozen(frozen: dict, dtype) -> dict:
+  """The frozen variables with every floating-point leaf cast to dtype (None: unchanged)."""
+  if dtype is None:
+    return frozen
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
 
 
 def lora_alpha(cfg: ml_collections.ConfigDict, rank: int) -> float:
