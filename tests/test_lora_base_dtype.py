@@ -71,8 +71,8 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-@pytest.mark.slow  # three tiny runs (base, LoRA, resumed LoRA): ~1-2 min on 2 cores
-def test_a_bfloat16_base_run_resumes_exactly(tmp_path):
+@pytest.mark.slow  # three tiny runs (base, LoRA, resumed LoRA) and two exports: ~2-3 min on 2 cores
+def test_a_bfloat16_base_run_resumes_exactly_and_exports_float32(tmp_path):
   base = str(tmp_path / "base")
   cfg = tiny_config("instruct", total_steps=1)
   cfg.data.eval.source = ""
@@ -95,3 +95,30 @@ def test_a_bfloat16_base_run_resumes_exactly(tmp_path):
   emb = params["language"]["embed"]["embedding"]
   assert emb.dtype == jnp.bfloat16
   np.testing.assert_array_equal(emb, pbase["language"]["embed"]["embedding"].astype(jnp.bfloat16))
+
+  # exported merged or as a peft adapter: float32 folders (the bfloat16 base upcast exactly), our logits in torch
+  import torch
+  from peft import PeftModel
+  from transformers import InternVLForConditionalGeneration
+
+  from internvl_jax import convert
+  from internvl_jax.convert import __main__ as cli, peft_export
+  from internvl_jax.evaluate import models
+  trained = models.load_workdir(straight, "instruct")
+  base_dir, merged_dir, adapter_dir = (str(tmp_path / n) for n in ("base_hf", "merged", "adapter"))
+  convert.save_pretrained(peft_export.without_adapters(trained.model), base_dir)
+  assert cli.main(["export", straight, merged_dir]) == 0
+  assert cli.main(["export", straight, adapter_dir, "--adapter_only"]) == 0
+  ids = np.asarray([trained.chat.input_ids("what colour is the circle ?", [1])])
+  size = trained.chat.image_size
+  pixels = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
+  ours = np.asarray(trained.model(jnp.asarray(ids), jnp.asarray(pixels)).logits)
+  torch_in = dict(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
+  for folder, adapter in ((merged_dir, None), (base_dir, adapter_dir)):
+    with open(os.path.join(folder, "config.json")) as f:
+      assert json.load(f)["dtype"] == "float32"
+    ref = InternVLForConditionalGeneration.from_pretrained(folder)
+    ref = PeftModel.from_pretrained(ref, adapter) if adapter else ref
+    with torch.no_grad():
+      got = ref.eval()(**torch_in).logits.numpy()
+    np.testing.assert_allclose(got, ours, rtol=1e-4, atol=1e-5)

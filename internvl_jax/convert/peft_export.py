@@ -26,6 +26,7 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
@@ -45,9 +46,12 @@ def has_lora(model: nnx.Module) -> bool:
 
 
 def _plain(cfg, tree: dict) -> nnx.Module:
-  """The plain chat model of config `cfg` (no LoRA) holding the variables `tree`."""
+  """The plain chat model of config `cfg` (no LoRA) holding the variables `tree`, each in the dtype the model
+  declares (a run's bfloat16 base, config.lora_base_dtype, comes back float32: one dtype per exported folder)."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: internvl.InternVLChat(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, tree)
+  declared = nnx.to_pure_dict(state)
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
+                                               tree, declared))
   return nnx.merge(graphdef, state)
 
 
