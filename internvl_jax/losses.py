@@ -207,6 +207,26 @@ def example_token_counts(mask: jax.Array, segment_ids: jax.Array | None = None) 
   return counts[ids].reshape(b, t)
 
 
+def example_exact_match(correct: jax.Array, mask: jax.Array,
+                        segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Exact match per example, not per row: correct [B, T] bool (argmax == target), mask [B, T] bool (the counted
+  targets of shift_for_next_token), segment_ids [B, T] (packed rows; None: one example per row) ->
+  (exact [B, E] bool: none of the example's counted tokens is wrong, counted [B, E] int32: its counted tokens,
+  present [B, E] bool: the example exists), E = 1 without segment_ids, else T (slot s - 1 = segment s of the row).
+  A packed row holds several examples, and a row-wise all() would score them as one."""
+  mask = mask.astype(bool)
+  if segment_ids is None:
+    b = mask.shape[0]
+    return (jnp.all(correct | ~mask, axis=1)[:, None], jnp.sum(mask, axis=1, dtype=jnp.int32)[:, None],
+            jnp.ones((b, 1), bool))
+  b, t = segment_ids.shape
+  ids = (jnp.arange(b, dtype=jnp.int32)[:, None] * (t + 1) + segment_ids.astype(jnp.int32)).reshape(-1)
+  per = lambda x: jax.ops.segment_sum(x.reshape(-1).astype(jnp.int32), ids, num_segments=b * (t + 1)).reshape(
+      b, t + 1)[:, 1:]  # segment 0 is padding
+  wrong, counted, size = per(mask & ~correct), per(mask), per(jnp.ones_like(mask))
+  return wrong == 0, counted, size > 0
+
+
 LM_REDUCTIONS = ("token", "sample", "square")
 
 
@@ -235,7 +255,8 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   logits [B, T, V] (any float dtype, computed in float32), targets [B, T] int, mask [B, T] bool, segment_ids [B, T]
   (packed rows: each segment its own example for 'sample' / 'square') or None.
   Returns (loss [], metrics: token accuracy, number of counted tokens, and per-example exact match, i.e. the
-  share of examples whose every counted token is the argmax; an example with no counted token counts as a match).
+  share of examples (rows, or (row, segment) pairs of packed rows) whose every counted token is the argmax; an
+  example with no counted token counts as a match).
   """
   logits = logits.astype(jnp.float32)
   mask = mask.astype(bool)
@@ -244,9 +265,10 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   w = lm_token_weights(mask, reduction, segment_ids)
   loss = jnp.sum(jnp.where(mask, ce * w, 0.0)) / jnp.maximum(jnp.sum(w), 1e-12)
   correct = jnp.argmax(logits, axis=-1) == targets
+  exact, _, present = example_exact_match(correct, mask, segment_ids)
   metrics = {
       "token_acc": jnp.sum(correct & mask) / jnp.maximum(n, 1),
-      "exact_match": jnp.mean(jnp.all(correct | ~mask, axis=1)),
+      "exact_match": jnp.sum(exact & present) / jnp.maximum(jnp.sum(present), 1),
       "tokens": n.astype(jnp.float32),
   }
   return loss, metrics

@@ -360,7 +360,8 @@ def main(argv=None) -> dict:
     print(f"  {'LM active per token':<20} {active:>16,}   (matmul parameters: {lm.num_experts_per_tok} of "
           f"{lm.num_experts} experts; FLOPs per token = 2 x this forward, 6 x in training, plus attention)")
   print("\nbytes per device (XLA:CPU compiled memory analysis of the sharded step)")
-  notes = {"params": "trainable + frozen parameters as stored (float32), per-device shard (exact)",
+  notes = {"params": "trainable + frozen parameters as stored (float32; a LoRA base in lora_base_dtype), "
+                     "per-device shard (exact)",
            "frozen_params": "of which frozen (no gradient, no optimizer state; e.g. a LoRA base)",
            "optimizer": "Adam moments (+ counts) of the trainable parameters, sharded like them (exact)",
            "gradients": "one float32 copy of the trainable parameters' shards (exact; lives in XLA temps)",

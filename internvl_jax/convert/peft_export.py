@@ -11,14 +11,22 @@
 Our adapters sit on our kernels; a torch module's adapter is found through the export key map: the kernel's
 transformers tensor name (e.g. `language_model.model.layers.{i}.self_attn.q_proj.weight`) names the module
 (`model.language_model.layers.{i}.self_attn.q_proj` in transformers' module tree). The vision tower's fused qkv
-adapter becomes three: the same A for q_proj, k_proj and v_proj, B split by columns, which is exact.
+adapter becomes three: the same A for q_proj, k_proj and v_proj, B split by columns, which is exact. The other
+way round, where transformers fuses what we keep apart (Phi-3's qkv_proj = our q, k, v; gate_up_proj = our gate,
+up), the k adapters of rank r become one of rank k r: A's stacked along the rank, B block-diagonal, and peft's
+rank_pattern / alpha_pattern give those modules k r and k alpha, so alpha / r and the product are exactly ours.
+InternLM2's fused wqkv needs nothing: we hold q, k, v apart (split at load) and the native export writes LLaMA's
+q_proj / k_proj / v_proj in our head order. Adapters never sit on routed experts, so GPT-OSS's interleaved
+gate_up_proj carries none.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
+import jax
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
@@ -38,9 +46,12 @@ def has_lora(model: nnx.Module) -> bool:
 
 
 def _plain(cfg, tree: dict) -> nnx.Module:
-  """The plain chat model of config `cfg` (no LoRA) holding the variables `tree`."""
+  """The plain chat model of config `cfg` (no LoRA) holding the variables `tree`, each in the dtype the model
+  declares (a run's bfloat16 base, config.lora_base_dtype, comes back float32: one dtype per exported folder)."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: internvl.InternVLChat(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, tree)
+  declared = nnx.to_pure_dict(state)
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
+                                               tree, declared))
   return nnx.merge(graphdef, state)
 
 
@@ -73,33 +84,65 @@ def module_name(disk_name: str) -> str:
   raise ConversionError(f"no transformers module for tensor {disk_name!r}")
 
 
-def _adapters(model: internvl.InternVLChat) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{torch module path: (lora_A [r, in], lora_B [out, r])} of every adapter of the model."""
+def _adapters(model: internvl.InternVLChat) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+  """({torch module path: (lora_A [r', in], lora_B [out, r'])} of every adapter of the model, {regex of the fused
+  torch modules: k}). r' = r except on a fused torch module whose k parts are our kernels (Phi-3's qkv_proj,
+  gate_up_proj): there r' = k r (see _fused_adapter)."""
   flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   # the export key map of the plain model: a function of its config only (an abstract model, nothing copied)
   _, rules = saver.export_plan(nnx.eval_shape(
       lambda: internvl.InternVLChat(lora.without_lora(model.config), rngs=nnx.Rngs(0))))
   by_target = {r.target: r for r in rules}
-  out = {}
+  out, fused = {}, {}
   for path in sorted(p for p in flat if p.endswith(".lora.lora_a")):
     base = path[:-len(".lora.lora_a")]
     a, b = flat[path], flat[base + ".lora.lora_b"]
     rule = by_target[base + ".kernel"]
     parts = 1
+    if isinstance(rule.transform, transforms.Rows):  # one of the row blocks of a fused torch Linear
+      fused.setdefault(rule.sources[0], []).append((rule, a, b))
+      continue
     if isinstance(rule.transform, transforms.FuseLinear):
       parts = len(rule.sources)
     elif not isinstance(rule.transform, transforms.Linear):
       raise ConversionError(f"the adapter of {base} sits on a fused tensor ({type(rule.transform).__name__}) that has "
                             "no peft form; export the merged weights instead (without --adapter_only)")
-    layers = range(a.shape[0]) if rule.stacked else [None]
-    for i in layers:
+    for i in (range(a.shape[0]) if rule.stacked else [None]):
       names = rule.names(i) if i is not None else rule.sources
       ai, bi = (a[i], b[i]) if i is not None else (a, b)
       width = bi.shape[-1] // parts
       for j, name in enumerate(names):
         out[module_name(name.removesuffix(".weight"))] = (np.ascontiguousarray(ai.T),
                                                           np.ascontiguousarray(bi[:, j * width:(j + 1) * width].T))
-  return out
+  patterns = {}
+  for template, parts in fused.items():
+    parts.sort(key=lambda p: p[0].transform.start)
+    rule = parts[0][0]
+    for i in (range(parts[0][1].shape[0]) if rule.stacked else [None]):
+      name = rule.names(i)[0] if i is not None else rule.sources[0]
+      pieces = [(r.transform, a[i] if i is not None else a, b[i] if i is not None else b) for r, a, b in parts]
+      out[module_name(name.removesuffix(".weight"))] = _fused_adapter(template, pieces)
+    # every layer's module of this template: peft reads the pattern as (.*\.)?(pattern)$
+    patterns[re.escape(module_name(template.removesuffix(".weight"))).replace(r"\{i\}", r"\d+")] = len(parts)
+  return out, patterns
+
+
+def _fused_adapter(name: str, pieces: list) -> tuple[np.ndarray, np.ndarray]:
+  """The adapter of a fused torch Linear (rows [start, stop) of its weight = our kernel j, j = 0..k-1) from our k
+  adapters (Rows, A_j [in, r], B_j [r, stop - start]): lora_A [k r, in] = the A_j^T stacked along the rank,
+  lora_B [total, k r] block-diagonal with B_j^T at (rows of part j, ranks of part j). B A = the B_j^T A_j^T stacked
+  by rows, i.e. exactly our k deltas; with alpha scaled by k too the scaling alpha / r is unchanged."""
+  total, ranks = pieces[0][0].total, {a.shape[-1] for _, a, _ in pieces}
+  starts = [t.start for t, _, _ in pieces]
+  if starts != [0] + [t.stop for t, _, _ in pieces[:-1]] or pieces[-1][0].stop != total or len(ranks) != 1:
+    raise ConversionError(f"{name}: adapters on only some row blocks of a fused tensor (or of unequal ranks) have "
+                          "no peft form; export the merged weights instead (without --adapter_only)")
+  r = ranks.pop()
+  lora_a = np.concatenate([np.asarray(a).T for _, a, _ in pieces], axis=0)
+  lora_b = np.zeros((total, r * len(pieces)), np.asarray(pieces[0][2]).dtype)
+  for j, (t, _, b) in enumerate(pieces):
+    lora_b[t.start:t.stop, j * r:(j + 1) * r] = np.asarray(b).T
+  return np.ascontiguousarray(lora_a), lora_b
 
 
 def write_adapter(model: internvl.InternVLChat, out_dir: str, *, full_groups: tuple[str, ...] = (),
@@ -110,7 +153,7 @@ def write_adapter(model: internvl.InternVLChat, out_dir: str, *, full_groups: tu
   if not isinstance(model, internvl.InternVLChat) or not has_lora(model):
     raise ConversionError("--adapter_only needs a chat model trained with LoRA (use_llm_lora / use_backbone_lora)")
   cfg = model.config
-  adapters = _adapters(model)
+  adapters, fused = _adapters(model)
   cast = (lambda x: x) if dtype is None else (lambda x: x.astype(np.dtype(dtype)))
   tensors = {}
   for name, (a, b) in adapters.items():
@@ -125,21 +168,22 @@ def write_adapter(model: internvl.InternVLChat, out_dir: str, *, full_groups: tu
         modules = [module_name(n) for n in names]
         if not any(m.startswith(g + ".") or m == g for m in modules for g in full_groups):
           continue
-        if isinstance(rule.transform, transforms.FUSED):
+        if isinstance(rule.transform, transforms.FUSED):  # not reached: fused tensors live in decoder layers only
           raise ConversionError(f"{rule.target} is stored fused; save the merged model instead")
         value = np.asarray(params[rule.target][index] if index else params[rule.target])
         for module, x in zip(modules, rule.transform.save(value)):
           tensors[f"base_model.model.{module}"] = cast(np.asarray(x))
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, ADAPTER_FILES[0]), metadata={"format": "pt"})
-  ranks = {t: (int(cfg[t].get("lora_rank", 0) or 0), float(cfg[t].get("lora_alpha", 0) or 0))
-           for t in ("language", "vision")}
+  ranks = {t: (lora.lora_args(cfg[t]) or (0, 0.0))[:2] for t in ("language", "vision")}
   main = "language" if ranks["language"][0] else "vision"
   r, alpha = ranks[main]
   rank_pattern, alpha_pattern = {}, {}
   if ranks["language"][0] and ranks["vision"][0] and ranks["vision"] != ranks["language"]:
     rank_pattern[r"model\.vision_tower\..*"] = ranks["vision"][0]
     alpha_pattern[r"model\.vision_tower\..*"] = ranks["vision"][1]
+  for pattern, k in fused.items():  # only language modules are fused (Phi-3): k r ranks, k alpha keeps alpha / r
+    rank_pattern[pattern], alpha_pattern[pattern] = k * ranks["language"][0], k * ranks["language"][1]
   config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none",
             "target_modules": sorted(adapters), "modules_to_save": list(full_groups) or None,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "fan_in_fan_out": False,

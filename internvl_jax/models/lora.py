@@ -118,7 +118,9 @@ def merge_params(tree: dict, scaling: float) -> dict:
       a, b = np.asarray(v["lora"]["lora_a"], np.float64), np.asarray(v["lora"]["lora_b"], np.float64)
       kernel = np.asarray(v["kernel"])
       merged = kernel.astype(np.float64) + scaling * np.einsum("...ir,...ro->...io", a, b)
-      out[k] = dict({n: x for n, x in v.items() if n != "lora"}, kernel=merged.astype(kernel.dtype))
+      # a bfloat16 base (config.lora_base_dtype) merges into the adapters' float32, not back into bfloat16
+      dtype = np.result_type(kernel.dtype, np.asarray(v["lora"]["lora_a"]).dtype)
+      out[k] = dict({n: x for n, x in v.items() if n != "lora"}, kernel=merged.astype(dtype))
     elif isinstance(v, dict):
       out[k] = merge_params(v, scaling)
     else:

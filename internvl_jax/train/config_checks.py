@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 from internvl_jax import sharding
+from internvl_jax.train import freezing
 from internvl_jax.train.state import TASKS
 
 
@@ -152,6 +153,11 @@ def _finetune_fields(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{field}={cfg[field]} must be a LoRA rank >= 0 (0 = off)")
   if float(cfg.get("lora_alpha", 0) or 0) < 0:
     raise ConfigError(f"config.lora_alpha={cfg.lora_alpha} must be >= 0 (0 = 2 * rank)")
+  base = str(cfg.get("lora_base_dtype", "float32") or "float32")
+  if base not in freezing.BASE_DTYPES:
+    raise ConfigError(f"config.lora_base_dtype={base!r} must be one of {', '.join(freezing.BASE_DTYPES)}")
+  if base != "float32" and not freezing.uses_lora(cfg):
+    raise ConfigError(f"config.lora_base_dtype={base!r} holds a LoRA base: set use_llm_lora or use_backbone_lora")
   if not 0.0 <= float(cfg.get("lora_dropout", 0) or 0) < 1.0:
     raise ConfigError(f"config.lora_dropout={cfg.lora_dropout} must be in [0, 1) (the official recipe uses 0.05)")
 

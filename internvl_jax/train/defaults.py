@@ -139,6 +139,9 @@ def add_finetune_fields(c: ml_collections.ConfigDict) -> None:
   c.use_backbone_lora = 0  # LoRA rank on the vision tower (qkv, proj, fc1, fc2); 0 = off
   c.lora_alpha = 0.0  # 0: 2 * rank, as the official wrap_llm_lora / wrap_backbone_lora
   c.lora_dropout = 0.0  # dropout on the adapters' input in training (peft's; the official recipe uses 0.05)
+  # the dtype a LoRA run holds its frozen variables (the base) in: 'float32', or 'bfloat16' to halve their memory
+  # (adapters, trained groups and optimizer state stay float32; compute promotes to each tower's dtype)
+  c.lora_base_dtype = "float32"
   # 'token' (mean over answer tokens), 'sample' (each example's token mean, averaged over examples) or 'square'
   # (InternVL 2.5: token weights 1/sqrt(n_i) for an example of n_i answer tokens); losses.lm_loss
   c.loss_reduction = "token"

@@ -50,11 +50,13 @@ def evaluate_retrieval(embed_step, state: dict, source, feature_fn, *, batch_siz
 
 
 def evaluate_lm(eval_step, state: dict, source, feature_fn, *, batch_size: int, mesh, limit: int | None = None):
+  """eval_loss (token mean) and exact_match (the share of exact examples; steps.lm_eval_outputs counts examples
+  per row, so a packed row's examples count one by one)."""
   loss_sum, tokens, matches, n = 0.0, 0, 0, 0
   for batch, _ in pipeline.eval_batches(source, feature_fn, batch_size=batch_size, limit=limit):
-    ls, nt, em = (_host(x) for x in eval_step(state["params"], state["frozen"], to_global(batch, mesh)))
+    ls, nt, em, ne = (_host(x) for x in eval_step(state["params"], state["frozen"], to_global(batch, mesh)))
     v = batch["valid"]
-    loss_sum, tokens, matches, n = loss_sum + ls[v].sum(), tokens + nt[v].sum(), matches + em[v].sum(), n + v.sum()
+    loss_sum, tokens, matches, n = loss_sum + ls[v].sum(), tokens + nt[v].sum(), matches + em[v].sum(), n + ne[v].sum()
   if not n:
     return {}
   return {"eval_loss": float(loss_sum / max(tokens, 1)), "exact_match": float(matches / n)}

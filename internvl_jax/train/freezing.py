@@ -13,6 +13,8 @@ the run config with the official names.
   use_backbone_lora    LoRA rank on the vision tower (0 = off): likewise (models/lora.py)
   lora_alpha           adapter scale alpha / r (0 = the official 2 * rank)
   lora_dropout         dropout on the adapters' input in training (peft's; official recipe 0.05)
+  lora_base_dtype      'float32' | 'bfloat16': the dtype the state holds a LoRA run's frozen variables in (the
+                       base model; a bfloat16 base halves their memory, the trained ones stay float32)
 
 The image-text stages (contrastive, alignment) have LiT's locked towers (Zhai et al. 2022) instead:
 
@@ -120,6 +122,27 @@ def _lit_trainable(locks: Locks, model_cfg: ml_collections.ConfigDict, keys: tup
   if not tower.get(keys[0], False):
     return True
   return locks.unlock_last_n > 0 and tower_layer_ids(model_cfg, keys) is not None
+
+
+BASE_DTYPES = ("float32", "bfloat16")
+
+
+def uses_lora(cfg: ml_collections.ConfigDict) -> bool:
+  return cfg.task == "instruct" and bool(cfg.get("use_llm_lora", 0) or cfg.get("use_backbone_lora", 0))
+
+
+def frozen_dtype(cfg: ml_collections.ConfigDict):
+  """The dtype a run stores its frozen floating-point variables in: config.lora_base_dtype for a LoRA run, else
+  None (as built, float32)."""
+  name = str(cfg.get("lora_base_dtype", "float32") or "float32")
+  return jnp.dtype(name) if uses_lora(cfg) and name != "float32" else None
+
+
+def cast_frozen(frozen: dict, dtype) -> dict:
+  """The frozen variables with every floating-point leaf cast to dtype (None: unchanged)."""
+  if dtype is None:
+    return frozen
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
 
 
 def lora_alpha(cfg: ml_collections.ConfigDict, rank: int) -> float:

@@ -168,7 +168,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                                    tracker=tracker, num_threads=cfg.data.get("num_threads", 2),
                                    packing=pack_spec(cfg, tok, train_source))
   data_iter = iter(dataset)
-  lora = cfg.task == "instruct" and bool(cfg.get("use_llm_lora", 0) or cfg.get("use_backbone_lora", 0))
+  lora = freezing.uses_lora(cfg)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
                                      save_frozen=not lora)  # a LoRA run saves adapters + optimizer state only
 

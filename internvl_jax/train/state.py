@@ -3,7 +3,8 @@
 The state is a plain pytree (so jit, donation and Orbax see only arrays):
   step        int32 []   data steps taken (one batch each; an optimizer update every grad_accum_steps)
   params      dict       trainable parameters (float32), as nnx pure dicts
-  frozen      dict       every other model variable (e.g. a frozen vision tower): no gradient, no optimizer state
+  frozen      dict       every other model variable (e.g. a frozen vision tower): no gradient, no optimizer state;
+                         float32, or a LoRA run's config.lora_base_dtype (freezing.frozen_dtype)
   opt_state   optax state over `params` only
   bad_steps   int32 []   consecutive steps skipped for a non-finite loss or gradient
   skipped     int32 []   all steps skipped so far
@@ -132,8 +133,11 @@ def setup_state(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Config
   masks = freezing.layer_masks(cfg, abs_params)
   tx, schedule = optimizer_lib.make_optimizer(cfg, abs_params, layer_masks=masks)
 
+  base_dtype = freezing.frozen_dtype(cfg)  # a LoRA base held in bfloat16 (config.lora_base_dtype)
+
   def init_fn():
     _, params, frozen = _split(make_model(), cfg)
+    frozen = freezing.cast_frozen(frozen, base_dtype)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "opt_state": tx.init(params),
             "bad_steps": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
 

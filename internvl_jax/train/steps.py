@@ -76,13 +76,8 @@ def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   language model adds router_aux_loss_coef (its config's, i.e. the checkpoint's) x the router load-balancing
   loss, as transformers' Qwen3-MoE does. key: the LoRA dropout stream only (models/lora.py; the vision tower's
   drop-path / dropout stay off in stage 3), used when config.lora_dropout > 0."""
-  px = batch["pixel_values"]
-  # packed rows (data/packing.py): pixel_values [N, S, S, 3] (the tile budget), segment_ids / vision_index [B, T]
-  packed = {k: batch[k] for k in ("segment_ids", "vision_index") if k in batch}
   lora_key = None if key is None else jax.random.fold_in(key, LORA_STREAM)
-  out = model(batch["input_ids"], px.reshape((-1,) + px.shape[-3:]), batch["attention_mask"], lora_key=lora_key,
-              **packed)
-  targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+  out, targets, mask = _instruct_forward(model, batch, lora_key)
   reduction = "token" if cfg is None else cfg.get("loss_reduction", "token")  # cfg None: a bare call (tests)
   loss, metrics = losses.lm_loss(out.logits, targets, mask, reduction, batch.get("segment_ids"))
   if out.aux_loss is not None:
@@ -92,6 +87,17 @@ def instruct_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
   if "segment_ids" in batch:  # packed rows: examples in the batch (a row's segments are numbered 1..n)
     metrics = dict(metrics, examples=jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32))
   return loss, metrics
+
+
+def _instruct_forward(model, batch: dict, lora_key=None):
+  """(model output, targets [B, T], counted-target mask [B, T] bool) of a stage-3 batch, packed or not."""
+  px = batch["pixel_values"]
+  # packed rows (data/packing.py): pixel_values [N, S, S, 3] (the tile budget), segment_ids / vision_index [B, T]
+  packed = {k: batch[k] for k in ("segment_ids", "vision_index") if k in batch}
+  out = model(batch["input_ids"], px.reshape((-1,) + px.shape[-3:]), batch["attention_mask"], lora_key=lora_key,
+              **packed)
+  targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+  return out, targets, mask
 
 
 LOSS_FNS = {"contrastive": contrastive_loss_fn, "alignment": alignment_loss_fn, "instruct": instruct_loss_fn}
@@ -152,20 +158,26 @@ def make_embed_step(setup: state_lib.StateSetup) -> Callable:
                                       batch_sharding(setup.mesh)))
 
 
+def lm_eval_outputs(model, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Per row of a stage-3 batch (packed rows too): (loss sum [B] float32, counted tokens [B], exact examples [B],
+  examples [B]). An example (a row, or one segment of a packed row) is exact when it has counted tokens and every
+  one of them (and the end-of-turn token) is the argmax given the true prefix, which for greedy decoding is the
+  same as generating exactly the answer."""
+  out, targets, mask = _instruct_forward(model, batch)
+  logits = out.logits.astype(jnp.float32)
+  ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  exact, counted, present = losses.example_exact_match(jnp.argmax(logits, -1) == targets, mask,
+                                                       batch.get("segment_ids"))
+  return (jnp.sum(jnp.where(mask, ce, 0.0), 1), jnp.sum(mask, 1), jnp.sum(exact & (counted > 0) & present, 1),
+          jnp.sum(present, 1))
+
+
 def make_lm_eval_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict) -> Callable:
-  """jit(params, frozen, batch) -> per-example (loss sum [B], counted tokens [B], exact match [B] bool).
-  Exact match is teacher-forced: every answer token (and the end-of-turn token) is the argmax given the true
-  prefix, which for greedy decoding is the same as generating exactly the answer."""
+  """jit(params, frozen, batch) -> lm_eval_outputs: per row (loss sum [B], counted tokens [B], exact examples
+  [B], examples [B])."""
 
   def evaluate(params, frozen, batch):
-    model = state_lib.merge_model(setup.graphdef, {"params": params, "frozen": frozen})
-    px = batch["pixel_values"]
-    out = model(batch["input_ids"], px.reshape((-1,) + px.shape[2:]), batch["attention_mask"])
-    targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-    logits = out.logits.astype(jnp.float32)
-    ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    correct = (jnp.argmax(logits, -1) == targets) | ~mask
-    return jnp.sum(jnp.where(mask, ce, 0.0), 1), jnp.sum(mask, 1), jnp.all(correct, 1) & jnp.any(mask, 1)
+    return lm_eval_outputs(state_lib.merge_model(setup.graphdef, {"params": params, "frozen": frozen}), batch)
 
   return jax.jit(evaluate, in_shardings=(setup.shardings["params"], setup.shardings["frozen"],
                                          batch_sharding(setup.mesh)))
