@@ -27,6 +27,7 @@ flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator (multi-process runs)")
 flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator_address)")
 flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (with --coordinator_address)")
+flags.DEFINE_bool("verbose", False, "full Python tracebacks for errors (default: one line naming the fix)")
 flags.DEFINE_string("cpu_collectives", "gloo", "collectives of the CPU backend in multi-process runs (gloo|mpi)")
 
 
@@ -105,4 +106,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from internvl_jax.train import flag_errors
+  app.run(main, flags_parser=flag_errors.parser(FLAGS))

@@ -51,7 +51,7 @@ def stage3():
 
 
 def get_config(arg=None):
-  defaults.parse_arg(arg)  # no arguments yet; rejects malformed ones
+  defaults.parse_arg(arg, allowed=())  # no arguments yet; rejects malformed ones
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict({"stage1": stage1(), "stage3": stage3()})
   c.stage_order = ("stage1", "stage3")

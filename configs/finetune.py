@@ -72,7 +72,7 @@ def _release(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg)
+  args = defaults.parse_arg(arg, allowed=("path", "model", "lora"))
   path, preset = args.get("path", ""), args.get("model", "")
   if bool(path) == bool(preset):
     raise ValueError("configs/finetune.py needs exactly one of path=RELEASED_FOLDER or model=CHAT_PRESET")

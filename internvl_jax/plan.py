@@ -22,6 +22,7 @@ temporaries as an estimate (typically within tens of percent); parameter, optimi
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -61,6 +62,17 @@ def load_config(spec: str):
 def set_field(cfg, dotted: str, value: str) -> None:
   """--set model.vision.num_layers=12: the value is parsed as JSON when it can be (numbers, booleans)."""
   *path, last = dotted.split(".")
+  target, walked = cfg, []
+  for key in path + [last]:
+    keys = list(target.keys()) if hasattr(target, "keys") else []
+    if key not in keys:
+      near = difflib.get_close_matches(key, [str(k) for k in keys], n=1)
+      where = f"config.{'.'.join(walked)}" if walked else "the config"
+      hint = f"; did you mean --set {'.'.join(walked + [near[0]])}=...?" if near else ""
+      raise ValueError(f"--set {dotted}: {where} has no field {key!r}{hint}")
+    if key != last or walked != path:
+      target = target[key]
+    walked.append(key)
   target = cfg
   for p in path:
     target = target[p]
@@ -326,6 +338,8 @@ def main(argv=None) -> dict:
     raise SystemExit(f"JAX sees {jax.device_count()} devices, the mesh needs {n_devices}: run the planner as its "
                      "own process (python -m internvl_jax.plan) so it can set the fake device count first")
   mesh = sharding.make_mesh(mesh_shape)
+  from internvl_jax.train import config_checks
+  config_checks.validate(cfg, mesh)  # the user's mistakes (batch vs mesh, ...) as one line, before compiling
 
   compiled, setup, seconds = compile_step(cfg, mesh)
   big_cpu = compile_step.last_cpu_seconds
@@ -425,4 +439,12 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  if "--verbose" in sys.argv:
+    sys.argv.remove("--verbose")
+    main(sys.argv[1:])
+  else:
+    try:
+      main(sys.argv[1:])
+    except (ValueError, KeyError, FileNotFoundError) as e:  # ConfigError is a ValueError
+      print(f"error: {e} (--verbose for the traceback)", file=sys.stderr)
+      sys.exit(2)

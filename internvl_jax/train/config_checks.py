@@ -58,6 +58,10 @@ def _heads(name: str, c: ml_collections.ConfigDict) -> None:
 
 
 def make_checked_mesh(cfg: ml_collections.ConfigDict):
+  bad = {k: v for k, v in dict(cfg.mesh).items() if not isinstance(v, int) or (v < 1 and v != -1)}
+  if bad:
+    name, value = next(iter(bad.items()))
+    raise ConfigError(f"config.mesh.{name}={value} must be a positive number of devices or -1 (all that are left)")
   try:
     return sharding.make_mesh(dict(cfg.mesh))
   except ValueError as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 from internvl_jax.models import captioning, presets
@@ -13,14 +15,21 @@ _STAGE_LR = {"contrastive": (1e-3, 200), "alignment": (5e-4, 200), "instruct": (
 _VISION_ALIASES = {"internvit_300m": ("seed_300m", "internvit_300m"), "internvit_6b": ("internvl_c", None)}
 
 
-def parse_arg(arg: str | None) -> dict:
-  """'model=tiny,foo=bar' -> {'model': 'tiny', 'foo': 'bar'}."""
+def parse_arg(arg: str | None, allowed: tuple[str, ...] = ("model",)) -> dict:
+  """'model=tiny,foo=bar' -> {'model': 'tiny', 'foo': 'bar'}; a key outside `allowed` is an error with the
+  nearest allowed name (a typo such as 'modle=' would otherwise silently train the default model)."""
   out = {}
   for part in filter(None, (arg or "").split(",")):
     if "=" not in part:
       raise ValueError(f"config argument {part!r} is not key=value (e.g. configs/contrastive.py:model=tiny)")
     k, v = part.split("=", 1)
-    out[k.strip()] = v.strip()
+    k = k.strip()
+    if k not in allowed:
+      near = difflib.get_close_matches(k, allowed, n=1)
+      hint = f"did you mean {near[0]!r}? " if near else ""
+      takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no arguments"
+      raise ValueError(f"config argument {k!r} is not one this config file reads; {hint}{takes}")
+    out[k] = v.strip()
   return out
 
 
