@@ -14,9 +14,12 @@ config.json.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+
+from absl import logging as absl_logging
 
 import jax
 import numpy as np
@@ -108,8 +111,27 @@ class Checkpointer:
     self.manager.close()
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Hides Orbax's warnings about a read-only manager and the per-item metadata file (a workdir read by eval.py or
+  config.init is read-only on purpose; the warnings are noise to a user); errors still show."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
+
+
 def read_params(workdir: str, step: int | None = None, shardings: dict | None = None,
                 dtype=None) -> tuple[dict, int]:
+  """See _read_params; Orbax's read-only warnings hidden."""
+  with _quiet_orbax():
+    return _read_params(workdir, step, shardings, dtype)
+
+
+def _read_params(workdir: str, step: int | None = None, shardings: dict | None = None,
+                 dtype=None) -> tuple[dict, int]:
   """The model variables (params and frozen, merged into one nested dict of numpy arrays) of a workdir's
   checkpoint (the latest unless `step`), with the step read. For initialising another run from it, or evaluating.
 
