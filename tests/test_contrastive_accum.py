@@ -119,7 +119,7 @@ def test_config_errors_are_one_line():
     contrastive_accum.check_chunks(16, 8, 8)
 
 
-def _value_and_grad_both_ways(cfg, k, key=None, reference=None):
+def _value_and_grad_both_ways(cfg, k, key=None, reference=None, chunked_too=True):
   """Jitted ((loss, metrics), grads): the whole-batch loss (or `reference(model, batch)`) and the k-chunk one."""
   setup, tok = demo_state_setup(cfg)
   state = setup.create()
@@ -135,7 +135,7 @@ def _value_and_grad_both_ways(cfg, k, key=None, reference=None):
 
   with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
     ref = jax.jit(jax.value_and_grad(whole, has_aux=True))(state["params"], state["frozen"])
-    out = jax.jit(chunked)(state["params"], state["frozen"])
+    out = jax.jit(chunked)(state["params"], state["frozen"]) if chunked_too else None
   return ref, out
 
 
@@ -174,13 +174,20 @@ def test_drop_path_keys_are_the_same_in_both_passes():
 
 
 @pytest.mark.slow
-def test_bfloat16_compute_chunked_matches_whole_batch():
+def test_bfloat16_compute_chunked_is_as_close_to_float32_as_unchunked():
+  # bfloat16 activations round differently in a chunk of 4 rows than in the batch of 16 (a leaf can differ by ~5%),
+  # so the check is against float32: the chunked gradient is no further from it than the unchunked one
+  f32, _ = _value_and_grad_both_ways(tiny_config("contrastive", batch_size=B), K, chunked_too=False)
   cfg = tiny_config("contrastive", batch_size=B)
   cfg.model.vision.dtype = cfg.model.text.dtype = "bfloat16"
-  ref, out = _value_and_grad_both_ways(cfg, K)
-  np.testing.assert_allclose(float(out[0][0]), float(ref[0][0]), rtol=1e-3)
-  # bfloat16 activations: the chunks' weight gradients are reduced over 4 rows instead of 16 before the float32 sum
-  assert_grads_close(ref[1], out[1], rel=3e-2, abs_=1e-4)
+  whole, chunked = _value_and_grad_both_ways(cfg, K)
+  norm = lambda t: float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(t))))
+  err = lambda g: norm(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), g, f32[1])) / norm(f32[1])
+  e_whole, e_chunked = err(whole[1]), err(chunked[1])
+  print(f"bfloat16 gradient error vs float32: whole batch {e_whole:.2e}, {K} chunks {e_chunked:.2e}")
+  assert 0 < e_whole < 0.05 and e_chunked < 1.5 * e_whole + 1e-3, (e_whole, e_chunked)
+  np.testing.assert_allclose(float(chunked[0][0]), float(whole[0][0]), rtol=1e-3)
+  np.testing.assert_allclose(float(chunked[0][0]), float(f32[0][0]), rtol=1e-2)
 
 
 @pytest.mark.slow
