@@ -214,5 +214,27 @@ def test_train_cli_with_chunks_learns(tmp_path):
                            "--config.data.max_text_len=12", "--config.progress=False", "--config.checkpoint_every=0",
                            "--config.data.num_threads=1"], str(tmp_path / "run"))
   losses = [r["loss"] for r in records if "loss" in r]
+  print("train.py losses, contrastive_accum_steps=2:", [round(x, 3) for x in losses])
   assert len(losses) >= 6
   assert np.mean(losses[-2:]) < losses[0] - 0.5, losses
+
+
+@pytest.mark.slow
+def test_composes_with_grad_accum_steps():
+  # grad_accum_steps=2 averages two batches' gradients; with contrastive_accum_steps=2 each batch's gradient is
+  # computed in chunks, so the parameters after the two batches are those of the unchunked run
+  params = {}
+  for k in (1, 2):
+    cfg = tiny_config("contrastive", batch_size=8, contrastive_accum_steps=k, grad_accum_steps=2, warmup_steps=0,
+                      grad_clip=0.0, eps=1e-3, total_steps=4)
+    setup, tok = demo_state_setup(cfg)
+    state = setup.create()
+    p0 = jax.tree.map(np.asarray, state["params"])
+    step = steps.make_train_step(setup, cfg)
+    state, _ = step(state, demo_batch(cfg, tok, 0, 8))
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(state["params"])))
+    state, _ = step(state, demo_batch(cfg, tok, 8, 8))  # the update, from the mean of both batches' gradients
+    params[k] = jax.tree.map(np.asarray, state["params"])
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(p0))) > 5e-4
+  for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[2])):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
