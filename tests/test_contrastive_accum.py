@@ -9,7 +9,9 @@ terms in another order, so they agree to float32 rounding. Measured on the tiny 
 |diff| 2.4e-7 (loss 3.41), gradients max |diff| 2.4e-6 on a leaf of max |g| 6.9 (relative <= 4e-7); checked at
 relative 1e-5 of each leaf's largest entry + 1e-6. Parameters after one AdamW update with eps 1e-3 (with the
 default 1e-6, Adam's first update g / (|g| + eps) magnifies rounding of near-zero gradients): checked at 1e-6
-against updates of 1e-3.
+against updates of 1e-3. On 8 devices (batch 32, 4 chunks of 8, full remat): loss |diff| 9.5e-7 (loss 6.81),
+gradient max |diff| 2.7e-5 on a leaf of max |g| 11.5, parameters 6.5e-7. The gradients come from the train step
+itself: Adam's first moment after one update is (1 - b1) g.
 """
 
 import json
@@ -142,8 +144,9 @@ def _value_and_grad_both_ways(cfg, k, key=None, reference=None, chunked_too=True
 @pytest.mark.slow
 def test_alignment_chunked_equals_whole_batch():
   cfg = tiny_config("alignment", batch_size=8, caption_weight=0.7)
-  (l_ref, m_ref), g_ref = (ref := _value_and_grad_both_ways(cfg, 2))[0]
-  (l_out, m_out), g_out = ref[1]
+  ref, out = _value_and_grad_both_ways(cfg, 2)
+  (l_ref, m_ref), g_ref = ref
+  (l_out, m_out), g_out = out
   np.testing.assert_allclose(float(l_out), float(l_ref), rtol=1e-5)
   assert set(m_out) == set(m_ref) and float(m_ref["loss_caption"]) > 1.0
   for name in m_ref:
