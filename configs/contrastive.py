@@ -14,6 +14,12 @@ Image-text keys (train/defaults.add_image_text_fields; also in configs/alignment
   lock_text        the text tower (`text`) locked likewise
   unlock_last_n    N > 0: the last N layers of each locked tower train (its embeddings and final norm stay locked)
   e.g. --config.loss=sigmoid --config.lock_vision=True --config.init.path=STAGE1_WORKDIR
+
+A large contrastive batch on small memory: --config.contrastive_accum_steps=K (default 1 = off) computes each
+step's gradient in K chunks of batch_size / K rows against ONE loss over the whole batch (GradCache; the negatives
+stay all batch_size examples; the result equals the unchunked step). batch_size / K must be a multiple of the
+mesh's data x fsdp x expert. Costs about one extra forward pass of the towers per step. grad_accum_steps, by
+contrast, averages separate batches, each with only its own negatives.
 """
 
 from internvl_jax.train import defaults

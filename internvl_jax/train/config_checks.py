@@ -127,6 +127,7 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
     raise ConfigError(f"config.total_steps={cfg.total_steps} must be positive")
   if cfg.grad_accum_steps < 1:
     raise ConfigError(f"config.grad_accum_steps={cfg.grad_accum_steps} must be >= 1")
+  _check_contrastive_accum(cfg, shards)
   for field in ("log_every", "checkpoint_every", "eval_every"):
     if cfg[field] < 0:
       raise ConfigError(f"config.{field}={cfg[field]} must be >= 0 (0 = only at the end)")
@@ -140,6 +141,22 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
     if src == "internvl" and cfg.task != "instruct":
       raise ConfigError(f"config.data.{split}.source=internvl (conversations) is for the instruct stage, not "
                         f"{cfg.task}; use jsonl or tfds")
+
+
+def _check_contrastive_accum(cfg: ml_collections.ConfigDict, shards: int) -> None:
+  from internvl_jax.train import contrastive_accum  # local: keeps this module light
+  k = cfg.get("contrastive_accum_steps", 1)
+  if k == 1:
+    return
+  if cfg.task not in contrastive_accum.TASKS:
+    raise ConfigError(f"config.contrastive_accum_steps={k} chunks a contrastive batch; the {cfg.task} stage has no "
+                      "contrastive loss, use grad_accum_steps")
+  if not isinstance(k, int) or k < 1:
+    raise ConfigError(f"config.contrastive_accum_steps={k} must be an integer >= 1 (1 = off)")
+  try:
+    contrastive_accum.check_chunks(cfg.batch_size, k, shards)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _finetune_fields(cfg: ml_collections.ConfigDict) -> None:

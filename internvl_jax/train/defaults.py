@@ -99,6 +99,10 @@ def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:
   c.eval_batch_size = 64
   c.total_steps = 1000
   c.grad_accum_steps = 1
+  if task != "instruct":
+    # K > 1: each batch's gradient computed in K chunks (one chunk's activations in memory) against ONE contrastive
+    # loss over the whole batch (train/contrastive_accum.py); grad_accum_steps instead averages separate batches
+    c.contrastive_accum_steps = 1
   c.lr = lr
   c.warmup_steps = warmup
   c.min_lr_ratio = 0.0

@@ -1,9 +1,10 @@
 """The optimizer of every stage: AdamW with linear warmup + cosine decay, weight decay only on kernels,
 global-norm clipping and optional gradient accumulation (optax.MultiSteps).
 
-Gradient accumulation sums gradients of `grad_accum_steps` consecutive batches before one update; it does NOT
+Gradient accumulation averages gradients of `grad_accum_steps` consecutive batches before one update; it does NOT
 enlarge the set of negatives of the contrastive loss (each batch's InfoNCE only sees that batch), so it is a
-memory knob, not a substitute for a large contrastive batch.
+memory knob, not a substitute for a large contrastive batch. config.contrastive_accum_steps is
+(train/contrastive_accum.py); the two compose (each batch one contrastive batch, grad_accum_steps of them per update).
 """
 
 from __future__ import annotations

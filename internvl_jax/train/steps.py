@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internvl_jax import losses, sharding
-from internvl_jax.train import freezing, state as state_lib
+from internvl_jax.train import contrastive_accum, freezing, state as state_lib
 
 
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
@@ -45,24 +45,43 @@ def _contrastive(img, txt, scale, cfg, mesh: Mesh | None, bias=None):
   return losses.contrastive_loss(img, txt, scale)
 
 
-def contrastive_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
-  """Stage 1. batch: pixel_values [B, S, S, 3], input_ids / attention_mask [B, T]."""
-  img, txt, _ = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], dropout_key=key)
+def contrastive_towers(model, batch: dict, key) -> tuple[jax.Array, jax.Array]:
+  """The two towers of stage 1: (image embeddings [B, E], text embeddings [B, E]) float32, unit-norm."""
+  return (model.encode_image(batch["pixel_values"], dropout_key=key),
+          model.encode_text(batch["input_ids"], batch["attention_mask"]))
+
+
+def contrastive_head(model, img, txt, cfg, mesh: Mesh | None = None):
+  """The contrastive loss on given embeddings [B, E]; the one place the loss's own parameters (the logit scale, the
+  sigmoid loss's bias) are read from the model, so that contrastive_accum.py differentiates them without naming
+  them."""
   scale, bias = model.loss_params()
   return _contrastive(img, txt, scale, cfg, mesh, bias=bias)
 
 
-def alignment_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
-  """Stage 2: contrastive + caption_weight * caption LM loss on the same batch (one pass of the vision tower)."""
+def contrastive_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
+  """Stage 1. batch: pixel_values [B, S, S, 3], input_ids / attention_mask [B, T]."""
+  img, txt = contrastive_towers(model, batch, key)
+  return contrastive_head(model, img, txt, cfg, mesh)
+
+
+def alignment_towers(model, batch: dict, key):
+  """Stage 2's forward pass (one pass of the vision tower): (image embeddings [B, E], text embeddings [B, E],
+  caption LM loss [] (token mean over the batch), losses.lm_loss's metrics)."""
   k1, k2 = (None, None) if key is None else tuple(jax.random.split(key))
   out = model.vision(batch["pixel_values"], dropout_key=k1)
   img = model.image_features(out, dropout_key=k2)
   txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
-  scale, bias = model.loss_params()
-  c_loss, metrics = _contrastive(img, txt, scale, cfg, mesh, bias=bias)
   logits = model.caption_logits(out, batch["input_ids"], batch["attention_mask"])
   targets, mask = losses.shift_for_next_token(batch["input_ids"], batch["attention_mask"])
   g_loss, g_metrics = losses.lm_loss(logits, targets, mask)
+  return img, txt, g_loss, g_metrics
+
+
+def alignment_loss_fn(model, batch: dict, key, cfg, mesh: Mesh | None = None):
+  """Stage 2: contrastive + caption_weight * caption LM loss on the same batch."""
+  img, txt, g_loss, g_metrics = alignment_towers(model, batch, key)
+  c_loss, metrics = contrastive_head(model, img, txt, cfg, mesh)
   metrics.update({"loss_contrastive": c_loss, "loss_caption": g_loss, "caption_token_acc": g_metrics["token_acc"]})
   return c_loss + cfg.caption_weight * g_loss, metrics
 
@@ -109,11 +128,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def make_train_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict) -> Callable:
-  """jit(state, batch) -> (state, metrics); the state is donated."""
+  """jit(state, batch) -> (state, metrics); the state is donated. config.contrastive_accum_steps > 1 computes the
+  stage-1 / stage-2 gradient in chunks of the batch against one global contrastive loss (contrastive_accum.py)."""
   loss_fn = LOSS_FNS[cfg.task]
   graphdef = setup.graphdef
   base_key = jax.random.key(cfg.seed)
   accum = cfg.get("grad_accum_steps", 1)
+  chunks = cfg.get("contrastive_accum_steps", 1)  # > 1: the batch in chunks, one contrastive loss (GradCache)
 
   def step(state, batch):
     # the mesh in context turns on the models' activation constraints (sharding.constrain) while tracing
@@ -127,7 +148,12 @@ def make_train_step(setup: state_lib.StateSetup, cfg: ml_collections.ConfigDict)
       model = state_lib.merge_model(graphdef, {"params": params, "frozen": state["frozen"]})
       return loss_fn(model, batch, key, cfg, setup.mesh)
 
-    (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
+    if chunks > 1:
+      (loss, metrics), grads = contrastive_accum.value_and_grad(graphdef, state["params"], state["frozen"], batch,
+                                                                key, cfg, setup.mesh, chunks,
+                                                                setup.shardings["params"])
+    else:
+      (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
     grads = freezing.apply_layer_masks(grads, setup.layer_masks)  # frozen layers of partly trained leaves
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
