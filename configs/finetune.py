@@ -28,7 +28,6 @@ An -hf folder whose chat template is none of ours (data/templates.py) is refused
 OpenGVLab-layout release of the model.
 """
 
-import json
 import os
 
 import ml_collections
@@ -41,34 +40,17 @@ FULL_RECIPE = dict(freeze_backbone=True, freeze_mlp=False, freeze_llm=False, lr=
                    max_text_len=16384)
 
 
-def _template(folder: str, hf: dict) -> dict:
-  """config.data's template, system_message and default_system_block of a released folder: the OpenGVLab config's,
-  or those recognised from an -hf folder's Jinja chat template; a one-line error otherwise."""
-  from internvl_jax.data import template_match, templates, tokenizer  # local: config files stay light to import
-  if hf.get("template"):
-    return dict(template=hf["template"], system_message=hf.get("system_message"), default_system_block=True)
-  jinja = templates.read_chat_template(folder)
-  if jinja is None:
-    raise ValueError(f"{folder} names no conversation template: no 'template' in config.json (OpenGVLab layout) and "
-                     "no chat_template (-hf layout); give a released InternVL chat folder")
-  tok = tokenizer.load(folder)
-  match = template_match.recognise(jinja, folder, bos_token=tok.bos_token, eos_token=tok.eos_token)
-  return dict(template=match.template, system_message=match.system,
-              default_system_block=match.default_system_block)
-
-
 def _release(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(our chat model config, config.data's template fields) of a released folder; a one-line error otherwise."""
   from internvl_jax import convert  # local: pulls in the converters
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"path={folder} has no config.json; give a released InternVL chat folder")
-  with open(path) as f:
-    hf = json.load(f)
+  from internvl_jax.data import template_match  # local: config files stay light to import
   model = convert.model_config(folder)
   if "language" not in model or "vision" not in model:
     raise ValueError(f"{folder} is not an InternVL chat model; configs/finetune.py fine-tunes chat models")
-  return model, _template(folder, hf)
+  return model, template_match.folder_template(folder)
 
 
 def get_config(arg=None):

@@ -210,3 +210,15 @@ def test_finetune_from_an_hf_folder_trains_and_exports_its_template(folders, tmp
     kw = dict(tokenize=False, add_generation_prompt=turns[-1][1] is None)
     assert exported.apply_chat_template(messages, **kw) == \
         source.apply_chat_template(messages, chat_template=source_template, **kw)
+
+
+def test_an_instruct_run_from_an_hf_folder_takes_its_template(folders):
+  from internvl_jax.train import defaults, loop
+  cfg = defaults.base_config("instruct", "tiny")
+  cfg.init.path = folders["qwen2"]
+  loop._template_of_release(cfg)  # what loop.run does first
+  assert cfg.data.template == "internvl2_5" and cfg.data.default_system_block is False
+  chosen = defaults.base_config("instruct", "tiny")
+  chosen.init.path, chosen.data.template = folders["qwen2"], "Hermes-2"
+  loop._template_of_release(chosen)  # a template the user set is kept
+  assert chosen.data.template == "Hermes-2" and chosen.data.default_system_block is True

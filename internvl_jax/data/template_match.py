@@ -99,3 +99,25 @@ def recognise(jinja: str, folder: str, **special_tokens) -> Recognised:
   raise ValueError(f"the chat template of {folder} is not one of the InternVL conversation templates "
                    f"({', '.join(templates.NAMES)}): it renders the probe conversations differently; fine-tune from "
                    "the OpenGVLab-layout release of the model")
+
+
+def folder_template(folder: str) -> dict:
+  """config.data's template fields of a released chat folder: {template, system_message, default_system_block}
+  from the OpenGVLab config.json's `template` / `system_message`, or recognised from an -hf folder's Jinja chat
+  template; a one-line ValueError otherwise."""
+  import json
+  import os
+
+  from internvl_jax.data import tokenizer  # local: the tokenizer module pulls in the tokenizer file readers
+
+  with open(os.path.join(folder, "config.json")) as f:
+    hf = json.load(f)
+  if hf.get("template"):
+    return dict(template=hf["template"], system_message=hf.get("system_message"), default_system_block=True)
+  jinja = templates.read_chat_template(folder)
+  if jinja is None:
+    raise ValueError(f"{folder} names no conversation template: no 'template' in config.json (OpenGVLab layout) and "
+                     "no chat_template (-hf layout); give a released InternVL chat folder")
+  tok = tokenizer.load(folder)
+  match = recognise(jinja, folder, bos_token=tok.bos_token, eos_token=tok.eos_token)
+  return dict(template=match.template, system_message=match.system, default_system_block=match.default_system_block)
