@@ -300,6 +300,9 @@ def main(argv=None) -> dict:
   ap.add_argument("--dtype", default=None, help="compute dtype of every tower, e.g. bfloat16 (default: config)")
   ap.add_argument("--remat", default=None, help="remat policy of every tower: none|full|dots|... (default: config)")
   ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any config field")
+  ap.add_argument("--platform", default=None, choices=("cpu", "gpu", "tpu"),
+                  help="the target: resolves the compute dtype 'auto' as it would (bfloat16 on gpu / tpu, float32 "
+                       "on cpu); default: the machine the planner runs on")
   ap.add_argument("--depth_check", type=int, default=0,
                   help="also compile with the vision tower at this many layers (other towers scaled alike) and "
                        "print the compile-time ratio (scan keeps it near 1)")
@@ -334,6 +337,10 @@ def main(argv=None) -> dict:
   for item in args.set:
     k, _, v = item.partition("=")
     set_field(cfg, k, v)
+  from internvl_jax.models import layers
+  for t in towers(cfg.model) + ([cfg.model.caption_decoder] if cfg.model.get("caption_decoder") else []):
+    if t.get("dtype") == "auto":  # resolved here: the planner compiles on CPU for an accelerator target
+      t.dtype = layers.auto_dtype(args.platform)
   if jax.device_count() != n_devices:
     raise SystemExit(f"JAX sees {jax.device_count()} devices, the mesh needs {n_devices}: run the planner as its "
                      "own process (python -m internvl_jax.plan) so it can set the fake device count first")

@@ -16,11 +16,22 @@ from internvl_jax.models import lora as lora_lib
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def auto_dtype(platform: str | None = None) -> str:
+  """The compute dtype 'auto' means on a platform ('cpu' | 'gpu' | 'tpu'; default: JAX's backend): bfloat16 on
+  accelerators (their matrix units' native type; master weights stay float32), float32 on CPU (no bfloat16 speed-up
+  there, and the parity tests' precision)."""
+  platform = platform or jax.default_backend()
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
 def to_dtype(name_or_dtype) -> jnp.dtype:
-  """'bfloat16' | 'float32' | 'float16' | a dtype -> a jnp dtype, with a clear error for anything else."""
+  """'bfloat16' | 'float32' | 'float16' | 'auto' (auto_dtype) | a dtype -> a jnp dtype, with a clear error for
+  anything else."""
   if isinstance(name_or_dtype, str):
+    if name_or_dtype == "auto":
+      name_or_dtype = auto_dtype()
     if name_or_dtype not in DTYPES:
-      raise ValueError(f"unknown dtype {name_or_dtype!r}; use one of {sorted(DTYPES)}")
+      raise ValueError(f"unknown dtype {name_or_dtype!r}; use one of {sorted(DTYPES) + ['auto']}")
     return DTYPES[name_or_dtype]
   return jnp.dtype(name_or_dtype)
 

@@ -47,7 +47,28 @@ def model_config(task: str, name: str) -> ml_collections.ConfigDict:
     if task == "alignment" and cfg.variant == "seed":
       cfg.caption_decoder = captioning.caption_decoder_config(cfg)
   cfg.image_size = 0  # input size; 0 = the vision preset's (position embeddings are resized otherwise)
+  _defaults_for_the_target(cfg)
   return cfg
+
+
+# towers from this width up get full rematerialisation by default: InternViT-6B (3200) and 7B+ language models
+# (3584 / 4096 ...), which do not fit 80 GB accelerators without it at their usual batch (docs/scaling.md: InternViT-6B
+# stage 1 at fsdp=8, 32 images per chip: 221.8 GiB per device in float32 without remat, 39.7 GiB in bfloat16 + full)
+LARGE_TOWER_WIDTH = 3200
+
+
+def _defaults_for_the_target(cfg: ml_collections.ConfigDict) -> None:
+  """Compute dtype 'auto' (bfloat16 on GPU / TPU, float32 on CPU; layers.auto_dtype) for towers left at the
+  presets' float32, and remat 'full' for large towers left at 'none'. An explicit --config.model.*.dtype / remat
+  wins; the planner resolves 'auto' for its --platform."""
+  for key in ("vision", "text", "language", "caption_decoder"):
+    if not cfg.get(key):
+      continue
+    tower = cfg[key]
+    if tower.get("dtype", "float32") == "float32":
+      tower.dtype = "auto"
+    if tower.get("hidden_size", 0) >= LARGE_TOWER_WIDTH and tower.get("remat", "none") == "none":
+      tower.remat = "full"
 
 
 def base_config(task: str, model: str = "tiny") -> ml_collections.ConfigDict:

@@ -24,7 +24,7 @@ from internvl_jax.data import features as features_lib
 from internvl_jax.data import packing, pipeline, sources
 from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.train import checkpoint as checkpoint_lib
-from internvl_jax.train import config_checks, evaluation, freezing, init_from, metrics as metrics_lib
+from internvl_jax.train import config_checks, evaluation, freezing, init_from, memory_check, metrics as metrics_lib
 from internvl_jax.train import state as state_lib
 from internvl_jax.train import steps as steps_lib
 from internvl_jax.train import workdir as workdir_lib
@@ -232,10 +232,25 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   bar = tqdm(total=total, initial=step, desc=os.path.basename(os.path.normpath(workdir)) or "train",
              disable=jax.process_index() != 0 or not cfg.get("progress", True), dynamic_ncols=True,
              mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s, not 10 a second
+  first = None
+  limit = memory_check.device_bytes_limit()
+  if limit and step < total:  # an accelerator: compile now and compare with its memory before any step runs
+    first = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in next(data_iter).items()}
+    compiled = train_step.lower(state, first).compile()
+    try:
+      need = memory_check.check_fits(compiled, cfg, limit)
+    except config_checks.ConfigError:
+      ckpt.close()
+      raise
+    logging.info("train step: %.2f GiB of %.2f GiB per device", need / 2 ** 30, limit / 2 ** 30)
+    train_step = compiled  # the same executable: no second compilation at the first call
   with _Preemption() as preempt:
     while step < total:
-      batch = next(data_iter)
-      batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+      if first is not None:
+        batch, first = first, None
+      else:
+        batch = next(data_iter)
+        batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
       state, m = train_step(state, batch)
       step += 1
       bar.update(1)
