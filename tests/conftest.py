@@ -105,3 +105,49 @@ def param_count(module: nnx.Module) -> int:
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+def stop_with_sigterm_after(monkeypatch, n: int) -> None:
+  """Makes the trainer's steps send this process a real SIGTERM right after the n-th step of the next run (the
+  loop then checkpoints and returns, as under a preemption); undo with monkeypatch.undo() or a fresh patch."""
+  import signal
+
+  from internvl_jax.train import steps as steps_lib
+
+  make = steps_lib.make_train_step
+
+  def make_with_kill(setup, c):
+    step = make(setup, c)
+    calls = {"n": 0}
+
+    def killing(state, batch):
+      out = step(state, batch)
+      calls["n"] += 1
+      if calls["n"] == n:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+    return killing
+
+  monkeypatch.setattr(steps_lib, "make_train_step", make_with_kill)
+
+
+def load_config_file(name: str, arg: str | None = None):
+  """configs/<name>.py's get_config(arg), loaded as train.py's --config does."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def random_contrastive_batch(cfg, mesh, batch_size: int = 16, image_size: int = 56, seed: int = 1) -> dict:
+  """A random stage-1 batch (pixel_values, input_ids, attention_mask) placed with the train step's sharding."""
+  from internvl_jax.train import steps
+
+  rng = np.random.default_rng(seed)
+  t = cfg.data.max_text_len
+  batch = {"pixel_values": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+           "input_ids": rng.integers(1, cfg.model.text.vocab_size, size=(batch_size, t)).astype(np.int32),
+           "attention_mask": np.ones((batch_size, t), np.int32)}
+  return {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}

@@ -82,7 +82,7 @@ def ring_distance_cases(mesh):
 
 
 def train_step_losses(mesh):
-  from conftest import tiny_config
+  from conftest import random_contrastive_batch, tiny_config
   from internvl_jax.train import state as state_lib, steps
 
   out = {}
@@ -90,12 +90,7 @@ def train_step_losses(mesh):
     cfg = tiny_config("contrastive", batch_size=16, sharded_contrastive_loss=switch, loss="sigmoid")
     setup = state_lib.setup_state(cfg, cfg.model, mesh)
     state = setup.create()
-    rng = np.random.default_rng(1)
-    t = cfg.data.max_text_len
-    batch = {"pixel_values": rng.normal(size=(16, 56, 56, 3)).astype(np.float32),
-             "input_ids": rng.integers(1, cfg.model.text.vocab_size, size=(16, t)).astype(np.int32),
-             "attention_mask": np.ones((16, t), np.int32)}
-    batch = {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}
+    batch = random_contrastive_batch(cfg, mesh)
     step = steps.make_train_step(setup, cfg)
     jaxpr = str(jax.make_jaxpr(step)(state, batch))
     _, m = step(state, batch)

@@ -2,7 +2,6 @@
 whole loop once: a release in (OpenGVLab layout), LoRA on official-format data, a peft adapter out that peft puts
 on the transformers-native export of the same release with our fine-tuned logits."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +12,14 @@ import pytest
 from PIL import Image
 
 import release_folders
+from conftest import load_config_file
 from internvl_jax import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _finetune_config(arg):
-  spec = importlib.util.spec_from_file_location("finetune_cfg", os.path.join(ROOT, "configs", "finetune.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file("finetune", arg)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ templates (data/template_match.py), and the trained token ids of a conversation 
 InternVL processor / tokenizer make of the same conversation with the folder's own template (the text of
 transformers' InternVL conversion script, tests/fixtures/internvl_hf_chat_template.json)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 import release_folders
+from conftest import load_config_file
 import tokenizer_folders
 from internvl_jax.data import features, template_match, templates
 from internvl_jax.data import tokenizer as tokenizer_lib
@@ -24,10 +24,7 @@ SYSTEM = "Answer briefly."
 
 
 def _finetune_config(arg):
-  spec = importlib.util.spec_from_file_location("finetune_cfg", os.path.join(ROOT, "configs", "finetune.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file("finetune", arg)
 
 
 @pytest.fixture(scope="module")

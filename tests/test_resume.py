@@ -3,15 +3,13 @@ parameters. Also: a finished run is not retrained, and a checkpoint restores ont
 
 import json
 import os
-import signal
 
 import jax
 import numpy as np
 
 from internvl_jax.train import checkpoint, loop
-from internvl_jax.train import steps as steps_lib
 
-from conftest import tiny_config
+from conftest import stop_with_sigterm_after, tiny_config
 
 
 def _losses(workdir):
@@ -26,26 +24,12 @@ def test_resume_after_sigterm_continues_exactly(tmp_path, monkeypatch):
   loop.run(cfg, straight)
 
   # the second run is stopped by a real SIGTERM right after its 3rd step
-  make = steps_lib.make_train_step
-
-  def make_with_kill(setup, c):
-    step = make(setup, c)
-    calls = {"n": 0}
-
-    def killing(state, batch):
-      out = step(state, batch)
-      calls["n"] += 1
-      if calls["n"] == 3:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return out
-    return killing
-
   resumed = str(tmp_path / "resumed")
-  monkeypatch.setattr(steps_lib, "make_train_step", make_with_kill)
+  stop_with_sigterm_after(monkeypatch, 3)
   first = loop.run(cfg, resumed)
   assert first["preempted"] and first["step"] == 3
   assert checkpoint.Checkpointer(resumed).latest_step() == 3
-  monkeypatch.setattr(steps_lib, "make_train_step", make)
+  monkeypatch.undo()
   second = loop.run(cfg, resumed)
   assert second["step"] == 6 and not second["preempted"]
 

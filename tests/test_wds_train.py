@@ -3,7 +3,6 @@ uninterrupted one (2 reader threads, a shuffle window); the slow test: a short d
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -11,9 +10,8 @@ import pytest
 
 from internvl_jax.data import demo
 from internvl_jax.train import config_checks, loop
-from internvl_jax.train import steps as steps_lib
 
-from conftest import tiny_config
+from conftest import stop_with_sigterm_after, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,25 +30,11 @@ def test_wds_run_resumes_exactly(tmp_path, monkeypatch):
   straight = str(tmp_path / "straight")
   loop.run(cfg, straight)
 
-  make = steps_lib.make_train_step
-
-  def make_with_kill(setup, c):
-    step = make(setup, c)
-    calls = {"n": 0}
-
-    def killing(state, batch):
-      out = step(state, batch)
-      calls["n"] += 1
-      if calls["n"] == 2:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return out
-    return killing
-
   resumed = str(tmp_path / "resumed")
-  monkeypatch.setattr(steps_lib, "make_train_step", make_with_kill)
+  stop_with_sigterm_after(monkeypatch, 2)
   first = loop.run(cfg, resumed)
   assert first["preempted"] and first["step"] == 2
-  monkeypatch.setattr(steps_lib, "make_train_step", make)
+  monkeypatch.undo()
   second = loop.run(cfg, resumed)
   assert second["step"] == 4 and second["records_bad"] == 0
   a, b = _losses(straight), _losses(resumed)
