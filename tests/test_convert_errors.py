@@ -222,3 +222,13 @@ def test_non_finite_weights_are_named_and_refused_with_strict(tmp_path, vision_d
   with caplog.at_level("WARNING"):
     convert.load_pretrained(vision_dir)
   assert "NaN" not in caplog.text
+
+
+@pytest.mark.parametrize("keep", [0.5, 20])  # cut in the data, cut in the header
+def test_truncated_safetensors_names_the_file(tmp_path, vision_dir, keep):
+  cut = rewrite(vision_dir, str(tmp_path / "cut"))
+  path = os.path.join(cut, "model.safetensors")
+  with open(path, "r+b") as f:
+    f.truncate(int(os.path.getsize(path) * keep) if keep < 1 else keep)
+  with pytest.raises(convert.ConversionError, match=r"model\.safetensors cannot be read .*truncated or corrupt"):
+    convert.load_pretrained(cut)

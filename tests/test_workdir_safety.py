@@ -139,3 +139,23 @@ def test_train_cli_init_path_matching_nothing_is_one_line(tmp_path):
   assert out.returncode == 1
   lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "matches none of this model's" in lines[0] and "other/w" in lines[0], out.stderr[-2000:]
+
+
+def test_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
+  as_file = tmp_path / "file"
+  as_file.write_text("x")
+  with pytest.raises(workdir_lib.WorkdirError, match="is a file; give a folder"):
+    loop.run(_config(total_steps=1), str(as_file))
+  # read-only folders, as a non-root user meets them (the tests may run as root, whom chmod does not stop)
+  ro = str(tmp_path / "ro")
+  os.makedirs(ro)
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: False if os.path.abspath(p) == ro else real_access(p, mode))
+  with pytest.raises(workdir_lib.WorkdirError, match="is not writable; give a writable folder"):
+    loop.run(_config(total_steps=1), ro)
+
+  def refuse(path, exist_ok=False):
+    raise PermissionError(13, "Permission denied", path)
+  monkeypatch.setattr(os, "makedirs", refuse)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"cannot create --workdir .*sub \(Permission denied\)"):
+    loop.run(_config(total_steps=1), os.path.join(ro, "sub"))

@@ -68,7 +68,11 @@ class Checkpoint:
     self._handles = {}
     self._where: dict[str, tuple[str, str]] = {}  # canonical -> (file, name in file)
     for path in safetensors_files(folder):
-      handle = safe_open(path, framework="numpy")
+      try:
+        handle = safe_open(path, framework="numpy")
+      except Exception as e:  # SafetensorError: a truncated or corrupt file (a download cut short)
+        raise ConversionError(f"{path} cannot be read ({' '.join(str(e).split())}); the file is truncated or "
+                              "corrupt: download it again") from None
       self._handles[path] = handle
       for name in handle.keys():
         key = canonical(name)
@@ -94,8 +98,12 @@ class Checkpoint:
     # process's resident memory until the handle goes away. Reopening (a header parse) keeps the peak near one
     # tensor instead of growing to the whole checkpoint while a model loads.
     path, disk = self._where[name]
-    with safe_open(path, framework="numpy") as f:
-      return f.get_tensor(disk)
+    try:
+      with safe_open(path, framework="numpy") as f:
+        return f.get_tensor(disk)
+    except Exception as e:  # a data region cut short after a header that parsed
+      raise ConversionError(f"tensor {disk!r} of {path} cannot be read ({' '.join(str(e).split())}); the file is "
+                            "truncated or corrupt: download it again") from None
 
   def close(self) -> None:
     self._handles.clear()  # safe_open handles release their mmap when garbage collected
