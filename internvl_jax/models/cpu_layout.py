@@ -16,8 +16,10 @@ from typing import Callable
 
 import jax
 
-# Stacks of at most this many layers are unrolled on CPU (their program stays small).
+# Stacks of at most this many layers and parameters are unrolled on CPU: their program stays small, and the scan
+# costs something only next to small matmuls (8 InternViT-300M layers unrolled ran 0.95x, BENCHMARKS.md).
 CPU_UNROLL_MAX_LAYERS = 4
+CPU_UNROLL_MAX_PARAMS = 2**22
 
 
 def _on_cpu() -> bool:
@@ -33,6 +35,8 @@ def as_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
   return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def scan_unroll(num_layers: int) -> int | bool:
-  """The `unroll` of a jax.lax.scan over `num_layers` layers: all of them for a short stack on CPU, else 1."""
-  return True if _on_cpu() and num_layers <= CPU_UNROLL_MAX_LAYERS else 1
+def scan_unroll(num_layers: int, num_params: int) -> int | bool:
+  """The `unroll` of a jax.lax.scan over `num_layers` layers holding `num_params` parameters in all: every layer
+  for a short stack of small layers on CPU, else 1 (a rolled scan)."""
+  small = num_layers <= CPU_UNROLL_MAX_LAYERS and num_params <= CPU_UNROLL_MAX_PARAMS
+  return True if small and _on_cpu() else 1

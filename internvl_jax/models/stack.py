@@ -8,6 +8,7 @@ remat handle without graph bookkeeping.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -90,7 +91,8 @@ def run_stacked(layers: nnx.Module | tuple, body: Callable, carry: Any, xs: Any 
   if remat != "none":
     step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
   if scan:
-    return jax.lax.scan(step, carry, (states, xs, layer_keys), unroll=cpu_layout.scan_unroll(n))
+    size = sum(math.prod(a.shape) for a in jax.tree.leaves(states))
+    return jax.lax.scan(step, carry, (states, xs, layer_keys), unroll=cpu_layout.scan_unroll(n, size))
   ys = []
   for i in range(n):
     carry, y = step(carry, jax.tree.map(lambda a: a[i], (states, xs, layer_keys)))
