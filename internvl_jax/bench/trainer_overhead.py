@@ -186,6 +186,16 @@ def torch_retrieval(model, cfg, tok) -> dict:
   return evaluation.retrieval_r1(img.numpy(), txt.numpy(), [r.get("key", r.get("id")) for r in recs])
 
 
+def pin(cores: int) -> None:
+  """This process (and the train.py it starts, which inherits it) on the first `cores` cores, PyTorch with as
+  many threads; XLA CPU single-threaded Eigen for cores == 1. Before JAX starts its backend."""
+  import torch
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+  torch.set_num_threads(cores)
+  if cores == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+
 def _median_ms(fn, sync, n: int) -> float:
   sync(fn())
   t = time.perf_counter()
@@ -297,15 +307,21 @@ def main(argv=None):
   ap.add_argument("--skip_parts", action="store_true", help="whole loops only")
   ap.add_argument("--before", action="store_true", help="our side without the CPU arrangements of "
                   "models/cpu_layout.py (INTERNVL_JAX_NO_CPU_LAYOUT=1, inherited by train.py): the 'before' numbers")
+  ap.add_argument("--cores", type=int, default=0, help="pin this process and train.py to the first N cores, "
+                  "one compute thread per core on both sides (0: as the machine is). 1 keeps PyTorch's and XLA's "
+                  "thread barriers out of the comparison on a machine loaded by others")
   args = ap.parse_args(argv)
   if args.before:
     os.environ["INTERNVL_JAX_NO_CPU_LAYOUT"] = "1"
+  if args.cores:
+    pin(args.cores)
   tmp = tempfile.mkdtemp(prefix="trainer_overhead_")
   folder = args.folder or os.path.join(tmp, "data")
   jsonl = write_pngs(folder, args.images)
   import torch
-  print(f"# {'before' if args.before else 'after'}: {args.images} PNGs in {folder}; torch threads {torch.get_num_threads()}; "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+  print(f"# {'before' if args.before else 'after'}: {args.images} PNGs in {folder}; torch threads "
+        f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; pinned to "
+        f"{args.cores or 'all'} cores", flush=True)
   if not args.skip_parts:
     ours, theirs = parts(jsonl, os.path.join(tmp, "parts"), args.parts_rounds)
     print(table([(k, ours[k], theirs[k]) for k in ours], "(fixed batch; median of interleaved rounds)"),
