@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -316,6 +317,13 @@ def main(argv=None):
   if args.cores:
     pin(args.cores)
   tmp = tempfile.mkdtemp(prefix="trainer_overhead_")
+  try:
+    _run(args, tmp)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # run folders (and the PNGs unless --folder named a folder)
+
+
+def _run(args, tmp: str) -> None:
   folder = args.folder or os.path.join(tmp, "data")
   jsonl = write_pngs(folder, args.images)
   import torch
