@@ -91,8 +91,11 @@ def run_stacked(layers: nnx.Module | tuple, body: Callable, carry: Any, xs: Any 
   if remat != "none":
     step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
   if scan:
+    # unrolled (small stacks on CPU) only without remat: a rolled scan is what keeps XLA's CSE from merging the
+    # recomputation back into the forward (prevent_cse=False above)
     size = sum(math.prod(a.shape) for a in jax.tree.leaves(states))
-    return jax.lax.scan(step, carry, (states, xs, layer_keys), unroll=cpu_layout.scan_unroll(n, size))
+    unroll = cpu_layout.scan_unroll(n, size) if remat == "none" else 1
+    return jax.lax.scan(step, carry, (states, xs, layer_keys), unroll=unroll)
   ys = []
   for i in range(n):
     carry, y = step(carry, jax.tree.map(lambda a: a[i], (states, xs, layer_keys)))
