@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from internvl_jax.models import lora as lora_lib
+from internvl_jax.models import cpu_layout, lora as lora_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -41,6 +41,15 @@ def logical(init, names: Sequence[str | None]):
   return nnx.with_partitioning(init, tuple(names))
 
 
+class Linear(nnx.Linear):
+  """nnx.Linear whose input [..., in] runs as one [N, in] matrix on CPU (cpu_layout.as_rows); same parameters."""
+
+  def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+    if out_sharding is not None:
+      return super().__call__(x, out_sharding=out_sharding)
+    return cpu_layout.as_rows(super().__call__, x)
+
+
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *, rngs: nnx.Rngs,
           use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float | None = None,
           lora: tuple[int, float, float] | None = None) -> nnx.Linear:
@@ -52,7 +61,7 @@ def dense(in_features: int, out_features: int, names: tuple[str | None, str | No
   if lora:
     return lora_lib.LoRALinear(in_features, out_features, names, rank=lora[0], alpha=lora[1],
                                dropout=lora[2] if len(lora) > 2 else 0.0, **kw)
-  return nnx.Linear(in_features, out_features, **kw)
+  return Linear(in_features, out_features, **kw)
 
 
 class RMSNorm(nnx.Module):

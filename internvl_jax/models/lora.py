@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from internvl_jax.models import cpu_layout
+
 PEFT_A_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 # [layer key, adapter calls so far] of the layer running now (dropout_scope), or None (no dropout)
@@ -88,6 +90,11 @@ class LoRALinear(nnx.Linear):
     self.dropout_rate = float(dropout)
 
   def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+    if out_sharding is None:  # on CPU: one [N, in] matrix (cpu_layout.as_rows)
+      return cpu_layout.as_rows(self._call, x)
+    return self._call(x, out_sharding)
+
+  def _call(self, x: jax.Array, out_sharding=None) -> jax.Array:
     y = super().__call__(x, out_sharding=out_sharding)
     if self.dropout_rate > 0.0:  # rate 0: no key drawn, the graph is exactly the dropout-free one
       x = dropout(x, self.dropout_rate, next_key())

@@ -8,13 +8,14 @@ remat handle without graph bookkeeping.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 from flax import nnx
 
 from internvl_jax import sharding
-from internvl_jax.models import lora as lora_lib
+from internvl_jax.models import cpu_layout, lora as lora_lib
 
 # Logical names of the residual stream [B, T, D] carried between layers: split over the batch, replicated over
 # width. Without it XLA's sharding propagation may follow the FSDP-sharded weights (whose 'embed' axis uses the
@@ -90,7 +91,11 @@ def run_stacked(layers: nnx.Module | tuple, body: Callable, carry: Any, xs: Any 
   if remat != "none":
     step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
   if scan:
-    return jax.lax.scan(step, carry, (states, xs, layer_keys))
+    # unrolled (small stacks on CPU) only without remat: a rolled scan is what keeps XLA's CSE from merging the
+    # recomputation back into the forward (prevent_cse=False above)
+    size = sum(math.prod(a.shape) for a in jax.tree.leaves(states))
+    unroll = cpu_layout.scan_unroll(n, size) if remat == "none" else 1
+    return jax.lax.scan(step, carry, (states, xs, layer_keys), unroll=unroll)
   ys = []
   for i in range(n):
     carry, y = step(carry, jax.tree.map(lambda a: a[i], (states, xs, layer_keys)))
