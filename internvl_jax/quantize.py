@@ -59,16 +59,16 @@ def _how(kernel_ndim: int, qtype, group_size: int | None):
                                               tile_size=group_size, qtype=qtype)
 
 
-def quantize(model: nnx.Module, mode: str = "int8", vision: bool = False, group_size: int | None = None,
-             sample_input: jax.Array | None = None) -> nnx.Module:
+def quantize(model: nnx.Module, mode: str = "int8", vision: bool = False, group_size: int | None = None) -> nnx.Module:
   """A weight-quantized copy of `model` (llm.Decoder or internvl.InternVLChat; the original is left unchanged).
 
   mode 'int8': symmetric absmax, one float32 scale per output channel (and per layer of a stack).
   mode 'int4': symmetric absmax in groups of `group_size` input rows (default 128, or the whole input width when
   it is smaller) per output channel. group_size with int8 makes int8 grouped too.
   vision: also quantize the vision tower's and the projector's linear layers (the patch convolution stays float).
-  sample_input: unused by qwix's PTQ path here (kept None); the model is not run.
-  Returns the quantized model; call it or pass it to generate.generate like the original.
+  Nothing is run: the kernels are quantized directly. Returns the quantized model; call it or pass it to
+  generate.generate like the original (its __call__ is qwix-intercepted; other methods, e.g. InternVLChat.embed
+  called alone, are not).
   """
   if mode not in QTYPES:
     raise ValueError(f"quantize mode {mode!r} is not one of {sorted(QTYPES)}")
@@ -76,7 +76,6 @@ def quantize(model: nnx.Module, mode: str = "int8", vision: bool = False, group_
     group_size = DEFAULT_INT4_GROUP
   if group_size is not None and group_size <= 0:
     raise ValueError(f"group_size must be positive, got {group_size}")
-  del sample_input
   model = nnx.clone(model)
   targets = _selected_paths(model, vision)
   if not targets:
