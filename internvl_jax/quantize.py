@@ -38,10 +38,12 @@ DEFAULT_INT4_GROUP = 128
 
 def _selected_paths(model: nnx.Module, vision: bool) -> list[tuple[tuple, nnx.Linear]]:
   """The nnx.Linear modules to quantize: everything outside the vision side (language model: attention q/k/v/o,
-  MLP, a separate LM head), plus the vision tower and projector when vision=True."""
+  MLP, a separate LM head), plus the vision tower and projector when vision=True. Not MoE routers (a small matrix
+  whose rounding would move tokens between experts) nor LoRA layers (merge the adapters first; their A / B are
+  plain parameters qwix would not see)."""
   out = []
-  for path, mod in model.iter_modules():
-    if not isinstance(mod, nnx.Linear):
+  for path, mod in nnx.iter_modules(model):
+    if type(mod) is not nnx.Linear or "router" in map(str, path):
       continue
     top = str(path[0]) if path else ""
     if top in ("vision", "projector") and not vision:
