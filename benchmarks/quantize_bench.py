@@ -43,7 +43,8 @@ def run(preset: str, prompts: int, new: int, prompt_len: int, init_std: float | 
   rows, ref_tokens, ref_logits, full = [], None, None, None
   for mode in ["float32"] + modes:
     t0 = time.perf_counter()
-    m = model if mode == "float32" else quantize.quantize(model, mode, group_size=group_size if mode == "int4" else None)
+    group = group_size if mode == "int4" else None
+    m = model if mode == "float32" else quantize.quantize(model, mode, group_size=group)
     qtime = time.perf_counter() - t0
     tokens, times = [], []
     for i in range(prompts):
@@ -65,7 +66,8 @@ def run(preset: str, prompts: int, new: int, prompt_len: int, init_std: float | 
                first_call_s=round(times[0], 1), max_logit_err=err, rel_logit_err=err / float(np.abs(ref_logits).max()),
                greedy_agreement=float(np.mean(tokens == ref_tokens)),
                forced_agreement=float(np.mean(logits[:, prompt_len - 1:-1].argmax(-1) ==
-                                              ref_logits[:, prompt_len - 1:-1].argmax(-1))), distinct_float_tokens=int(len(np.unique(ref_tokens))))
+                                              ref_logits[:, prompt_len - 1:-1].argmax(-1))),
+               distinct_float_tokens=int(len(np.unique(ref_tokens))))
     print(json.dumps(row), flush=True)
     rows.append(row)
     del m
@@ -84,11 +86,13 @@ def main():
   p.add_argument("--out", default=None, help="JSON lines file")
   a = p.parse_args()
   rows = run(a.preset, a.prompts, a.new, a.prompt_len, a.init_std, a.modes.split(","), a.group_size)
-  print("| preset | weights | param bytes (all / LM) | tokens/s (batch 1) | max logit err (rel) | greedy agreement (free / forced) |")
+  print("| preset | weights | param bytes (all / LM) | tokens/s (batch 1) | max logit err (rel) | "
+        "greedy agreement (free / forced) |")
   print("|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['preset']} | {r['mode']} | {r['param_bytes'] / 2**20:.1f} / {r['lm_param_bytes'] / 2**20:.1f} MiB | "
-          f"{r['tokens_per_s']} | {r['max_logit_err']:.3g} ({r['rel_logit_err']:.2%}) | {r['greedy_agreement']:.1%} / {r['forced_agreement']:.1%} |")
+          f"{r['tokens_per_s']} | {r['max_logit_err']:.3g} ({r['rel_logit_err']:.2%}) | "
+          f"{r['greedy_agreement']:.1%} / {r['forced_agreement']:.1%} |")
   if a.out:
     with open(a.out, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows)
