@@ -52,7 +52,7 @@ flags.DEFINE_string("cache_dir", None, "where demo / tfds images are written as 
 flags.DEFINE_bool("progress", True, "show progress bars")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
 flags.DEFINE_enum("quantize", None, ["int8", "int4"], "caption / vqa: weight-only quantization of the chat model's "
-                  "language model with qwix (int8 per channel, int4 in groups of 128); saves memory, not time on CPU")
+                  "language model with qwix (int8 per channel, int4 in groups of 128): saves memory; accuracy drops a little")
 flags.DEFINE_bool("quantize_vision", False, "with --quantize: the vision tower and projector too")
 flags.DEFINE_string("mesh", None, "e.g. fsdp=8 or fsdp=4,tensor=2 (axes data, fsdp, expert, tensor; sizes multiply "
                     "to the device count); default: one device")

@@ -2,8 +2,8 @@
 
 What it is for: memory. A quantized linear layer keeps int8 / int4 values plus float32 scales instead of float32
 weights (about 4x / 8x smaller); the matmul itself still runs in floating point (qwix dequantizes the weight on the
-fly), so on CPU it is not faster. Activations stay float; norms, embeddings (looked up by gather, and used as the
-tied LM head) and the patch-embedding convolution stay float.
+fly), so any speed-up comes only from reading less weight memory (BENCHMARKS.md). Activations stay float; norms,
+embeddings (looked up by gather, and used as the tied LM head) and the patch-embedding convolution stay float.
 
 How it uses qwix (pinned in requirements.txt): qwix's PTQ provider (qwix.PtqProvider + qwix.quantize_model)
 intercepts each dot_general and computes it against a quantized kernel stored as its `WithAux(QArray)` parameter.
