@@ -51,6 +51,9 @@ flags.DEFINE_integer("max_num", 6, "caption / vqa with --dynamic: most tiles per
 flags.DEFINE_string("cache_dir", None, "where demo / tfds images are written as PNG (default: the temp folder)")
 flags.DEFINE_bool("progress", True, "show progress bars")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
+flags.DEFINE_enum("quantize", None, ["int8", "int4"], "caption / vqa: weight-only quantization of the chat model's "
+                  "language model with qwix (int8 per channel, int4 in groups of 128): saves memory; accuracy drops a little")
+flags.DEFINE_bool("quantize_vision", False, "with --quantize: the vision tower and projector too")
 flags.DEFINE_string("mesh", None, "e.g. fsdp=8 or fsdp=4,tensor=2 (axes data, fsdp, expert, tensor; sizes multiply "
                     "to the device count); default: one device")
 
@@ -63,6 +66,8 @@ def main(argv):
   if probe != (FLAGS.train_data is not None):
     raise app.UsageError(f"--train_data SOURCE is {'needed' if probe else 'only'} for --task linear_probe / "
                          "attention_probe (their train split)")
+  if FLAGS.quantize and FLAGS.task not in ("caption", "vqa"):
+    raise app.UsageError(f"--quantize is for the generating tasks caption / vqa, not --task {FLAGS.task}; drop it")
   from internvl_jax.evaluate import datasets, models, placement, run
 
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -79,6 +84,12 @@ def main(argv):
     mesh = placement.make_mesh(FLAGS.mesh)
     model = (models.load_hf(FLAGS.hf, dtype=FLAGS.dtype, mesh=mesh) if FLAGS.hf
              else models.load_workdir(FLAGS.workdir, FLAGS.task, dtype=FLAGS.dtype, mesh=mesh))
+    if FLAGS.quantize:
+      from internvl_jax import quantize
+      if model.kind != "chat":
+        raise ValueError(f"--quantize needs a chat model; {model.name} is {model.kind}")
+      model.model = quantize.quantize(model.model, FLAGS.quantize, vision=FLAGS.quantize_vision)
+      model.name += f" [{FLAGS.quantize}{' +vision' if FLAGS.quantize_vision else ''}]"  # recorded in the JSON
     info = placement.describe(model.model, model.mesh)
     print(f"loaded {model.name}: {info['dtype']} parameters, {placement.gib(info['param_bytes_total'])} in all, "
           f"{placement.gib(info['param_bytes_per_device'])} per device ({info['devices']} device(s), mesh "

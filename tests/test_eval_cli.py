@@ -53,6 +53,23 @@ def test_every_task_from_a_workdir(workdir, tmp_path, task):
 
 
 @pytest.mark.slow
+def test_vqa_with_int8_weights(workdir, tmp_path):
+  out = str(tmp_path / "vqa_int8.json")
+  res = _eval(["--task", "vqa", "--workdir", workdir, "--data", "demo:4", "--out", out, "--batch_size", "4",
+               "--max_new_tokens", "3", "--cache_dir", str(tmp_path / "cache"), "--quantize", "int8"])
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "int8" in res.stdout.split("loaded", 1)[1].splitlines()[0]  # the parameter dtypes printed after loading
+  result = json.load(open(out))
+  report.validate_result(result)
+  assert result["model"].endswith("[int8]") and len(result["samples"]) == 4
+
+
+def test_quantize_only_for_generating_tasks():
+  res = _eval(["--task", "retrieval", "--workdir", "nowhere", "--data", "demo:4", "--quantize", "int8"], timeout=60)
+  assert res.returncode != 0 and "--quantize is for the generating tasks" in res.stderr
+
+
+@pytest.mark.slow
 def test_wrong_model_for_the_task_is_one_line(workdir):
   res = _eval(["--task", "retrieval", "--workdir", os.path.join(workdir, "stage3"), "--data", "demo:4"])
   assert res.returncode == 1
