@@ -32,6 +32,8 @@ from qwix._src.core import dot_general as qwix_dot_general
 from qwix._src.providers import ptq as qwix_ptq
 from qwix._src.utils import flax_util as qwix_flax
 
+from internvl_jax.models import lora as lora_lib
+
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
 DEFAULT_INT4_GROUP = 128
 
@@ -43,7 +45,9 @@ def _selected_paths(model: nnx.Module, vision: bool) -> list[tuple[tuple, nnx.Li
   plain parameters qwix would not see)."""
   out = []
   for path, mod in nnx.iter_modules(model):
-    if type(mod) is not nnx.Linear or "router" in map(str, path):
+    # plain dense layers (nnx.Linear, or layers.Linear: the same parameters with a CPU-friendly input layout);
+    # not a LoRA layer, whose adapters qwix would not see
+    if not isinstance(mod, nnx.Linear) or isinstance(mod, lora_lib.LoRALinear) or "router" in map(str, path):
       continue
     top = str(path[0]) if path else ""
     if top in ("vision", "projector") and not vision:
