@@ -46,11 +46,14 @@ class _Programs:
     ctx = lambda: (contextlib.nullcontext() if self.mesh is None
                    else jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
 
-    def prefill(state, ids, mask, pixels, cache_len):
+    def prefill(state, ids, mask, pixels, key, max_new_tokens):
+      # -> the step's carry; every piece made here, so the step sees the same input kinds at every call
       with ctx():
         m = nnx.merge(graphdef, state)
-        logits, cache = gen.prefill(m, ids, pixels, mask, cache_len)
-        return logits, cache, gen.seen_tokens(ids, mask, logits.shape[-1])
+        b, t = ids.shape
+        logits, cache = gen.prefill(m, ids, pixels, mask, t + max_new_tokens)
+        return (jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((b, max_new_tokens), jnp.int32),
+                jnp.zeros((b,), bool), key, gen.seen_tokens(ids, mask, logits.shape[-1]))
 
     def step(state, carry, s, ids, mask, recompute_at):
       # carry: (i, logits, cache, tokens [B, N], done [B], key, seen [B, V]) as in generate._decode's loop
@@ -68,7 +71,7 @@ class _Programs:
           logits, cache = gen.recompute(m, ids, mask, tokens, recompute_at + 1, ids.shape[1] + tokens.shape[1])
         return tok, (i + 1, logits, cache, tokens, done, key, seen)
 
-    self.prefill = jax.jit(prefill, static_argnames=("cache_len",))
+    self.prefill = jax.jit(prefill, static_argnames=("max_new_tokens",))
     # the carry is replaced every step: donating it lets the cache be updated in place where the backend can
     self.step = jax.jit(step, static_argnames=("recompute_at",), donate_argnums=(1,))
 
@@ -118,13 +121,11 @@ def stream(model: nnx.Module, input_ids, pixel_values=None, attention_mask=None,
   progs = programs(model)
   ids, mask, pixels = gen.place_on_mesh(progs.mesh, ids, mask, pixels)
   state = nnx.state(model)
-  cache_len = ids.shape[1] + max_new_tokens
-  logits, cache, seen = progs.prefill(state, ids, mask, pixels, cache_len=cache_len)
+  carry = progs.prefill(state, ids, mask, pixels, jax.random.key(0) if key is None else key,
+                        max_new_tokens=max_new_tokens)
   chat = isinstance(model, internvl.InternVLChat)
   # transformers counts the prompt as given (t), not our bucket padding: the recompute step follows the caller's t
   recompute_at = None if chat else gen.longrope_recompute_step(model.config, t, max_new_tokens)
-  carry = (jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((b, max_new_tokens), jnp.int32),
-           jnp.zeros((b,), bool), jax.random.key(0) if key is None else key, seen)
   stops = set(gen.stop_id_list(stop_ids))
   done = np.zeros((b,), bool)
   for i in range(max_new_tokens):

@@ -78,13 +78,16 @@ def test_chat_stream_with_image_equals_generate(chat):
   want_stop = _until_stop(_generate_new(m.model, ids, pixels, eos_token_id=[stop]), stop)
   got = list(stream_lib.stream(m.model, ids, pixels, max_new_tokens=NEW, stop_ids=[stop]))
   assert got == want_stop and got[-1] == stop
+  assert stream_lib.programs(m.model).cache_size() == 2  # one prefill, one step for both requests
 
 
-def test_compilations_stay_fixed_across_prompt_lengths(decoder):
+def test_compilations_stay_fixed_across_prompt_lengths():
   assert [stream_lib.bucket_length(t) for t in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
   rng = np.random.default_rng(2)
+  decoder = llm.Decoder(presets.language("tiny"), rngs=nnx.Rngs(3))  # nothing compiled for it yet
   progs = stream_lib.programs(decoder)
   before = progs.cache_size()
+  assert before == 0
   for t in (3, 7, 12, 16):  # one bucket (16): one prefill + one step, whatever the settings
     ids = rng.integers(0, 120, (t,)).astype(np.int32)
     got = list(stream_lib.stream(decoder, ids, max_new_tokens=6, temperature=0.5 * (t % 2), stop_ids=[t, 1, 2]))
