@@ -104,3 +104,21 @@ def test_stream_bad_inputs(decoder):
   with pytest.raises(ValueError, match="left-padded"):
     next(stream_lib.stream(decoder, np.ones((1, 3), np.int32), attention_mask=np.array([[1, 1, 0]])))
   assert list(stream_lib.stream(decoder, np.ones((3,), np.int32), max_new_tokens=0)) == []
+
+
+def test_longrope_stream_equals_transformers(tmp_path):
+  """Phi-3 longrope with 16 original positions: a 7-token prompt (bucketed to 16) and 16 new tokens cross them,
+  where transformers' generate recomputes the sequence with the long factors (test_phi3's case)."""
+  import hf_refs
+  import torch
+  from test_phi3 import VARIANTS
+  from internvl_jax import convert
+  ref = hf_refs.causal_lm(VARIANTS["longrope"], str(tmp_path))
+  ours = convert.load_pretrained(str(tmp_path))
+  ids, mask = hf_refs.prompts(True, seed=0)
+  with torch.no_grad():
+    want = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                        max_new_tokens=16).numpy()[:, ids.shape[1]:]
+  got = np.stack(list(stream_lib.stream(ours, ids, attention_mask=mask, max_new_tokens=16)), axis=1)
+  np.testing.assert_array_equal(got, want)
+  assert stream_lib.programs(ours).cache_size() == 3  # prefill, step, and the one recompute step
