@@ -2,17 +2,18 @@
 
   python -m internvl_jax.chat --hf FOLDER | --workdir DIR [--image PATH ...] [--system TEXT] [--prompt TEXT]
                               [--max_new_tokens N] [--temperature T] [--top_p P] [--repetition_penalty R]
-                              [--dtype bfloat16] [--seed S]
+                              [--video PATH [--num_frames 8]] [--dtype bfloat16] [--seed S]
 
 With --prompt: one answer, printed to stdout, then exit. Without: a conversation read from stdin, one message per
 line, the history kept as the model's released template writes it; commands `/image PATH` (attach an image to
-the next message), `/reset` (forget history and images), `/quit` (or end of input).
+the next message), `/video PATH` (a video: --num_frames frames, one tile each), `/reset` (forget history and
+images), `/quit` (or end of input).
 
 Everything model-specific is the existing machinery: loading (evaluate/models.py: a released folder or a train.py
 workdir), the prompt, image tiles, stop ids and answer extraction (data/chat_format.ChatFormat, as the official
 chat() does), token-by-token generation (stream.py, generate.py's sampler). Images attached to a message get
-`<image>\\n` in front of it (`Image-1: <image>\\n...` for several, as the official multi-image example writes),
-unless the message writes its own `<image>` placeholders.
+`<image>\\n` in front of it (`Image-1: <image>\\n...` for several, `Frame-1: <image>\\n...` for a video's frames,
+as the official multi-image and video examples write), unless the message writes its own `<image>` placeholders.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from collections.abc import Iterator
 
 import jax
+import numpy as np
 
 from internvl_jax import stream as stream_lib
 from internvl_jax.data import chat_format as chat_format_lib
@@ -47,41 +49,67 @@ class Conversation:
 
   def reset(self) -> None:
     self.history: list[tuple[str, str]] = []
-    self.images: list[str] = []
-    self.pending: list[str] = []
+    self.tiles: list[np.ndarray] = []  # per image of the conversation (a video frame is one image), in order
+    self.pending: list[tuple[str, list[np.ndarray]]] = []  # ('image' | 'video', tiles per image) for the next message
     self.last_input_ids = None  # the last prompt's ids [1, T] (for inspection)
     self.tokens_per_second = 0.0
 
-  def attach(self, path: str) -> None:
-    """Attaches an image (a file path) to the next message."""
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"image {path} does not exist; give the path of an image file")
+  def _check_attach(self, path: str, what: str) -> None:
+    if not (os.path.isfile(path) if what == "image" else os.path.exists(path)):
+      raise FileNotFoundError(f"{what} {path} does not exist; give the path of an {what} file"
+                              + (" or a folder of frame images" if what == "video" else ""))
     if self.fmt.jinja is not None and self.history:
       raise ValueError("this model's chat template (a transformers-native -hf folder) places images in the first "
                        "message only; /reset and attach the image before the first message")
-    self.pending.append(path)
+
+  def attach(self, path: str) -> None:
+    """Attaches an image file to the next message: dynamic tiles [N, S, S, 3] as the release's chat() makes them."""
+    self._check_attach(path, "image")
+    fmt = self.fmt
+    self.pending.append(("image", [chat_format_lib.preprocess_image(path, fmt.image_size, max_num=fmt.max_num,
+                                                                    use_thumbnail=fmt.use_thumbnail)]))
+
+  def attach_video(self, path: str, num_frames: int = 8) -> None:
+    """Attaches a video (a file PyAV decodes, or a folder of frame images) to the next message: num_frames frames
+    from the middles of equal segments (the official data reader's 'middle' rule, data/visual.py; the chat
+    example's get_index can pick a frame one earlier or later), one tile each as that example makes them."""
+    from internvl_jax.data import transforms, visual  # local: video decoding is needed only here
+    self._check_attach(path, "video")
+    try:
+      frames, _ = visual.video_frames(path, num_frames, None)
+    except transforms.BadRecord as e:
+      raise ValueError(str(e)) from None
+    self.pending.append(("video", [chat_format_lib.preprocess_image(np.asarray(f), self.fmt.image_size, max_num=1)
+                                   for f in frames]))
 
   def _written(self, question: str) -> str:
-    """The question as it goes into the template: placeholders in front for newly attached images."""
-    n = len(self.pending)
-    if n == 0 or templates.IMAGE_PLACEHOLDER in question:
+    """The question as it goes into the template: placeholders in front for newly attached images and videos
+    (`<image>\n` for one image, `Image-k: <image>\n` for several, `Frame-k: <image>\n` per video frame)."""
+    if not self.pending or templates.IMAGE_PLACEHOLDER in question:
       return question
-    if n == 1:
-      return f"{templates.IMAGE_PLACEHOLDER}\n{question}"
-    return "".join(f"Image-{k + 1}: {templates.IMAGE_PLACEHOLDER}\n" for k in range(n)) + question
+    images = sum(kind == "image" for kind, _ in self.pending)
+    prefix, k = "", 0
+    for kind, tiles in self.pending:
+      if kind == "video":
+        prefix += "".join(f"Frame-{i + 1}: {templates.IMAGE_PLACEHOLDER}\n" for i in range(len(tiles)))
+      else:
+        k += 1
+        prefix += f"{templates.IMAGE_PLACEHOLDER}\n" if images == 1 else f"Image-{k}: {templates.IMAGE_PLACEHOLDER}\n"
+    return prefix + question
 
   def ask(self, question: str) -> Iterator[str]:
     """Yields the answer's text in pieces as tokens arrive (multi-byte characters whole, the answer stripped as
     ChatFormat.answer strips it); then adds the turn to the history."""
     written = self._written(question)
-    images = self.images + self.pending
-    inputs = self.fmt.inputs(written, images, history=self.history)
-    self.last_input_ids = inputs["input_ids"]
+    tiles = self.tiles + [t for _, group in self.pending for t in group]
+    input_ids = np.asarray([self.fmt.input_ids(written, [len(t) for t in tiles], self.history)], np.int32)
+    self.last_input_ids = input_ids
+    pixels = np.concatenate(tiles) if tiles else None
     key = jax.random.key(self.seed + len(self.history))
     ids, shown = [], ""
     start = time.perf_counter()
-    for tok in stream_lib.stream(self.model, inputs["input_ids"][0], inputs["pixel_values"],
-                                 stop_ids=list(self.fmt.stop_ids), key=key, **self.settings):
+    for tok in stream_lib.stream(self.model, input_ids[0], pixels, stop_ids=list(self.fmt.stop_ids), key=key,
+                                 **self.settings):
       ids.append(tok)
       text = self._showable(ids)
       if text.startswith(shown) and len(text) > len(shown):
@@ -92,7 +120,7 @@ class Conversation:
     if answer.startswith(shown) and len(answer) > len(shown):
       yield answer[len(shown):]
     self.history.append((written, answer))
-    self.images, self.pending = images, []
+    self.tiles, self.pending = tiles, []
 
   def _showable(self, ids: list[int]) -> str:
     """The answer so far, minus what may still change: an incomplete character, a partial stop string."""
@@ -124,7 +152,7 @@ def _say(conv: Conversation, question: str, out) -> None:
   out.flush()
 
 
-def interact(conv: Conversation, stdin, stdout, stderr) -> None:
+def interact(conv: Conversation, stdin, stdout, stderr, num_frames: int = 8) -> None:
   """Reads messages and /commands from stdin until /quit or its end; answers go to stdout, notes to stderr."""
   tty = stdin.isatty()
   while True:
@@ -142,14 +170,16 @@ def interact(conv: Conversation, stdin, stdout, stderr) -> None:
     if line == "/reset":
       conv.reset()
       print("(history and images cleared)", file=stderr)
-    elif line.startswith("/image"):
+    elif line.split()[0] in ("/image", "/video"):
+      command, _, path = line.partition(" ")
       try:
-        conv.attach(line[len("/image"):].strip())
-        print(f"(image attached to the next message: {conv.pending[-1]})", file=stderr)
+        conv.attach(path.strip()) if command == "/image" else conv.attach_video(path.strip(), num_frames)
+        print(f"({command[1:]} {path.strip()} attached to the next message)", file=stderr)
       except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=stderr)
     elif line.startswith("/"):
-      print(f"error: unknown command {line.split()[0]}; the commands are /image PATH, /reset, /quit", file=stderr)
+      print(f"error: unknown command {line.split()[0]}; the commands are /image PATH, /video PATH, /reset, /quit",
+            file=stderr)
     else:
       _say(conv, line, stdout)
 
@@ -160,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
   src.add_argument("--hf", help="a local Hugging Face chat folder, as released (OpenGVLab or -hf layout)")
   src.add_argument("--workdir", help="a train.py workdir with a stage-3 (instruct) run")
   p.add_argument("--image", action="append", default=[], help="an image for the first message (repeatable)")
+  p.add_argument("--video", default=None, help="a video file (or a folder of frames) for the first message")
+  p.add_argument("--num_frames", type=int, default=8, help="frames sampled from --video / /video (official: 8)")
   p.add_argument("--system", default=None, help="system message (default: the model's)")
   p.add_argument("--prompt", default=None, help="answer this one message and exit")
   p.add_argument("--max_new_tokens", type=int, default=512)
@@ -177,10 +209,12 @@ def run(args, stdin=None, stdout=None, stderr=None) -> Conversation:
   conv = load(args)
   for path in args.image:
     conv.attach(path)
+  if args.video:
+    conv.attach_video(args.video, args.num_frames)
   if args.prompt is not None:
     _say(conv, args.prompt, stdout)
   else:
-    interact(conv, stdin, stdout, stderr)
+    interact(conv, stdin, stdout, stderr, args.num_frames)
   return conv
 
 

@@ -65,7 +65,7 @@ def test_conversation_over_stdin_keeps_history(release):
   assert conv.last_input_ids.tolist() == ids2.tolist() == [m.chat.tokenizer.encode(second)]
   assert conv.history == [("<image>\nWhat is it?", a1), ("And then?", a2)]
   conv.reset()
-  assert conv.history == [] and conv.images == []
+  assert conv.history == [] and conv.tiles == []
 
 
 def test_multibyte_character_prints_whole(release, monkeypatch):
@@ -85,3 +85,24 @@ def test_errors_are_one_line(release, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "internvl_jax.chat", "--hf", str(tmp_path / "nope"), "--prompt",
                          "hi"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --hf folder")
+
+
+def test_video_frames_as_the_official_example(release, tmp_path):
+  """A folder of 4 frames, 2 sampled: the middles of two equal segments (frames 0 and 2 by the official reader's
+  'middle' rule, (start + end - 1) // 2 of [0, 2) and [2, 4); the chat example's get_index picks the same), one
+  tile each, written `Frame-1: <image>\\nFrame-2: <image>\\n` in front of the question."""
+  _, _, m = release
+  rng = np.random.default_rng(1)
+  for i in range(4):
+    Image.fromarray(rng.integers(0, 255, (56, 70, 3), np.uint8)).save(tmp_path / f"frame_{i}.jpg")
+  conv = chat.Conversation(m.model, m.chat, max_new_tokens=NEW)
+  conv.attach_video(str(tmp_path), num_frames=2)
+  got = "".join(conv.ask("What happens?"))
+  question = "Frame-1: <image>\nFrame-2: <image>\nWhat happens?"
+  inputs = m.chat.inputs(question, [str(tmp_path / "frame_0.jpg"), str(tmp_path / "frame_2.jpg")], max_num=1)
+  assert inputs["pixel_values"].shape[0] == 2
+  out = generate(m.model, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=NEW,
+                 eos_token_id=list(m.chat.stop_ids))
+  assert got == m.chat.answer(np.asarray(out)[0, inputs["input_ids"].shape[1]:])
+  assert conv.last_input_ids.tolist() == inputs["input_ids"].tolist() and conv.history[0][0] == question
+  np.testing.assert_array_equal(np.concatenate(conv.tiles), inputs["pixel_values"])  # frames 0 and 2, in order
