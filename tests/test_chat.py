@@ -106,3 +106,23 @@ def test_video_frames_as_the_official_example(release, tmp_path):
   assert got == m.chat.answer(np.asarray(out)[0, inputs["input_ids"].shape[1]:])
   assert conv.last_input_ids.tolist() == inputs["input_ids"].tolist() and conv.history[0][0] == question
   np.testing.assert_array_equal(np.concatenate(conv.tiles), inputs["pixel_values"])  # frames 0 and 2, in order
+
+
+def test_hf_folder_conversation(tmp_path):
+  """A transformers-native (-hf) folder: its Jinja template, no default system turn, '<|im_end|>\\n' separators;
+  images go in the first message only (a later one is refused in one line, the conversation goes on)."""
+  folder = release_folders.internvl3_hf(str(tmp_path / "model"))[0]
+  image = str(tmp_path / "image.png")
+  Image.fromarray(np.random.default_rng(2).integers(0, 255, (56, 56, 3), np.uint8)).save(image)
+  m = models.load_hf(folder)
+  args = chat.parser().parse_args(["--hf", folder, "--image", image, "--max_new_tokens", str(NEW)])
+  out, err = io.StringIO(), io.StringIO()
+  conv = chat.run(args, stdin=io.StringIO(f"What is it?\n/image {image}\nAnd then?\n"), stdout=out, stderr=err)
+  a1, _ = _answer(m, "What is it?", [image])
+  a2, ids2 = _answer(m, "And then?", [image], history=[("<image>\nWhat is it?", a1)])
+  assert a1 and out.getvalue() == f"{a1}\n{a2}\n"
+  assert "images in the first message only" in err.getvalue()
+  block = "<img>" + "<IMG_CONTEXT>" * 4 + "</img>"
+  second = (f"<|im_start|>user\n{block}\nWhat is it?<|im_end|>\n<|im_start|>assistant\n{a1}<|im_end|>\n"
+            "<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+  assert conv.last_input_ids.tolist() == ids2.tolist() == [m.chat.tokenizer.encode(second)]
