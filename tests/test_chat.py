@@ -108,6 +108,7 @@ def test_video_frames_as_the_official_example(release, tmp_path):
   np.testing.assert_array_equal(np.concatenate(conv.tiles), inputs["pixel_values"])  # frames 0 and 2, in order
 
 
+@pytest.mark.slow
 def test_hf_folder_conversation(tmp_path):
   """A transformers-native (-hf) folder: its Jinja template, no default system turn, '<|im_end|>\\n' separators;
   images go in the first message only (a later one is refused in one line, the conversation goes on)."""

@@ -106,6 +106,7 @@ def test_stream_bad_inputs(decoder):
   assert list(stream_lib.stream(decoder, np.ones((3,), np.int32), max_new_tokens=0)) == []
 
 
+@pytest.mark.slow
 def test_longrope_stream_equals_transformers(tmp_path):
   """Phi-3 longrope with 16 original positions: a 7-token prompt (bucketed to 16) and 16 new tokens cross them,
   where transformers' generate recomputes the sequence with the long factors (test_phi3's case)."""
