@@ -127,3 +127,20 @@ def test_hf_folder_conversation(tmp_path):
   second = (f"<|im_start|>user\n{block}\nWhat is it?<|im_end|>\n<|im_start|>assistant\n{a1}<|im_end|>\n"
             "<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
   assert conv.last_input_ids.tolist() == ids2.tolist() == [m.chat.tokenizer.encode(second)]
+
+
+@pytest.mark.slow  # trains a tiny stage-3 run for two steps
+def test_prompt_from_a_train_workdir(tmp_path):
+  from conftest import tiny_config
+  from internvl_jax.train import loop
+  workdir = str(tmp_path / "run")
+  loop.run(tiny_config("instruct", total_steps=2), workdir)
+  image = str(tmp_path / "image.png")
+  Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 48, 3), np.uint8)).save(image)
+  m = models.load_workdir(workdir, "vqa")
+  want, _ = _answer(m, "What colour is the circle?", [image])
+  out = io.StringIO()
+  args = chat.parser().parse_args(["--workdir", workdir, "--image", image, "--prompt", "What colour is the circle?",
+                                   "--max_new_tokens", str(NEW)])
+  conv = chat.run(args, stdout=out)
+  assert out.getvalue() == want + "\n" and conv.history[0][0].startswith("<image>\n")
