@@ -52,7 +52,7 @@ class Conversation:
     self.tiles: list[np.ndarray] = []  # per image of the conversation (a video frame is one image), in order
     self.pending: list[tuple[str, list[np.ndarray]]] = []  # ('image' | 'video', tiles per image) for the next message
     self.last_input_ids = None  # the last prompt's ids [1, T] (for inspection)
-    self.tokens_per_second = 0.0
+    self.last_num_tokens, self.tokens_per_second = 0, 0.0  # of the last answer (prefill and compiling included)
 
   def _check_attach(self, path: str, what: str) -> None:
     if not (os.path.isfile(path) if what == "image" else os.path.exists(path)):
@@ -115,7 +115,7 @@ class Conversation:
       if text.startswith(shown) and len(text) > len(shown):
         yield text[len(shown):]
         shown = text
-    self.tokens_per_second = len(ids) / max(time.perf_counter() - start, 1e-9)
+    self.last_num_tokens, self.tokens_per_second = len(ids), len(ids) / max(time.perf_counter() - start, 1e-9)
     answer = self.fmt.answer(ids)
     if answer.startswith(shown) and len(answer) > len(shown):
       yield answer[len(shown):]
@@ -182,6 +182,8 @@ def interact(conv: Conversation, stdin, stdout, stderr, num_frames: int = 8) -> 
             file=stderr)
     else:
       _say(conv, line, stdout)
+      if tty:
+        print(f"({conv.last_num_tokens} tokens, {conv.tokens_per_second:.1f} tokens/s)", file=stderr)
 
 
 def parser() -> argparse.ArgumentParser:
