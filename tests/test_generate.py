@@ -144,3 +144,32 @@ def test_truncate_at_stop_and_bad_stop_ids():
     generate(model, np.ones((1, 3), np.int32), eos_token_id=[3, -1])
   with pytest.raises(ValueError, match="min_new_tokens >= 0"):
     generate(model, np.ones((1, 3), np.int32), min_new_tokens=-1)
+
+
+# ---------------------------------------------------------------------------------------- repetition penalty
+
+def test_penalize_equals_transformers_processor():
+  import torch
+  from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+  from internvl_jax.generate import penalize, seen_tokens
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 20, (3, 6))
+  mask = np.ones_like(ids)
+  mask[1, :2] = mask[2, :4] = 0  # left padding: transformers ignores it (prompt_ignore_length)
+  logits = rng.standard_normal((3, 20)).astype(np.float32) * 3
+  proc = RepetitionPenaltyLogitsProcessor(1.7, prompt_ignore_length=torch.tensor([0, 2, 4]))
+  want = proc(torch.from_numpy(ids), torch.from_numpy(logits.copy())).numpy()
+  got = np.asarray(penalize(jnp.asarray(logits), seen_tokens(jnp.asarray(ids), jnp.asarray(mask), 20), 1.7))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert np.sum(got != logits) >= 8  # positive and negative logits of several rows were changed
+
+
+def test_repetition_penalty_generate_like_transformers(lm_pair):
+  ref, ours, (ids, mask, _, _) = lm_pair
+  want = _hf_generate(ref, ids, mask, repetition_penalty=1.8, pad_token_id=0)
+  plain = _hf_generate(ref, ids, mask, pad_token_id=0)
+  assert (want != plain).any()  # the penalty changes the greedy tokens of this case
+  got = np.asarray(generate(ours, ids, attention_mask=mask, max_new_tokens=STOP_NEW, repetition_penalty=1.8))
+  np.testing.assert_array_equal(got[:, 7:], want)
+  with pytest.raises(ValueError, match="repetition_penalty > 0"):
+    generate(ours, ids, repetition_penalty=0.0)
