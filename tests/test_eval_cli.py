@@ -39,6 +39,8 @@ def test_every_task_from_a_workdir(workdir, tmp_path, task):
                "--max_new_tokens", "3", "--cache_dir", str(tmp_path / "cache")])
   assert res.returncode == 0, res.stderr[-3000:]
   assert "|---|" in res.stdout  # the markdown table
+  # no Orbax noise about reading the workdir read-only (issue 16)
+  assert "Metadata file does not exist" not in res.stderr and "read only" not in res.stderr, res.stderr[-2000:]
   result = json.load(open(out))
   report.validate_result(result)  # schema and ranges
   assert result["task"] == task and result["data"] == "demo:8"
