@@ -77,6 +77,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "import":
+      if not os.path.isdir(args.src):  # the source first: a typo there matters more than a full OUT
+        raise ConversionError(f"{args.src} does not exist or is not a folder; give a Hugging Face model folder")
       _check_out_dir(args.out_dir, args.overwrite)
       model = load_pretrained(args.src, dtype=args.dtype, strict=args.strict)
       where = _replace_dir(args.out_dir, lambda tmp: orbax_io.save_checkpoint(model, tmp))
