@@ -95,3 +95,32 @@ def test_bad_arguments_name_the_fix():
     quantize.quantize(model, "int2")
   with pytest.raises(ValueError, match="does not divide"):
     quantize.quantize(model, "int4", group_size=12)
+
+
+@pytest.mark.slow  # two loads, two compiles of generate on 8 fake devices: ~100 s on the 2-core machine
+def test_quantized_model_on_a_mesh_keeps_its_tokens_and_stays_sharded(tmp_path):
+  """A chat folder loaded onto an fsdp=4 x tensor=2 mesh (8 fake devices, subprocess) and quantized there gives the
+  greedy tokens of the same model quantized on one device, and its int8 kernels stay split over the mesh (the
+  memory saving holds per device, not only in total)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=8"]))
+  out = str(tmp_path / "out.json")
+  res = subprocess.run([sys.executable, os.path.join(root, "tests", "quantize_on_mesh.py"), out], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  got = json.load(open(out))
+  assert got["tokens_equal"], got["new_tokens"]
+  qvalues = {k: v for k, v in got["kernels"].items() if k.endswith("/qvalue")}
+  assert any(k.startswith("language/") for k in qvalues) and any(k.startswith("vision/") for k in qvalues)
+  assert all(v["dtype"] == "int8" for v in qvalues.values())
+  # the language model's kernels: every one split (no device holds a whole int8 kernel), 1/8 of the whole for
+  # the 2-D splits (fsdp x tensor)
+  lm = {k: v for k, v in qvalues.items() if k.startswith("language/")}
+  assert all(v["device0"] < v["bytes"] for v in lm.values()), {k: v["spec"] for k, v in lm.items()}
+  assert sum(v["device0"] for v in lm.values()) <= sum(v["bytes"] for v in lm.values()) / 4
