@@ -132,6 +132,33 @@ def test_pipeline_resumes_from_state(tok):
     np.testing.assert_array_equal(next(b)["input_ids"], want)
 
 
+@pytest.mark.parametrize("num_threads", [0, 2])
+def test_batch_prefetch_changes_neither_batches_nor_state(tok, num_threads):
+  """The background batch thread (prefetch_batches) hands out the batches the caller would have made itself, and
+  get_state() after k batches is the state of k batches, not of the ones already made ahead: a resume from it
+  continues exactly where the consumer was (a state of the prefetched batches would skip them)."""
+  fn = features.make_feature_fn(features.FeatureSpec("contrastive", 56, 8), tok)
+  world = demo.DemoWorld("train", 40, 56)
+  make = lambda prefetch: iter(pipeline.train_dataset(world, fn, global_batch=4, seed=3, num_threads=num_threads,
+                                                      tracker=pipeline.BadRecordTracker(), prefetch_batches=prefetch))
+  plain, ahead = make(0), make(3)
+  for _ in range(2):
+    want, got = next(plain), next(ahead)
+    assert set(want) == set(got)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  import time
+  time.sleep(0.2)  # let the thread run ahead
+  state = ahead.get_state()
+  assert state == plain.get_state()
+  resumed = make(3)
+  resumed.set_state(state)
+  for _ in range(3):
+    np.testing.assert_array_equal(next(resumed)["input_ids"], next(plain)["input_ids"])
+  for it in (plain, ahead, resumed):
+    it.close()
+
+
 def test_dynamic_tiling_grid():
   assert transforms.closest_grid(800, 400, 448, 1, 6) == (2, 1)
   assert transforms.closest_grid(448, 448, 448, 1, 6) == (1, 1)

@@ -14,8 +14,10 @@ Evaluation: the whole eval split in order, in fixed-size batches (the last one p
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 
 import grain
 import jax
@@ -35,7 +37,8 @@ class BadRecordTracker:
 
   def __init__(self, max_fraction: float = 0.05, min_seen: int = 50, name: str = "train"):
     self.max_fraction, self.min_seen, self.name = max_fraction, min_seen, name
-    self.seen = self.bad = 0
+    self.seen = self.bad = 0  # as featurised (a prefetching reader runs ahead of the batches handed out)
+    self.handed_out: tuple[int, int] | None = None  # (seen, bad) as of the last batch handed out, when known
     self.examples: list[str] = []
     self._lock = threading.Lock()
 
@@ -61,8 +64,27 @@ class BadRecordTracker:
       self.seen -= 1
     self.skip(record_id, reason)
 
+  def counts(self) -> tuple[int, int]:
+    """(seen, bad) as of the batches handed out so far (what a checkpoint of the consumer's position must hold),
+    or as featurised when no batch prefetcher reports them."""
+    with self._lock:
+      return self.handed_out if self.handed_out is not None else (self.seen, self.bad)
+
+  def hand_out(self, batch_and_counts: tuple[dict, tuple[int, int]]) -> dict:
+    """A prefetched batch, with the counts as of its making, is handed to the consumer: those become counts()."""
+    batch, counts = batch_and_counts
+    with self._lock:
+      self.handed_out = counts
+    return batch
+
+  def restore(self, seen: int, bad: int) -> None:
+    """Continue counting from a checkpoint's counts."""
+    with self._lock:
+      self.seen, self.bad, self.handed_out = seen, bad, (seen, bad)
+
   def summary(self) -> dict:
-    return {"records_seen": self.seen, "records_bad": self.bad}
+    seen, bad = self.counts()
+    return {"records_seen": seen, "records_bad": bad}
 
 
 def _guarded(feature_fn, tracker: BadRecordTracker):
@@ -78,10 +100,47 @@ def _guarded(feature_fn, tracker: BadRecordTracker):
 
 
 def train_dataset(source, feature_fn, *, global_batch: int, seed: int, tracker: BadRecordTracker,
-                  num_threads: int = 2, packing: packing_lib.PackSpec | None = None) -> grain.IterDataset:
+                  num_threads: int = 2, packing: packing_lib.PackSpec | None = None,
+                  prefetch_batches: int = 2) -> grain.IterDataset:
   """An endless, host-sharded IterDataset of batches (dicts of numpy arrays, leading dim global_batch / hosts).
   packing (global budgets; feature_fn gives packed instruct features): batches of packed rows
-  (data/packing.py), this host's share of the rows and of the tiles."""
+  (data/packing.py), this host's share of the rows and of the tiles. num_threads: threads featurising examples
+  (0: the batch thread featurises them itself). prefetch_batches: whole batches made ahead by one background
+  thread (0: made by the caller's next()), so that the train loop's thread only takes a finished batch while the
+  accelerator (or XLA's CPU threads) runs the step."""
+  batches = _batches(source, feature_fn, global_batch=global_batch, seed=seed, tracker=tracker,
+                     num_threads=num_threads, packing=packing)
+  if prefetch_batches <= 0:
+    return batches
+  # one hand-off per batch, not per example (a per-example thread-pool future costs ~0.1 ms of CPU under the GIL,
+  # as much as decoding a small PNG); the iterator state it reports is that of the last batch handed out, and each
+  # batch carries the record counts as of its making, so the counters checkpointed with that state match it
+  made = batches.map(lambda batch: (batch, (tracker.seen, tracker.bad)))
+  return _BatchPrefetch(made, prefetch_buffer_size=prefetch_batches).map(tracker.hand_out)
+
+
+class _BatchPrefetch(grain.experimental.ThreadPrefetchIterDataset):
+  """grain's thread prefetch, its iterators closed at interpreter exit: one still open then (a script that never
+  closed it) otherwise prints a traceback from grain's __del__ once the modules it uses are torn down."""
+
+  def __iter__(self):
+    it = super().__iter__()
+    _LIVE_ITERATORS.add(it)
+    return it
+
+
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for it in list(_LIVE_ITERATORS):
+    it.close()
+    it.close = lambda: None  # grain's __del__ closes again during teardown, when its module globals are gone
+
+
+def _batches(source, feature_fn, *, global_batch: int, seed: int, tracker: BadRecordTracker, num_threads: int,
+             packing: packing_lib.PackSpec | None) -> grain.IterDataset:
   hosts, host = jax.process_count(), jax.process_index()
   if global_batch % hosts:
     raise ValueError(f"batch_size {global_batch} is not divisible by the {hosts} hosts; change --config.batch_size")
@@ -97,7 +156,8 @@ def train_dataset(source, feature_fn, *, global_batch: int, seed: int, tracker: 
   # still featurises only its own slice)
   ds = ds.random_map(lambda rec, rng: guarded(rec, rng), seed=seed + 1)
   ds = ds[host::hosts]
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
+  threads = max(int(num_threads), 0)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 1)))
   if packing is not None:
     return packing_lib.PackIterDataset(it, packing.for_host(hosts, host), tracker)
   return it.batch(global_batch // hosts, drop_remainder=True)

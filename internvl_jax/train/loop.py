@@ -272,6 +272,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         if int(state["bad_steps"]) >= cfg.max_bad_steps:
           bar.close()
           ckpt.close()
+          data_iter.close()
           raise TrainingStopped(f"{int(state['bad_steps'])} steps in a row had a non-finite loss or gradient "
                                 f"(config.max_bad_steps={cfg.max_bad_steps}); lower config.lr or check the data. "
                                 f"The last good checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} is kept")
@@ -284,6 +285,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         break
   bar.close()
   ckpt.close()
+  data_iter.close()  # stops the batch-prefetch thread (no shutdown-time noise from a thread left running)
   log.close()
   if jax.process_index() == 0 and log.history:
     metrics_lib.plot_curves(log.history, os.path.join(workdir, "curves.png"))
@@ -296,13 +298,14 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 def _with_records(iterator_state: dict, tracker: pipeline.BadRecordTracker) -> dict:
   """The data slot of a checkpoint: the iterator's state and the bad-record counters (so the max_bad_fraction
   budget carries across resumes instead of restarting at 0)."""
-  return {"iterator": iterator_state, "records": {"seen": tracker.seen, "bad": tracker.bad}}
+  seen, bad = tracker.counts()
+  return {"iterator": iterator_state, "records": {"seen": seen, "bad": bad}}
 
 
 def _restore_records(data_state: dict, tracker: pipeline.BadRecordTracker) -> dict:
   """Inverse of _with_records; checkpoints written before the counters were saved hold the iterator state alone."""
   if set(data_state) == {"iterator", "records"}:
-    tracker.seen, tracker.bad = int(data_state["records"]["seen"]), int(data_state["records"]["bad"])
+    tracker.restore(int(data_state["records"]["seen"]), int(data_state["records"]["bad"]))
     return data_state["iterator"]
   return data_state
 
