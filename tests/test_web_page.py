@@ -1,0 +1,132 @@
+"""The chat page (internvl_jax/web/index.html) in a real browser: headless Chromium from the system's packages,
+driven by selenium. Skipped when chromium / chromedriver are not installed (.ci/run installs them where it can).
+
+The page's mechanics run against tests/web_standin.py (the server's HTTP shape, an answer that is a fixed function
+of the whole request, no model): what it sends (every turn, earlier images kept, typed newlines), that model
+output is shown as text, Stop, New chat, a server error shown in the page and the next question still answered.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import browser
+import web_standin
+
+
+@pytest.fixture(scope="module")
+def driver():
+  d = browser.chrome()
+  yield d
+  d.quit()
+
+
+@pytest.fixture(scope="module")
+def standin():
+  pytest.importorskip("fastapi")
+  server = browser.ThreadServer(web_standin.create_app())
+  yield server.url
+  server.stop()
+
+
+def picture(path: str, seed: int = 0, size=(96, 72)) -> str:
+  """A small PNG: a colour gradient with a disc, different per seed."""
+  w, h = size
+  y, x = np.mgrid[0:h, 0:w]
+  rng = np.random.default_rng(seed)
+  a = np.stack([x * 255 / w, y * 255 / h, np.full_like(x, rng.integers(0, 255))], -1)
+  cx, cy = rng.integers(w // 4, 3 * w // 4), rng.integers(h // 4, 3 * h // 4)
+  a[(x - cx) ** 2 + (y - cy) ** 2 < (h // 4) ** 2] = (250, 240, 60)
+  Image.fromarray(a.astype(np.uint8)).save(path)
+  return path
+
+
+def user(text, *images):
+  return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in images]
+          + [{"type": "text", "text": text}]}
+
+
+def test_conversation_is_sent_whole(driver, standin, tmp_path):
+  img = picture(str(tmp_path / "a.png"))
+  assert browser.open_page(driver, standin) == web_standin.MODEL
+  browser.set_settings(driver, max_tokens=200, temperature=0, top_p=1)
+  browser.attach(driver, img)
+  browser.type_message(driver, "What is in the picture?")
+  browser.press_enter(driver)
+  state, first = browser.wait_answer(driver, 0, 30)
+  assert state == "done"
+  q2 = "And the colour?\nOne word."
+  browser.type_message(driver, q2)
+  browser.by_css(driver, "#send")[0].click()
+  state, second = browser.wait_answer(driver, 1, 30)
+  assert state == "done"
+
+  # The stand-in's answer digests every turn and image it is sent: equal answers mean equal requests.
+  m1 = [user("What is in the picture?", browser.data_url(img))]
+  m2 = m1 + [{"role": "assistant", "content": first}, user(q2)]
+  assert first == web_standin.fake_answer(m1)
+  assert second == web_standin.fake_answer(m2)
+  assert "Turn 2 with 1 image(s)" in second and "One word." in second
+  # Model output is text: the stand-in's "<b>ok</b>" is shown as written, no element made from it.
+  assert "<b>ok</b>" in second and not browser.by_css(driver, "#messages .answer b")
+  # The user's image is shown in the conversation; the composer is empty again.
+  assert len(browser.by_css(driver, "#messages .msg.user img")) == 1
+  assert not browser.by_css(driver, "#attachments .thumb")
+  assert browser.by_css(driver, "#input")[0].get_attribute("value") == ""
+
+
+def test_error_stop_and_new_chat(driver, standin, tmp_path):
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"not a png at all")
+  browser.open_page(driver, standin)
+  browser.set_settings(driver, max_tokens=500)
+  browser.attach(driver, str(broken))
+  browser.type_message(driver, "What is this?")
+  browser.press_enter(driver)
+  # The server's 4xx message is shown; the question goes back to the composer and out of the history.
+  browser.wait_for(driver, lambda d: browser.by_css(d, "#error")[0].is_displayed(), 30, "the error message")
+  assert "not a readable image" in browser.by_css(driver, "#error")[0].text
+  assert browser.by_css(driver, "#input")[0].get_attribute("value") == "What is this?"
+  assert len(browser.by_css(driver, "#attachments .thumb")) == 1
+  assert not browser.answers(driver)
+
+  # Remove the broken image, ask a long question, stop the answer while it streams.
+  browser.by_css(driver, "#attachments .thumb button")[0].click()
+  assert not browser.by_css(driver, "#attachments .thumb")
+  browser.by_css(driver, "#input")[0].clear()
+  long_q = " ".join(f"w{i}" for i in range(150))
+  browser.type_message(driver, long_q)
+  browser.press_enter(driver)
+  browser.wait_for(driver, lambda d: len(browser.partial(d, 0)) > 5, 30, "the first pieces")
+  assert not browser.by_css(driver, "#error")[0].is_displayed()
+  browser.by_css(driver, "#stop")[0].click()
+  state, partial = browser.wait_answer(driver, 0, 10)
+  full = web_standin.fake_answer([user(long_q)])
+  assert state == "stopped" and full.startswith(partial) and 0 < len(partial) < len(full)
+
+  # The failed turn left no trace in the history: the next answer counts 2 user turns (long_q, this one), 0 images.
+  browser.type_message(driver, "again")
+  browser.press_enter(driver)
+  state, text = browser.wait_answer(driver, 1, 30)
+  assert state == "done" and text.startswith("Turn 2 with 0 image(s)")
+
+  browser.by_css(driver, "#new-chat")[0].click()
+  assert not browser.by_css(driver, "#messages .msg")
+  browser.type_message(driver, "fresh")
+  browser.press_enter(driver)
+  state, text = browser.wait_answer(driver, 0, 30)
+  assert state == "done" and text.startswith("Turn 1 with 0 image(s)")
+
+
+def test_page_is_self_contained():
+  """No external asset: nothing fetched from another origin, no innerHTML assignment (model text stays text)."""
+  from importlib import resources
+  html = resources.files("internvl_jax").joinpath("web/index.html").read_text(encoding="utf-8")
+  for needle in ("http://", "https://", "@import", "<link", "url(", "innerHTML", "outerHTML", "insertAdjacentHTML",
+                 "document.write", "new EventSource"):
+    assert needle not in html, needle
+  assert os.path.getsize(str(resources.files("internvl_jax").joinpath("web/index.html"))) < 60_000
