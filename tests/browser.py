@@ -63,6 +63,22 @@ class ThreadServer:
     self.thread.join(10)
 
 
+def wait_until_up(url: str, proc, log, timeout: float = 180) -> None:
+  """Wait for a server process's GET /health to answer 200; fails with its log if it exits or times out."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      pytest.fail(f"the server exited ({proc.returncode}):\n{open(log).read()[-3000:]}")
+    try:
+      with urllib.request.urlopen(url + "/health", timeout=5) as r:
+        if r.status == 200:
+          return
+    except OSError:
+      pass
+    time.sleep(0.25)
+  pytest.fail(f"the server did not answer /health in {timeout:.0f} s:\n{open(log).read()[-3000:]}")
+
+
 def post(url: str, body: dict, timeout: float = 300) -> tuple[int, dict]:
   """POST JSON, return (status, decoded JSON body) for 2xx and 4xx alike."""
   req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})

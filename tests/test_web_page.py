@@ -8,7 +8,10 @@ output is shown as text, Stop, New chat, a server error shown in the page and th
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ from PIL import Image
 
 import browser
 import web_standin
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +135,64 @@ def test_page_is_self_contained():
                  "document.write", "new EventSource"):
     assert needle not in html, needle
   assert os.path.getsize(str(resources.files("internvl_jax").joinpath("web/index.html"))) < 60_000
+
+
+# ---- the real server on a tiny released-style model -----------------------------------------------------------------
+NEW = 12  # max tokens per answer: the tiny model decodes fast, and 12 random words fill a line of the screenshot
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  """`python -m internvl_jax.serve` on a tiny InternVL2-1B-style folder (random weights), started as a person
+  starts it, on a free port."""
+  pytest.importorskip("fastapi")
+  if importlib.util.find_spec("internvl_jax.serve") is None:  # until the server's branch is merged
+    pytest.skip("internvl_jax.serve is not there yet")
+  import release_folders
+  root = tmp_path_factory.mktemp("web_served")
+  folder = release_folders.internvl2_1b(str(root / "internvl2-tiny"))[0]
+  port = browser.free_port()
+  log = root / "serve.log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen([sys.executable, "-m", "internvl_jax.serve", "--hf", folder, "--port", str(port),
+                             "--max_batch", "2", "--context", "512"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    browser.wait_until_up(url, proc, log, timeout=180)
+    yield url
+  finally:
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_page_answers_as_the_api(driver, served, tmp_path):
+  """The streamed answers shown in the page equal the API's non-streamed answers to the same conversation (greedy),
+  over two turns, the first with an image; then a screenshot (INTERNVL_JAX_SCREENSHOT=PATH keeps it there)."""
+  img = picture(str(tmp_path / "photo.png"), seed=3, size=(168, 112))
+  name = browser.open_page(driver, served)
+  browser.set_settings(driver, max_tokens=NEW, temperature=0, top_p=1)
+  browser.by_css(driver, "#settings-toggle")[0].click()  # closed again: the conversation is what is looked at
+  browser.attach(driver, img)
+  q1, q2 = "What is in this picture?", "What colour is the circle?\nAnswer in one word."
+  browser.type_message(driver, q1)
+  browser.press_enter(driver)
+  state, first = browser.wait_answer(driver, 0)
+  assert state == "done"
+  browser.type_message(driver, q2)
+  browser.press_enter(driver)
+  state, second = browser.wait_answer(driver, 1)
+  assert state == "done"
+
+  def api(messages):
+    status, body = browser.post(served + "/v1/chat/completions", {"model": name, "messages": messages,
+                                                                  "max_tokens": NEW, "temperature": 0, "top_p": 1})
+    assert status == 200, body
+    return body["choices"][0]["message"]["content"]
+
+  m1 = [user(q1, browser.data_url(img))]
+  want1 = api(m1)
+  assert want1 and first == want1
+  want2 = api(m1 + [{"role": "assistant", "content": want1}, user(q2)])
+  assert want2 and second == want2
+  shot = os.environ.get("INTERNVL_JAX_SCREENSHOT") or str(tmp_path / "serve_page.png")
+  assert driver.save_screenshot(shot)
