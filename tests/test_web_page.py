@@ -75,7 +75,7 @@ def test_conversation_is_sent_whole(driver, standin, tmp_path):
   m2 = m1 + [{"role": "assistant", "content": first}, user(q2)]
   assert first == web_standin.fake_answer(m1)
   assert second == web_standin.fake_answer(m2)
-  assert "Turn 2 with 1 image(s)" in second and "One word." in second
+  assert "Turn 2 of 3 messages with 1 image(s)" in second and "One word." in second
   # Model output is text: the stand-in's "<b>ok</b>" is shown as written, no element made from it.
   assert "<b>ok</b>" in second and not browser.by_css(driver, "#messages .answer b")
   # The user's image is shown in the conversation; the composer is empty again.
@@ -117,14 +117,19 @@ def test_error_stop_and_new_chat(driver, standin, tmp_path):
   browser.type_message(driver, "again")
   browser.press_enter(driver)
   state, text = browser.wait_answer(driver, 1, 30)
-  assert state == "done" and text.startswith("Turn 2 with 0 image(s)")
+  assert state == "done" and text.startswith("Turn 2 of 3 messages with 0 image(s)")
 
+  # New chat while an answer streams: nothing of the old conversation is sent afterwards.
+  browser.type_message(driver, long_q)
+  browser.press_enter(driver)
+  browser.wait_for(driver, lambda d: len(browser.partial(d, 2)) > 5, 30, "the first pieces")
   browser.by_css(driver, "#new-chat")[0].click()
   assert not browser.by_css(driver, "#messages .msg")
+  browser.wait_for(driver, lambda d: d.find_element("id", "send").is_displayed(), 10, "the Send button back")
   browser.type_message(driver, "fresh")
   browser.press_enter(driver)
   state, text = browser.wait_answer(driver, 0, 30)
-  assert state == "done" and text.startswith("Turn 1 with 0 image(s)")
+  assert state == "done" and text.startswith("Turn 1 of 1 messages with 0 image(s)")
 
 
 def test_page_is_self_contained():
