@@ -132,6 +132,39 @@ def test_error_stop_and_new_chat(driver, standin, tmp_path):
   assert state == "done" and text.startswith("Turn 1 of 1 messages with 0 image(s)")
 
 
+# A PNG file made in the page, handed over as a paste or a drop would (the clipboard and a drag cannot be driven
+# from selenium; the events are the ones the browser fires, carrying a DataTransfer with the file).
+HAND_OVER = """
+  const [kind, name, type] = arguments;
+  const png = Uint8Array.from(atob("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg=="),
+                              (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([png], name, {type}));
+  const event = kind === "paste" ? new ClipboardEvent("paste", {clipboardData: data, bubbles: true})
+                                 : new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true});
+  (kind === "paste" ? document.getElementById("input") : document.body).dispatchEvent(event);
+"""
+
+
+def test_paste_and_drop_attach(driver, standin):
+  browser.open_page(driver, standin)
+  driver.execute_script(HAND_OVER, "paste", "pasted.png", "image/png")
+  driver.execute_script(HAND_OVER, "drop", "dropped.png", "image/png")
+  browser.wait_for(driver, lambda d: len(browser.by_css(d, "#attachments .thumb")) == 2, 10, "two thumbnails")
+  assert [i.get_attribute("alt") for i in browser.by_css(driver, "#attachments img")] == ["pasted.png", "dropped.png"]
+  driver.execute_script(HAND_OVER, "drop", "notes.txt", "text/plain")
+  browser.wait_for(driver, lambda d: browser.error(d), 10, "the error")
+  assert "notes.txt is not an image" in browser.error(driver)
+  assert len(browser.by_css(driver, "#attachments .thumb")) == 2
+  browser.by_css(driver, "#attachments .thumb button")[0].click()  # remove the pasted one
+  assert [i.get_attribute("alt") for i in browser.by_css(driver, "#attachments img")] == ["dropped.png"]
+  browser.type_message(driver, "Two?")
+  browser.press_enter(driver)
+  state, text = browser.wait_answer(driver, 0, 30)
+  assert state == "done" and text.startswith("Turn 1 of 1 messages with 1 image(s)")
+  assert not browser.error(driver)  # a new question clears the old error
+
+
 def test_page_is_self_contained():
   """No external asset: nothing fetched from another origin, no innerHTML assignment (model text stays text)."""
   from importlib import resources
