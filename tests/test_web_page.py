@@ -136,8 +136,8 @@ def test_error_stop_and_new_chat(driver, standin, tmp_path):
 # from selenium; the events are the ones the browser fires, carrying a DataTransfer with the file).
 HAND_OVER = """
   const [kind, name, type] = arguments;
-  const png = Uint8Array.from(atob("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg=="),
-                              (c) => c.charCodeAt(0));
+  const png = Uint8Array.from(atob("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/" +
+                                   "iZk9HQAAAABJRU5ErkJggg=="), (c) => c.charCodeAt(0));
   const data = new DataTransfer();
   data.items.add(new File([png], name, {type}));
   const event = kind === "paste" ? new ClipboardEvent("paste", {clipboardData: data, bubbles: true})

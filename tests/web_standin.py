@@ -1,8 +1,8 @@
 """A stand-in for internvl_jax.serve with the same HTTP shape and no model (a helper for the web page's tests):
 GET / (the page), GET /v1/models, GET /health, POST /v1/chat/completions (OpenAI's shape, `stream: true` as
 server-sent events). Its answer is a fixed function of the request, so a test can tell whether the page sent the
-whole conversation: it names the number of user turns, messages and images, a digest of the decoded image bytes and the last
-question, and is streamed a word at a time.
+whole conversation: it names the number of user turns, messages and images, a digest of the decoded image bytes
+and the last question, and is streamed a word at a time.
 """
 
 import base64
@@ -45,7 +45,8 @@ def fake_answer(messages: list[dict]) -> str:
         images += 1
       elif p.get("type") == "text" and m.get("role") == "user":
         last = p["text"]
-  return f"Turn {users} of {len(messages)} messages with {images} image(s) {digest.hexdigest()[:10]}: you asked \u201c{last}\u201d <b>ok</b>."
+  return (f"Turn {users} of {len(messages)} messages with {images} image(s) {digest.hexdigest()[:10]}: "
+          f"you asked \u201c{last}\u201d <b>ok</b>.")
 
 
 def create_app():
