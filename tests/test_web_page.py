@@ -193,7 +193,7 @@ def served(tmp_path_factory):
   log = root / "serve.log"
   with open(log, "w") as out:
     proc = subprocess.Popen([sys.executable, "-m", "internvl_jax.serve", "--hf", folder, "--port", str(port),
-                             "--max_batch", "2", "--context", "512"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                             "--max_batch", "2", "--context", "1024"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"
   try:
     browser.wait_until_up(url, proc, log, timeout=180)
@@ -234,3 +234,17 @@ def test_page_answers_as_the_api(driver, served, tmp_path):
   assert want2 and second == want2
   shot = os.environ.get("INTERNVL_JAX_SCREENSHOT") or str(tmp_path / "serve_page.png")
   assert driver.save_screenshot(shot)
+
+  # The server's 4xx (max_tokens above its cap) is shown in the page; fixed and sent again, the question is answered
+  # as the API answers it, the refused attempt left out of the history.
+  browser.set_settings(driver, max_tokens=10**6)
+  browser.type_message(driver, "Thanks!")
+  browser.press_enter(driver)
+  browser.wait_for(driver, lambda d: browser.error(d), 60, "the server's error")
+  assert "max_tokens" in browser.error(driver) and len(browser.answers(driver)) == 2
+  browser.set_settings(driver, max_tokens=NEW)
+  browser.press_enter(driver)  # the question is back in the message box
+  state, third = browser.wait_answer(driver, 2)
+  assert state == "done"
+  assert third == api(m1 + [{"role": "assistant", "content": want1}, user(q2), {"role": "assistant", "content": want2},
+                            user("Thanks!")])
