@@ -88,7 +88,7 @@ def create_app():
         yield "data: " + json.dumps({**base, "object": "chat.completion.chunk",
                                      "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
         yield "\n\n"
-        time.sleep(0.02)
+        time.sleep(0.03)
       yield "data: " + json.dumps({**base, "object": "chat.completion.chunk",
                                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + "\n\n"
       yield "data: [DONE]\n\n"
