@@ -79,11 +79,6 @@ def wait_until_up(url: str, proc, log, timeout: float = 180) -> None:
   pytest.fail(f"the server did not answer /health in {timeout:.0f} s:\n{open(log).read()[-3000:]}")
 
 
-def get(url: str, timeout: float = 30) -> dict:
-  with urllib.request.urlopen(url, timeout=timeout) as r:
-    return json.loads(r.read())
-
-
 def post(url: str, body: dict, timeout: float = 300) -> tuple[int, dict]:
   """POST JSON, return (status, decoded JSON body) for 2xx and 4xx alike."""
   req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})

@@ -245,12 +245,3 @@ def test_page_answers_as_the_api(driver, served, tmp_path):
   assert third == api(m1 + [{"role": "assistant", "content": want1}, user(q2), {"role": "assistant", "content": want2},
                             user("Thanks!")])
 
-  # Stop mid-answer: the page keeps what came, and the server frees the request's row (GET /health: none active).
-  browser.set_settings(driver, max_tokens=400)
-  browser.type_message(driver, "Tell me a long story.")
-  browser.press_enter(driver)
-  browser.wait_for(driver, lambda d: len(browser.partial(d, 3)) > 0, 120, "the first pieces")
-  browser.by_css(driver, "#stop")[0].click()
-  state, _ = browser.wait_answer(driver, 3, 10)
-  assert state == "stopped"
-  browser.wait_for(driver, lambda d: browser.get(served + "/health")["active"] == 0, 10, "the row freed")
