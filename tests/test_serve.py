@@ -138,12 +138,12 @@ def test_concurrent_requests_match_and_are_faster(setup, reference):
 
 
 def test_rows_join_and_the_cache_rolls(setup, reference):
-  """A small cache (2 rows, context 192: 384 slots) and 16 staggered requests: the shared index runs out of room
+  """A small cache (2 rows, context 168: 336 slots) and 24 staggered requests: the shared index runs out of room
   and the cache is rolled under live rows several times; every answer is still generate()'s tokens."""
   m = setup[0]
-  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=2, context=192)
+  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=2, context=168)
   try:
-    order = list(range(8)) * 2
+    order = list(range(8)) * 3
     got = [[] for _ in order]
     done = threading.Semaphore(0)
     emit = lambda j: lambda item: got[j].append(item[1]) if item[0] == "token" else done.release()
@@ -157,7 +157,7 @@ def test_rows_join_and_the_cache_rolls(setup, reference):
       want = reference[0][k, :NEW[k]].tolist()
       assert got[j] == next((want[:i + 1] for i, x in enumerate(want) if x in stops), want), (j, k)
     print(f"cache rolls: {engine.shifts}")
-    assert engine.shifts >= 3, engine.shifts
+    assert engine.shifts >= 2, engine.shifts
   finally:
     engine.close()
 
@@ -293,3 +293,20 @@ def test_real_server_and_client_disconnect(setup):
   finally:
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.mark.slow
+def test_cli_and_throughput_benchmark(capsys):
+  """The benchmark builds a tiny folder, starts `python -m internvl_jax.serve --quantize int8` on it and prints the
+  table; the CLI's own errors are one line."""
+  import subprocess
+  import sys
+  from internvl_jax.bench import serve_throughput
+  serve_throughput.main(["--tiny", "--quantize", "int8", "--concurrency", "1,3", "--requests", "3",
+                         "--max_tokens", "8", "--context", "128"])
+  table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+  assert len(table) == 3 and table[1].startswith("| 1 |") and table[2].startswith("| 3 |")
+  assert all(float(cell) > 0 for row in table[1:] for cell in row.strip("| ").split(" | "))
+  proc = subprocess.run([sys.executable, "-m", "internvl_jax.serve", "--hf", "/nonexistent/folder"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --hf folder")
