@@ -166,7 +166,7 @@ class Engine:
     self.programs = _Programs(model, list(stop_ids), max_batch, self.slots)
     self.rows: list[_Row | None] = [None] * max_batch
     self.index = 0  # host copy of the cache's shared write index
-    self.steps = 0
+    self.steps = self.shifts = 0  # decode steps, and cache rolls under live rows, so far
     self._queue: queue.Queue = queue.Queue()
     self._carry = None
     self._stop = threading.Event()
@@ -300,6 +300,7 @@ class Engine:
     d = hi  # as far left as allowed: the most room on the right for later joins
     self._carry = self.programs.shift(self._carry, np.int32(d))
     self.index -= d
+    self.shifts += bool(live)
     for row in live:
       row.start -= d
 

@@ -93,22 +93,30 @@ def test_multi_turn_prompt_is_the_templates(setup):
   assert req.ids.tolist() == m.chat.tokenizer.encode(written)
 
 
-def test_concurrent_requests_match_and_are_faster(setup):
-  m, engine, client, _, _ = setup
-  questions = [f"Question {k}: " + "why " * (3 * k) for k in range(8)]  # prompts of 3 length buckets
-  new = [40, 33, 40, 25, 40, 38, 31, 40]
-  # the reference: generate() on the 8 prompts left-padded into one batch (a padded row decodes as it would alone)
-  ids = [m.chat.input_ids(q) for q in questions]
+QUESTIONS = [f"Question {k}: " + "why " * (3 * k) for k in range(8)]  # prompts of 3 length buckets
+NEW = [40, 33, 40, 25, 40, 38, 31, 40]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+  """generate() on QUESTIONS left-padded into one batch (a padded row decodes as it would alone): the new ids
+  [8, 40] and each answer cut at NEW[k] tokens."""
+  m = setup[0]
+  ids = [m.chat.input_ids(q) for q in QUESTIONS]
   t = max(map(len, ids))
-  batch = np.zeros((8, t), np.int32)
-  mask = np.zeros((8, t), np.int32)
+  batch, mask = np.zeros((8, t), np.int32), np.zeros((8, t), np.int32)
   for k, row in enumerate(ids):
     batch[k, t - len(row):], mask[k, t - len(row):] = row, 1
-  out = np.asarray(generate(m.model, batch, attention_mask=mask, max_new_tokens=max(new),
+  out = np.asarray(generate(m.model, batch, attention_mask=mask, max_new_tokens=max(NEW),
                             eos_token_id=list(m.chat.stop_ids)))[:, t:]
-  want = [m.chat.answer(out[k, :new[k]]) for k in range(8)]
+  return out, [m.chat.answer(out[k, :NEW[k]]) for k in range(8)]
+
+
+def test_concurrent_requests_match_and_are_faster(setup, reference):
+  m, engine, client, _, _ = setup
+  want = reference[1]
   assert len(set(want)) > 1
-  ask = lambda k: _ask(client, questions[k], new[k])["choices"][0]["message"]["content"]
+  ask = lambda k: _ask(client, QUESTIONS[k], NEW[k])["choices"][0]["message"]["content"]
   ask(0), ask(7)  # compile the buckets first: the timings below are decoding only
   start = time.perf_counter()
   sequential = [ask(k) for k in range(8)]
@@ -119,9 +127,39 @@ def test_concurrent_requests_match_and_are_faster(setup):
     concurrent = list(pool.map(ask, range(8)))
   t_conc = time.perf_counter() - start
   assert sequential == want and concurrent == want
-  assert engine.steps - steps < sum(new)  # rows were decoded together
+  assert engine.steps - steps < sum(NEW)  # rows were decoded together
   print(f"8 requests: sequential {t_seq:.2f} s, concurrent {t_conc:.2f} s")
   assert t_conc < t_seq, (t_conc, t_seq)
+  # 10 at once on 8 rows (two wait for a free row), two of them sampled: the greedy ones are unchanged
+  sampled = lambda k: _ask(client, QUESTIONS[k], 30, temperature=1.0, top_p=0.9, seed=k)
+  with ThreadPoolExecutor(10) as pool:
+    futures = [pool.submit(ask, k) for k in range(8)] + [pool.submit(sampled, k) for k in (1, 2)]
+    assert [f.result() for f in futures[:8]] == want and all(f.result() is not None for f in futures[8:])
+
+
+def test_rows_join_and_the_cache_rolls(setup, reference):
+  """A small cache (2 rows, context 168: 336 slots) and 24 staggered requests: the shared index runs out of room
+  and the cache is rolled under live rows several times; every answer is still generate()'s tokens."""
+  m = setup[0]
+  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=2, context=168)
+  try:
+    order = list(range(8)) * 3
+    got = [[] for _ in order]
+    done = threading.Semaphore(0)
+    emit = lambda j: lambda item: got[j].append(item[1]) if item[0] == "token" else done.release()
+    for j, k in enumerate(order):
+      engine.submit(serve_engine.Job(np.asarray(m.chat.input_ids(QUESTIONS[k]), np.int32), None, NEW[k], emit(j)))
+      time.sleep(0.01 * (j % 3))
+    for _ in order:
+      assert done.acquire(timeout=120)
+    stops = set(m.chat.stop_ids)
+    for j, k in enumerate(order):
+      want = reference[0][k, :NEW[k]].tolist()
+      assert got[j] == next((want[:i + 1] for i, x in enumerate(want) if x in stops), want), (j, k)
+    print(f"cache rolls: {engine.shifts}")
+    assert engine.shifts >= 2, engine.shifts
+  finally:
+    engine.close()
 
 
 def test_stream_reassembles_and_stop_strings_cut(setup):
@@ -255,3 +293,20 @@ def test_real_server_and_client_disconnect(setup):
   finally:
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.mark.slow
+def test_cli_and_throughput_benchmark(capsys):
+  """The benchmark builds a tiny folder, starts `python -m internvl_jax.serve --quantize int8` on it and prints the
+  table; the CLI's own errors are one line."""
+  import subprocess
+  import sys
+  from internvl_jax.bench import serve_throughput
+  serve_throughput.main(["--tiny", "--quantize", "int8", "--concurrency", "1,3", "--requests", "3",
+                         "--max_tokens", "8", "--context", "128"])
+  table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+  assert len(table) == 3 and table[1].startswith("| 1 |") and table[2].startswith("| 3 |")
+  assert all(float(cell) > 0 for row in table[1:] for cell in row.strip("| ").split(" | "))
+  proc = subprocess.run([sys.executable, "-m", "internvl_jax.serve", "--hf", "/nonexistent/folder"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --hf folder")
