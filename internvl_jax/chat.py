@@ -2,7 +2,8 @@
 
   python -m internvl_jax.chat --hf FOLDER | --workdir DIR [--image PATH ...] [--system TEXT] [--prompt TEXT]
                               [--max_new_tokens N] [--temperature T] [--top_p P] [--repetition_penalty R]
-                              [--video PATH [--num_frames 8]] [--dtype bfloat16] [--seed S]
+                              [--video PATH [--num_frames 8]] [--dtype bfloat16] [--mesh fsdp=N]
+                              [--quantize int8|int4] [--seed S]
 
 With --prompt: one answer, printed to stdout, then exit. Without: a conversation read from stdin, one message per
 line, the history kept as the model's released template writes it; commands `/image PATH` (attach an image to
@@ -83,19 +84,7 @@ class Conversation:
                                    for f in frames]))
 
   def _written(self, question: str) -> str:
-    """The question as it goes into the template: placeholders in front for newly attached images and videos
-    (`<image>\n` for one image, `Image-k: <image>\n` for several, `Frame-k: <image>\n` per video frame)."""
-    if not self.pending or templates.IMAGE_PLACEHOLDER in question:
-      return question
-    images = sum(kind == "image" for kind, _ in self.pending)
-    prefix, k = "", 0
-    for kind, tiles in self.pending:
-      if kind == "video":
-        prefix += "".join(f"Frame-{i + 1}: {templates.IMAGE_PLACEHOLDER}\n" for i in range(len(tiles)))
-      else:
-        k += 1
-        prefix += f"{templates.IMAGE_PLACEHOLDER}\n" if images == 1 else f"Image-{k}: {templates.IMAGE_PLACEHOLDER}\n"
-    return prefix + question
+    return place_images(question, [(kind, len(tiles)) for kind, tiles in self.pending])
 
   def ask(self, question: str) -> Iterator[str]:
     """Yields the answer's text in pieces as tokens arrive (multi-byte characters whole, the answer stripped as
@@ -123,24 +112,70 @@ class Conversation:
     self.tiles, self.pending = tiles, []
 
   def _showable(self, ids: list[int]) -> str:
-    """The answer so far, minus what may still change: an incomplete character, a partial stop string."""
-    text = self.fmt.answer(ids).rstrip(REPLACEMENT)
-    if self.fmt.template is not None:
-      stop = templates.stop_string(self.fmt.template)
-      for k in range(len(stop) - 1, 0, -1):
-        if text.endswith(stop[:k]):
-          return text[:-k]
-    return text
+    return showable(self.fmt, ids)
+
+
+def place_images(question: str, attached: list[tuple[str, int]]) -> str:
+  """The question as it goes into the template, with placeholders in front for the images and videos attached to
+  it: attached lists ('image' | 'video', number of images: 1 for an image, frames for a video) in order ->
+  `<image>\\n` for one image, `Image-k: <image>\\n` for several, `Frame-k: <image>\\n` per video frame (the official
+  multi-image and video examples). A question that writes its own `<image>` placeholders is left as it is."""
+  if not attached or templates.IMAGE_PLACEHOLDER in question:
+    return question
+  images = sum(kind == "image" for kind, _ in attached)
+  prefix, k = "", 0
+  for kind, count in attached:
+    if kind == "video":
+      prefix += "".join(f"Frame-{i + 1}: {templates.IMAGE_PLACEHOLDER}\n" for i in range(count))
+    else:
+      k += 1
+      prefix += f"{templates.IMAGE_PLACEHOLDER}\n" if images == 1 else f"Image-{k}: {templates.IMAGE_PLACEHOLDER}\n"
+  return prefix + question
+
+
+def showable(fmt: chat_format_lib.ChatFormat, ids: list[int]) -> str:
+  """The answer of generated ids so far, minus what may still change: an incomplete character at the end, a
+  partial template stop string."""
+  text = fmt.answer(ids).rstrip(REPLACEMENT)
+  if fmt.template is not None:
+    stop = templates.stop_string(fmt.template)
+    for k in range(len(stop) - 1, 0, -1):
+      if text.endswith(stop[:k]):
+        return text[:-k]
+  return text
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+  """The model-loading options shared by chat and serve: --hf | --workdir, --system, --dtype, --mesh, --quantize."""
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--hf", help="a local Hugging Face chat folder, as released (OpenGVLab or -hf layout)")
+  src.add_argument("--workdir", help="a train.py workdir with a stage-3 (instruct) run")
+  p.add_argument("--system", default=None, help="system message (default: the model's)")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p.add_argument("--mesh", default=None, help="lay the weights out over all devices, e.g. fsdp=8 or fsdp=4,tensor=2 "
+                 "(axes data, fsdp, expert, tensor; as eval.py)")
+  p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                 help="weight-only quantization of the language model (quantize.py: less memory, not more accuracy)")
+
+
+def load_model(args):
+  """(model, chat format) from --hf / --workdir as eval.py's chat tasks load them, laid out on --mesh, the
+  language model's weights quantized with --quantize, the system message replaced by --system."""
+  from internvl_jax import quantize as quantize_lib  # local: pulls in qwix
+  from internvl_jax.evaluate import models, placement  # local: pulls in the converters
+  mesh = placement.make_mesh(args.mesh)
+  m = (models.load_hf(args.hf, dtype=args.dtype, mesh=mesh) if args.hf
+       else models.load_workdir(args.workdir, "vqa", dtype=args.dtype, mesh=mesh))
+  m.require("vqa")  # a chat model, or one line naming what it is
+  fmt = m.chat if args.system is None else dataclasses.replace(m.chat, system=args.system)
+  model = m.model if args.quantize is None else quantize_lib.quantize(m.model, args.quantize)
+  return model, fmt
 
 
 def load(args) -> Conversation:
-  """The model and chat format from --hf / --workdir, as eval.py's chat tasks load them."""
-  from internvl_jax.evaluate import models  # local: pulls in the converters
-  m = (models.load_hf(args.hf, dtype=args.dtype) if args.hf
-       else models.load_workdir(args.workdir, "vqa", dtype=args.dtype))
-  m.require("vqa")  # a chat model, or one line naming what it is
-  fmt = m.chat if args.system is None else dataclasses.replace(m.chat, system=args.system)
-  return Conversation(m.model, fmt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+  """The Conversation of load_model(args) with the sampling settings of the command line."""
+  model, fmt = load_model(args)
+  return Conversation(model, fmt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
@@ -188,19 +223,15 @@ def interact(conv: Conversation, stdin, stdout, stderr, num_frames: int = 8) -> 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m internvl_jax.chat", description=__doc__.split("\n\n")[0])
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--hf", help="a local Hugging Face chat folder, as released (OpenGVLab or -hf layout)")
-  src.add_argument("--workdir", help="a train.py workdir with a stage-3 (instruct) run")
+  add_model_args(p)
   p.add_argument("--image", action="append", default=[], help="an image for the first message (repeatable)")
   p.add_argument("--video", default=None, help="a video file (or a folder of frames) for the first message")
   p.add_argument("--num_frames", type=int, default=8, help="frames sampled from --video / /video (official: 8)")
-  p.add_argument("--system", default=None, help="system message (default: the model's)")
   p.add_argument("--prompt", default=None, help="answer this one message and exit")
   p.add_argument("--max_new_tokens", type=int, default=512)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0 = off (transformers' rule)")
-  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   p.add_argument("--seed", type=int, default=0, help="sampling key (with --temperature > 0)")
   return p
 

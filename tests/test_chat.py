@@ -144,3 +144,20 @@ def test_prompt_from_a_train_workdir(tmp_path):
                                    "--max_new_tokens", str(NEW)])
   conv = chat.run(args, stdout=out)
   assert out.getvalue() == want + "\n" and conv.history[0][0].startswith("<image>\n")
+
+
+def test_quantize_option(release):
+  """--quantize int8: the conversation runs the qwix-quantized model (smaller weights) and answers what generate()
+  gives with quantize.quantize(model, 'int8')."""
+  from internvl_jax import quantize
+  folder, image, m = release
+  args = chat.parser().parse_args(["--hf", folder, "--image", image, "--prompt", "Describe the image.",
+                                   "--max_new_tokens", str(NEW), "--quantize", "int8"])
+  out = io.StringIO()
+  conv = chat.run(args, stdout=out)
+  assert quantize.param_bytes(conv.model) < 0.8 * quantize.param_bytes(m.model)  # the vision tower stays float
+  q8 = quantize.quantize(m.model, "int8")
+  inputs = m.chat.inputs("Describe the image.", [image])
+  new = generate(q8, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=NEW,
+                 eos_token_id=list(m.chat.stop_ids))
+  assert out.getvalue() == m.chat.answer(np.asarray(new)[0, inputs["input_ids"].shape[1]:]) + "\n"
