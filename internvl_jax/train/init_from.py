@@ -37,15 +37,25 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+def is_workdir(path: str) -> bool:
+  """A train.py workdir (it has checkpoints/), whatever else it holds (its config.json too)."""
+  return bool(path) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def is_release_folder(path: str) -> bool:
+  """A released model folder (config.json + weights), as opposed to a train.py workdir."""
+  return bool(path) and not is_workdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
 def load_source(path: str) -> dict:
   """Nested dict of numpy arrays from a train.py workdir or a Hugging Face folder."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.init.path={path} does not exist; give a train.py workdir or a HF folder")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if is_workdir(path):
     params, step = checkpoint_lib.read_params(path)
     logging.info("init: read step %d of %s", step, path)
     return _merge_lora(path, params)
-  if os.path.exists(os.path.join(path, "config.json")):
+  if is_release_folder(path):
     from internvl_jax.convert import load_pretrained  # imported here: it pulls in every checkpoint family
 
     # load_pretrained returns a model; its variables' paths (vision/blocks/...) are the train state's paths.

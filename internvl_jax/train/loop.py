@@ -141,17 +141,12 @@ def _has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
 
 
-def _is_release_folder(path: str) -> bool:
-  """A released model folder (config.json + weights), as opposed to a train.py workdir or our checkpoint."""
-  return bool(path) and os.path.isfile(os.path.join(path, "config.json")) and \
-      not os.path.isdir(os.path.join(path, "checkpoints"))
-
-
 def _template_of_release(cfg: ml_collections.ConfigDict) -> None:
   """An instruct run started from a released chat folder (init.path) with the default 'plain' template takes the
   folder's conversation template (and system behaviour): the prompts it trains on are then the release's own."""
   folder = cfg.init.get("path", "")
-  if cfg.task != "instruct" or cfg.data.get("template", "plain") != "plain" or not _is_release_folder(folder):
+  if (cfg.task != "instruct" or cfg.data.get("template", "plain") != "plain"
+      or not init_from.is_release_folder(folder)):
     return
   from internvl_jax.data import template_match  # local: only for runs from a released folder
 
