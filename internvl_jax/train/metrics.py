@@ -1,5 +1,5 @@
-"""Run records: WORKDIR/metrics.jsonl (one JSON object per logged step), TensorBoard scalars, and at the end a
-PNG of the training curves (drawn with Pillow, so no plotting library is needed)."""
+"""Run records: WORKDIR/metrics.jsonl (one JSON object per logged step), TensorBoard scalars (tensorboardX: event
+files without TensorFlow), and at the end a PNG of the training curves (matplotlib)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import math
 import os
 
 import jax
-from PIL import Image, ImageDraw
-
-from internvl_jax.train import tensorboard
+from tensorboardX import SummaryWriter
 
 
 class MetricsLog:
@@ -27,7 +25,7 @@ class MetricsLog:
       os.makedirs(workdir, exist_ok=True)
       self.history = _keep_until(self.path, resume_step)
       self._f = open(self.path, "a", encoding="utf-8")
-      self._tb = tensorboard.ScalarWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
 
   def write(self, step: int, metrics: dict) -> None:
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
@@ -35,7 +33,10 @@ class MetricsLog:
     if self.enabled:
       self._f.write(json.dumps(record) + "\n")
       self._f.flush()
-      self._tb.add(step, {k: v for k, v in record.items() if k != "step" and math.isfinite(v)})
+      for tag, value in record.items():
+        if tag != "step" and math.isfinite(value):
+          self._tb.add_scalar(tag, value, step)
+      self._tb.flush()  # a killed run keeps every logged step, as in metrics.jsonl
 
   def close(self) -> None:
     if self.enabled:
@@ -69,33 +70,25 @@ def _keep_until(path: str, step: int) -> list[dict]:
 
 
 def plot_curves(history: list[dict], path: str, keys=("loss", "lr", "i2t_r1", "t2i_r1", "exact_match", "eval_loss"),
-                size=(900, 260)) -> str | None:
-  """One panel per metric present in `history`, side by side; returns the path or None if nothing to plot."""
+                size=(9.0, 2.6)) -> str | None:
+  """One panel per metric present in `history` (rows {"step", metric: float}), side by side, against the step;
+  saved as a PNG at `path`. Returns the path, or None if no metric has a finite value."""
   series = {k: [(h["step"], h[k]) for h in history if k in h and math.isfinite(h[k])] for k in keys}
-  series = {k: v for k, v in series.items() if len(v) >= 1}
+  series = {k: v for k, v in series.items() if v}
   if not series:
     return None
-  w, h = size
-  pw = w // len(series)
-  img = Image.new("RGB", (pw * len(series), h), "white")
-  draw = ImageDraw.Draw(img)
-  for i, (name, pts) in enumerate(series.items()):
-    x0, y0, x1, y1 = i * pw + 40, 20, (i + 1) * pw - 10, h - 30
-    draw.rectangle((x0, y0, x1, y1), outline="black")
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    lo, hi = min(ys), max(ys)
-    hi = hi if hi > lo else lo + 1e-9
-    sx = lambda s: x0 + (x1 - x0) * (s - xs[0]) / max(xs[-1] - xs[0], 1)
-    sy = lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo)
-    line = [(sx(s), sy(v)) for s, v in pts]
-    if len(line) > 1:
-      draw.line(line, fill=(30, 90, 200), width=2)
-    else:
-      draw.ellipse((line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2), fill=(30, 90, 200))
-    draw.text((x0 + 4, 4), name, fill="black")
-    draw.text((x0 - 38, y0), f"{hi:.3g}", fill="black")
-    draw.text((x0 - 38, y1 - 10), f"{lo:.3g}", fill="black")
-    draw.text((x0, y1 + 6), f"step {xs[0]}", fill="black")
-    draw.text((x1 - 60, y1 + 6), f"{xs[-1]}", fill="black")
-  img.save(path)
+  import matplotlib
+  matplotlib.use("Agg")  # files only: no display is needed or wanted
+  from matplotlib import pyplot as plt
+  fig, axes = plt.subplots(1, len(series), figsize=size, squeeze=False)
+  for ax, (name, pts) in zip(axes[0], series.items()):
+    steps, values = zip(*pts)
+    ax.plot(steps, values, marker="o" if len(pts) == 1 else None, markersize=3, linewidth=1.5)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
   return path
