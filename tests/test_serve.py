@@ -310,3 +310,33 @@ def test_cli_and_throughput_benchmark(capsys):
   proc = subprocess.run([sys.executable, "-m", "internvl_jax.serve", "--hf", "/nonexistent/folder"],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --hf folder")
+
+
+MESH_SCRIPT = """
+import sys, threading, numpy as np
+from internvl_jax import chat, serve_engine
+from internvl_jax.evaluate import models
+from internvl_jax.generate import generate
+model, fmt = chat.load_model(chat.parser().parse_args(["--hf", sys.argv[1], "--mesh", "fsdp=2"]))
+ids = np.asarray(fmt.input_ids("Tell me a story."), np.int32)
+plain = models.load_hf(sys.argv[1]).model
+want = np.asarray(generate(plain, ids[None], max_new_tokens=12, eos_token_id=list(fmt.stop_ids)))[0, len(ids):]
+engine = serve_engine.Engine(model, fmt.stop_ids, max_batch=2, context=256)
+got, over = [], threading.Event()
+engine.submit(serve_engine.Job(ids, None, 12, lambda e: got.append(e[1]) if e[0] == "token" else over.set()))
+assert over.wait(300)
+print("EQUAL" if got == want.tolist()[:len(got)] and got else f"DIFFERENT {got} {want.tolist()}")
+"""
+
+
+@pytest.mark.slow
+def test_engine_on_a_mesh(tmp_path):
+  """Weights laid out over two (forced host) devices with --mesh fsdp=2: the engine answers generate()'s tokens."""
+  import os
+  import subprocess
+  import sys
+  folder = release_folders.internvl2_1b(str(tmp_path / "model"))[0]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, folder], capture_output=True, text=True, timeout=600,
+                        env=env)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("EQUAL"), proc.stdout + proc.stderr[-2000:]
