@@ -276,14 +276,18 @@ class Engine:
       logging.exception("serve engine: a request failed in prefill")
       self._emit(job, ("error", f"{type(e).__name__}: {e}"))
       return
-    if self._carry is None:
-      self._carry, self.index = progs.init(progs.state), 0
-    self._make_room(need, job.max_tokens)
-    r = self.rows.index(None)
-    key = np.asarray(jax.random.key_data(jax.random.key(job.seed)), np.uint32)
-    self._carry = progs.insert(self._carry, np.int32(r), np.int32(self.index - need), logits, cache, seen, key,
-                               np.bool_(job.temperature == 0), np.float32(max(job.temperature, 1e-6)),
-                               np.float32(job.top_p), np.float32(job.repetition_penalty))
+    try:
+      if self._carry is None:
+        self._carry, self.index = progs.init(progs.state), 0
+      self._make_room(need, job.max_tokens)
+      r = self.rows.index(None)
+      key = np.asarray(jax.random.key_data(jax.random.key(job.seed)), np.uint32)
+      self._carry = progs.insert(self._carry, np.int32(r), np.int32(self.index - need), logits, cache, seen, key,
+                                 np.bool_(job.temperature == 0), np.float32(max(job.temperature, 1e-6)),
+                                 np.float32(job.top_p), np.float32(job.repetition_penalty))
+    except Exception as e:
+      self._emit(job, ("error", f"{type(e).__name__}: {e}"))
+      raise  # the shared cache may be lost (donated): _run fails the live rows too and starts afresh
     self.rows[r] = _Row(job, start=self.index - need)
 
   def _make_room(self, need: int, max_tokens: int) -> None:
