@@ -191,7 +191,8 @@ def main(argv=None) -> int:
   try:
     import uvicorn
     model, fmt = chat_lib.load_model(args)
-    engine = serve_engine.Engine(model, fmt.stop_ids, max_batch=args.max_batch, context=args.context)
+    engine = serve_engine.Engine(model, fmt.stop_ids, max_batch=args.max_batch, context=args.context,
+                                 max_new_tokens=args.max_new_tokens)
   except (FileNotFoundError, ImportError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1

@@ -1,21 +1,23 @@
 """Continuous batching for the server: one background thread decodes a fixed batch of rows ("slots") one token per
 step, and a new request joins a free slot between two steps while the others go on decoding.
 
-  engine = Engine(model, stop_ids=fmt.stop_ids, max_batch=8, context=4096)
+  engine = Engine(model, stop_ids=fmt.stop_ids, max_batch=8, context=4096, max_new_tokens=512)
   engine.submit(Job(ids, pixels, max_tokens=64, emit=callback))   # callback(("token", id)) ... (("done", reason))
   engine.cancel(job)                                               # frees the slot at the next step
 
 Cache layout. The model's KV cache (models/llm.py) has one write index shared by the batch, a per-row mask of the
 slots that hold real tokens and per-row RoPE positions that count real tokens only. The engine keeps one such cache
-of B = max_batch rows and S = 2 x context slots. A joining request is prefilled alone (its prompt left-padded to a
-power-of-two bucket, as stream.py does, into an S-slot cache) and its keys / values are written RIGHT-ALIGNED into
-its row: the prompt ends just before the shared index, so its next token lands at the index like every other
-row's. Slots to the left of a row's prompt are masked out for it, so what the other rows did there is invisible;
-positions count real tokens, so a row decodes as it would alone (generate(): the same tokens, greedy, up to float
-rounding of batched matmuls). When the index has no room left on the right (or too little on the left for the
-joiner's prompt), the whole cache is rolled along its slot axis (no live row loses a slot: the shift is bounded by
-the oldest live row's first slot); a row's span is at most context slots, so with S = 2 x context a join never
-waits for room. Sliding-window ring caches (window_cache.py) roll with it (entry = slot mod window).
+of B = max_batch rows and S = context + max_new_tokens slots. A joining request is prefilled alone (its prompt
+left-padded to a bucket: stream.py's powers of two up to 1024, then multiples of 512; into an S-slot cache) and
+its keys / values are written RIGHT-ALIGNED into its row: the prompt ends just before the shared index, so its
+next token lands at the index like every other row's. Slots to the left of a row's prompt are masked out for it,
+so what the other rows did there is invisible; positions count real tokens, so a row decodes as it would alone
+(generate(): the same tokens, greedy, up to float rounding of batched matmuls). When the index has no room left on
+the right (or too little on the left for the joiner's prompt), the whole cache is rolled along its slot axis (no
+live row loses a slot: the shift is bounded by the oldest live row's first slot). A live row spans at most
+`context` slots (padded prompt + its max_tokens) and needs at most max_new_tokens more on the right, a joiner at
+most `context` in all, so S = context + max_new_tokens always leaves room: a join never waits for it.
+Sliding-window ring caches (window_cache.py) roll with it (ring entry = slot mod window).
 
 Compiled programs: a prefill per (prompt bucket, tile-count bucket: tiles padded with zeros to a power of two;
 extra tiles are never read), one insert, one roll, one decode step: a small fixed set, none per request.
@@ -67,6 +69,15 @@ class _Row:
   generated: int = 0
 
 
+POW2_BUCKETS_UNTIL, BUCKET_STEP = 1024, 512
+
+
+def prompt_bucket(t: int) -> int:
+  """The padded length of a t-token prompt: stream.bucket_length (powers of two from 16) up to 1024, then the next
+  multiple of 512 (a 13-tile image prompt of ~3.4k tokens takes 3584 slots, not 4096)."""
+  return stream_lib.bucket_length(t) if t <= POW2_BUCKETS_UNTIL else -(-t // BUCKET_STEP) * BUCKET_STEP
+
+
 def tile_bucket(n: int) -> int:
   """Tiles are padded to a power of two, so prompts with 1..16 tiles share 5 prefill programs per length bucket."""
   return 1 << max(n - 1, 0).bit_length()
@@ -74,7 +85,7 @@ def tile_bucket(n: int) -> int:
 
 def prompt_slots(model, num_ids: int, pixels) -> int:
   """Cache slots a prompt of num_ids tokens takes: its bucket (+ the vision prefix of a 'prefix'-mode model)."""
-  return stream_lib.bucket_length(num_ids) + gen.prefix_tokens(model, pixels)
+  return prompt_bucket(num_ids) + gen.prefix_tokens(model, pixels)
 
 
 class _Programs:
@@ -158,11 +169,13 @@ class _Programs:
 class Engine:
   """The decoding thread. submit() hands a Job in (thread-safe); its tokens come back through job.emit."""
 
-  def __init__(self, model, stop_ids, *, max_batch: int = 8, context: int = 4096):
-    if max_batch < 1 or context < stream_lib.MIN_BUCKET + 1:
-      raise ValueError(f"need max_batch >= 1 and context > {stream_lib.MIN_BUCKET}, got {max_batch}, {context}")
+  def __init__(self, model, stop_ids, *, max_batch: int = 8, context: int = 4096, max_new_tokens: int = 512):
+    if max_batch < 1 or context < stream_lib.MIN_BUCKET + 1 or not 1 <= max_new_tokens < context:
+      raise ValueError(f"need max_batch >= 1, context > {stream_lib.MIN_BUCKET} and 1 <= max_new_tokens < context, "
+                       f"got {max_batch}, {context}, {max_new_tokens}")
     self.model, self.stop_ids = model, set(int(i) for i in stop_ids)
-    self.max_batch, self.context, self.slots = max_batch, context, 2 * context
+    self.max_batch, self.context, self.max_new_tokens = max_batch, context, max_new_tokens
+    self.slots = context + max_new_tokens
     self.programs = _Programs(model, list(stop_ids), max_batch, self.slots)
     self.rows: list[_Row | None] = [None] * max_batch
     self.index = 0  # host copy of the cache's shared write index
@@ -196,6 +209,9 @@ class Engine:
 
   def check(self, num_ids: int, pixels, max_tokens: int) -> None:
     """A one-line ValueError when a prompt of num_ids tokens (+ pixels) and max_tokens cannot fit one slot."""
+    if max_tokens > self.max_new_tokens:
+      raise ValueError(f"max_tokens {max_tokens} is above the server's cap of {self.max_new_tokens}; ask for fewer "
+                       "or start the server with a larger --max_new_tokens")
     need = prompt_slots(self.model, num_ids, pixels)
     if need + max_tokens > self.context:
       raise ValueError(f"the prompt ({num_ids} tokens, {need} slots padded) + max_tokens {max_tokens} exceed the "
@@ -261,7 +277,7 @@ class Engine:
     try:
       self.check(len(job.ids), job.pixels, job.max_tokens)
       progs = self.programs
-      t = stream_lib.bucket_length(len(job.ids))
+      t = prompt_bucket(len(job.ids))
       ids = np.zeros((1, t), np.int32)
       mask = np.zeros((1, t), bool)
       ids[0, t - len(job.ids):], mask[0, t - len(job.ids):] = job.ids, True
@@ -297,7 +313,7 @@ class Engine:
     right = max([max_tokens] + [row.job.max_tokens - row.generated for row in live])
     lo = self.index + right - self.slots  # shift at least this far left
     hi = min([self.index - need] + [row.start for row in live])  # and at most this far (no live slot dropped)
-    if lo > hi:  # cannot happen while every row spans <= context slots and slots = 2 x context
+    if lo > hi:  # cannot happen while rows span <= context slots and slots = context + max_new_tokens
       raise RuntimeError(f"no room in the cache (shift between {lo} and {hi})")
     if lo <= 0 <= hi:
       return

@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("serve")
   folder = release_folders.internvl2_1b(str(root / "model"))[0]
   m = models.load_hf(folder)
-  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=8, context=CONTEXT)
+  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=8, context=CONTEXT, max_new_tokens=64)
   limits = serve_requests.Limits(max_tokens=64, max_image_bytes=50_000)
   app = serve.make_app(engine, m.chat, model_name="tiny", limits=limits, page=str(root / "none.html"))
   buf = io.BytesIO()
@@ -138,10 +138,10 @@ def test_concurrent_requests_match_and_are_faster(setup, reference):
 
 
 def test_rows_join_and_the_cache_rolls(setup, reference):
-  """A small cache (2 rows, context 168: 336 slots) and 24 staggered requests: the shared index runs out of room
-  and the cache is rolled under live rows several times; every answer is still generate()'s tokens."""
+  """A small cache (2 rows, context 168 + 40 new: 208 slots) and 24 staggered requests: the shared index runs out
+  of room and the cache is rolled under live rows several times; every answer is still generate()'s tokens."""
   m = setup[0]
-  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=2, context=168)
+  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=2, context=168, max_new_tokens=40)
   try:
     order = list(range(8)) * 3
     got = [[] for _ in order]
@@ -239,7 +239,9 @@ def test_compiled_programs_stay_fixed(setup):
   before = engine.programs.cache_size()
   questions = ["b", "two words", "x y z", "hi there you"]
   lengths = [len(m.chat.input_ids(q)) for q in questions]
-  assert len(set(lengths)) > 1 and {serve_engine.stream_lib.bucket_length(n) for n in lengths} == {64}
+  assert len(set(lengths)) > 1 and {serve_engine.prompt_bucket(n) for n in lengths} == {64}
+  # powers of two (stream.py's) up to 1024, then multiples of 512
+  assert [serve_engine.prompt_bucket(t) for t in (1, 17, 1000, 1025, 3400)] == [16, 32, 1024, 1536, 3584]
   for k, question in enumerate(questions):
     _ask(client, question, 3 + 2 * k, temperature=0.5 * (k % 2), top_p=0.9, seed=k)
   assert engine.programs.cache_size() == before
@@ -321,7 +323,7 @@ model, fmt = chat.load_model(chat.parser().parse_args(["--hf", sys.argv[1], "--m
 ids = np.asarray(fmt.input_ids("Tell me a story."), np.int32)
 plain = models.load_hf(sys.argv[1]).model
 want = np.asarray(generate(plain, ids[None], max_new_tokens=12, eos_token_id=list(fmt.stop_ids)))[0, len(ids):]
-engine = serve_engine.Engine(model, fmt.stop_ids, max_batch=2, context=256)
+engine = serve_engine.Engine(model, fmt.stop_ids, max_batch=2, context=256, max_new_tokens=64)
 got, over = [], threading.Event()
 engine.submit(serve_engine.Job(ids, None, 12, lambda e: got.append(e[1]) if e[0] == "token" else over.set()))
 assert over.wait(300)
