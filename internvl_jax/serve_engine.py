@@ -19,6 +19,11 @@ live row loses a slot: the shift is bounded by the oldest live row's first slot)
 most `context` in all, so S = context + max_new_tokens always leaves room: a join never waits for it.
 Sliding-window ring caches (window_cache.py) roll with it (ring entry = slot mod window).
 
+Host and device overlap: one decode step is always in flight; the engine hands out the previous step's tokens
+(emit, stop and length checks, freeing rows) while the next one runs, so a row's tokens reach its request one step
+late and a finished row rides one extra step (its token is dropped). In-process on 2 CPU cores this halved the
+time of 8 concurrent requests (tests/test_serve.py: 0.23 s -> 0.09-0.11 s; 8 sequential: 0.85 s -> 0.50-0.56 s).
+
 Compiled programs: a prefill per (prompt bucket, tile-count bucket: tiles padded with zeros to a power of two;
 extra tiles are never read), one insert, one roll, one decode step: a small fixed set, none per request.
 Sampling settings are per-row traced values (greedy / temperature / top-p / repetition penalty and a key per row:
@@ -182,6 +187,7 @@ class Engine:
     self.steps = self.shifts = 0  # decode steps, and cache rolls under live rows, so far
     self._queue: queue.Queue = queue.Queue()
     self._carry = None
+    self._pending = None  # (tokens [B] on device, the rows they belong to) of the step still running
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="internvl-serve-engine", daemon=True)
     self._thread.start()
@@ -225,7 +231,9 @@ class Engine:
     while not self._stop.is_set():
       try:
         self._drop_cancelled(waiting)
-        block = self.active() == 0 and not waiting
+        if self._pending is not None and (not self.active() or self.index >= self.slots):
+          self._deliver()  # the last step's tokens, before idling or before the index would pass the cache's end
+        block = self.active() == 0 and not waiting and self._pending is None
         try:  # everything queued now (blocking only when idle)
           while True:
             item = self._queue.get(block=block, timeout=None)
@@ -270,7 +278,7 @@ class Engine:
       if row is not None:
         self.rows[r] = None
         self._emit(row.job, ("error", message))
-    self._carry = None  # rebuilt at the next join (its buffers may have been donated to the failed call)
+    self._carry = self._pending = None  # rebuilt at the next join (buffers may be donated to the failed call)
 
   def _join(self, job: Job) -> None:
     """Prefills the job and writes it right-aligned into a free row (rolling the cache first if needed)."""
@@ -325,12 +333,25 @@ class Engine:
       row.start -= d
 
   def _step(self) -> None:
+    """Dispatches one decode step and, while it runs, hands out the previous step's tokens: one step is always in
+    flight, so the device does not wait for the host's per-token work (emit, stop checks)."""
+    if self.index >= self.slots:  # cannot happen: rows are done on the device before the index reaches the end
+      raise RuntimeError(f"the cache index {self.index} reached its end ({self.slots} slots) with rows still live")
     tok, self._carry = self.programs.step(self.programs.state, self._carry)
-    tok = np.asarray(tok)
     self.index += 1
     self.steps += 1
-    for r, row in enumerate(self.rows):
-      if row is None:
+    previous, self._pending = self._pending, (tok, list(self.rows))
+    if previous is not None:
+      self._deliver(previous)
+
+  def _deliver(self, pending=None) -> None:
+    """The tokens of a finished step to the rows it decoded (a row freed or re-used since then gets none)."""
+    if pending is None:
+      pending, self._pending = self._pending, None
+    tok, rows = pending
+    tok = np.asarray(tok)
+    for r, row in enumerate(rows):
+      if row is None or self.rows[r] is not row:
         continue
       t = int(tok[r])
       row.generated += 1
