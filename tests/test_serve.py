@@ -1,9 +1,13 @@
 """python -m internvl_jax.serve on a tiny InternVL2-1B-style folder (tests/release_folders.py): one request answers
-what generate() + the chat format's answer extraction give (text, and with an image); 8 concurrent requests of
-different lengths and max_tokens are each answered as generate() answers them, sooner in total than one after
-another; streamed chunks reassemble to the answer; `stop` strings cut it as OpenAI does; bad requests get a 4xx
-JSON error and the server keeps serving; the compiled programs stay fixed across prompt lengths of one bucket; a
-real uvicorn server on a free port answers an httpx client, and a client that leaves mid-stream frees its row."""
+what generate() + the chat format's answer extraction give (text, and with an image); a multi-turn conversation is
+written as the released template writes it (the prompt string spelled out); 8 concurrent requests of different
+lengths and max_tokens are each answered as generate() answers them, sooner in total than one after another (and
+so are 10 on 8 rows, two of them sampled); rows joining a small cache that is rolled under them still decode
+generate()'s tokens; streamed chunks reassemble to the answer; `stop` strings cut it as OpenAI does; bad requests
+get a 4xx JSON error and the server keeps serving, also after a failure inside the engine; the compiled programs
+stay fixed across prompt lengths of one bucket; a real uvicorn server on a free port answers an httpx client, and
+a client that leaves mid-stream frees its row. Slow: the CLI (--quantize int8) through the throughput benchmark,
+and the engine on a 2-device mesh."""
 
 import base64
 import io
