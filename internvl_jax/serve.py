@@ -153,9 +153,14 @@ async def _sse(engine, job, events, text, req, meta):
     try:
       finish = None
       while finish is None:
+        pieces = []
         piece, finish = _on_event(await events.get(), engine, job, text)
-        if piece:
-          yield _chunk(meta, {"content": piece})
+        pieces.append(piece)
+        while finish is None and not events.empty():  # tokens that queued up while we wrote: one chunk
+          piece, finish = _on_event(events.get_nowait(), engine, job, text)
+          pieces.append(piece)
+        if "".join(pieces):
+          yield _chunk(meta, {"content": "".join(pieces)})
       over = True
       rest = text.final()[0]
       if rest:
@@ -191,7 +196,8 @@ def main(argv=None) -> int:
   try:
     import uvicorn
     model, fmt = chat_lib.load_model(args)
-    engine = serve_engine.Engine(model, fmt.stop_ids, max_batch=args.max_batch, context=args.context)
+    engine = serve_engine.Engine(model, fmt.stop_ids, max_batch=args.max_batch, context=args.context,
+                                 max_new_tokens=args.max_new_tokens)
   except (FileNotFoundError, ImportError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 import re
 
 import numpy as np

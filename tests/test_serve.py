@@ -1,9 +1,13 @@
 """python -m internvl_jax.serve on a tiny InternVL2-1B-style folder (tests/release_folders.py): one request answers
-what generate() + the chat format's answer extraction give (text, and with an image); 8 concurrent requests of
-different lengths and max_tokens are each answered as generate() answers them, sooner in total than one after
-another; streamed chunks reassemble to the answer; `stop` strings cut it as OpenAI does; bad requests get a 4xx
-JSON error and the server keeps serving; the compiled programs stay fixed across prompt lengths of one bucket; a
-real uvicorn server on a free port answers an httpx client, and a client that leaves mid-stream frees its row."""
+what generate() + the chat format's answer extraction give (text, and with an image); a multi-turn conversation is
+written as the released template writes it (the prompt string spelled out); 8 concurrent requests of different
+lengths and max_tokens are each answered as generate() answers them, sooner in total than one after another (and
+so are 10 on 8 rows, two of them sampled); rows joining a small cache that is rolled under them still decode
+generate()'s tokens; streamed chunks reassemble to the answer; `stop` strings cut it as OpenAI does; bad requests
+get a 4xx JSON error and the server keeps serving, also after a failure inside the engine; the compiled programs
+stay fixed across prompt lengths of one bucket; a real uvicorn server on a free port answers an httpx client, and
+a client that leaves mid-stream frees its row. Slow: the CLI (--quantize int8) through the throughput benchmark,
+and the engine on a 2-device mesh."""
 
 import base64
 import io
@@ -33,7 +37,7 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("serve")
   folder = release_folders.internvl2_1b(str(root / "model"))[0]
   m = models.load_hf(folder)
-  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=8, context=CONTEXT)
+  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=8, context=CONTEXT, max_new_tokens=64)
   limits = serve_requests.Limits(max_tokens=64, max_image_bytes=50_000)
   app = serve.make_app(engine, m.chat, model_name="tiny", limits=limits, page=str(root / "none.html"))
   buf = io.BytesIO()
@@ -138,10 +142,10 @@ def test_concurrent_requests_match_and_are_faster(setup, reference):
 
 
 def test_rows_join_and_the_cache_rolls(setup, reference):
-  """A small cache (2 rows, context 168: 336 slots) and 24 staggered requests: the shared index runs out of room
-  and the cache is rolled under live rows several times; every answer is still generate()'s tokens."""
+  """A small cache (2 rows, context 168 + 40 new: 208 slots) and 24 staggered requests: the shared index runs out
+  of room and the cache is rolled under live rows several times; every answer is still generate()'s tokens."""
   m = setup[0]
-  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=2, context=168)
+  engine = serve_engine.Engine(m.model, m.chat.stop_ids, max_batch=2, context=168, max_new_tokens=40)
   try:
     order = list(range(8)) * 3
     got = [[] for _ in order]
@@ -239,7 +243,9 @@ def test_compiled_programs_stay_fixed(setup):
   before = engine.programs.cache_size()
   questions = ["b", "two words", "x y z", "hi there you"]
   lengths = [len(m.chat.input_ids(q)) for q in questions]
-  assert len(set(lengths)) > 1 and {serve_engine.stream_lib.bucket_length(n) for n in lengths} == {64}
+  assert len(set(lengths)) > 1 and {serve_engine.prompt_bucket(n) for n in lengths} == {64}
+  # powers of two (stream.py's) up to 1024, then multiples of 512
+  assert [serve_engine.prompt_bucket(t) for t in (1, 17, 1000, 1025, 3400)] == [16, 32, 1024, 1536, 3584]
   for k, question in enumerate(questions):
     _ask(client, question, 3 + 2 * k, temperature=0.5 * (k % 2), top_p=0.9, seed=k)
   assert engine.programs.cache_size() == before
@@ -310,3 +316,33 @@ def test_cli_and_throughput_benchmark(capsys):
   proc = subprocess.run([sys.executable, "-m", "internvl_jax.serve", "--hf", "/nonexistent/folder"],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --hf folder")
+
+
+MESH_SCRIPT = """
+import sys, threading, numpy as np
+from internvl_jax import chat, serve_engine
+from internvl_jax.evaluate import models
+from internvl_jax.generate import generate
+model, fmt = chat.load_model(chat.parser().parse_args(["--hf", sys.argv[1], "--mesh", "fsdp=2"]))
+ids = np.asarray(fmt.input_ids("Tell me a story."), np.int32)
+plain = models.load_hf(sys.argv[1]).model
+want = np.asarray(generate(plain, ids[None], max_new_tokens=12, eos_token_id=list(fmt.stop_ids)))[0, len(ids):]
+engine = serve_engine.Engine(model, fmt.stop_ids, max_batch=2, context=256, max_new_tokens=64)
+got, over = [], threading.Event()
+engine.submit(serve_engine.Job(ids, None, 12, lambda e: got.append(e[1]) if e[0] == "token" else over.set()))
+assert over.wait(300)
+print("EQUAL" if got == want.tolist()[:len(got)] and got else f"DIFFERENT {got} {want.tolist()}")
+"""
+
+
+@pytest.mark.slow
+def test_engine_on_a_mesh(tmp_path):
+  """Weights laid out over two (forced host) devices with --mesh fsdp=2: the engine answers generate()'s tokens."""
+  import os
+  import subprocess
+  import sys
+  folder = release_folders.internvl2_1b(str(tmp_path / "model"))[0]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, folder], capture_output=True, text=True, timeout=600,
+                        env=env)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("EQUAL"), proc.stdout + proc.stderr[-2000:]

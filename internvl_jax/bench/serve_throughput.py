@@ -88,8 +88,19 @@ def _one(client, url: str, body: dict) -> dict:
   return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens}
 
 
-def measure(base: str, concurrency: int, requests: int, max_tokens: int, image: bool) -> dict:
-  """`concurrency` client threads share `requests` requests -> the row of the table."""
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return float("nan")
+
+
+def measure(base: str, concurrency: int, requests: int, max_tokens: int, image: bool, server_pid: int = 0) -> dict:
+  """`concurrency` client threads share `requests` requests -> the row of the table (with the CPU seconds the
+  server process and this (client) process spent meanwhile)."""
   import httpx2 as httpx
   url, results, lock = f"{base}/v1/chat/completions", [], threading.Lock()
   todo = iter(range(requests))
@@ -105,14 +116,15 @@ def measure(base: str, concurrency: int, requests: int, max_tokens: int, image: 
         with lock:
           results.append(row)
 
-  start = time.perf_counter()
+  start, cpu_server, cpu_client = time.perf_counter(), _cpu_seconds(server_pid), time.process_time()
   threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
   for t in threads:
     t.start()
   for t in threads:
     t.join()
   wall = time.perf_counter() - start
-  return {"concurrency": concurrency, "requests": len(results), "wall_s": wall,
+  return {"server_cpu_s": _cpu_seconds(server_pid) - cpu_server, "client_cpu_s": time.process_time() - cpu_client,
+          "concurrency": concurrency, "requests": len(results), "wall_s": wall,
           "requests_per_s": len(results) / wall, "tokens_per_s": sum(r["tokens"] for r in results) / wall,
           "mean_latency_s": float(np.mean([r["latency"] for r in results])),
           "mean_ttft_s": float(np.mean([r["ttft"] for r in results])),
@@ -171,9 +183,10 @@ def run(args) -> list[dict]:
           flush=True)
     rows = []
     for c in args.concurrency:
-      rows.append(measure(base, c, args.requests, args.max_tokens, args.image))
+      rows.append(measure(base, c, args.requests, args.max_tokens, args.image, proc.pid))
       r = rows[-1]
-      print(f"concurrency {c}: {r['requests']} requests, {r['tokens']} tokens in {r['wall_s']:.2f} s", flush=True)
+      print(f"concurrency {c}: {r['requests']} requests, {r['tokens']} tokens in {r['wall_s']:.2f} s (CPU seconds: "
+            f"server {r['server_cpu_s']:.2f}, clients {r['client_cpu_s']:.2f})", flush=True)
   finally:
     proc.terminate()
     proc.wait(timeout=60)
