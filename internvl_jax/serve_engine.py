@@ -32,6 +32,7 @@ generate.pick vmapped over rows); the stop ids are the model's (the same for eve
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -191,6 +192,9 @@ class Engine:
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="internvl-serve-engine", daemon=True)
     self._thread.start()
+    # a daemon thread still inside an XLA call when the interpreter exits aborts the process (exit code -6); a
+    # script that never called close() gets it at exit
+    atexit.register(self.close)
 
   # ------------------------------------------------------------------------------------------------ public
 

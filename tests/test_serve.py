@@ -331,6 +331,7 @@ engine = serve_engine.Engine(model, fmt.stop_ids, max_batch=2, context=256, max_
 got, over = [], threading.Event()
 engine.submit(serve_engine.Job(ids, None, 12, lambda e: got.append(e[1]) if e[0] == "token" else over.set()))
 assert over.wait(300)
+engine.close()
 print("EQUAL" if got == want.tolist()[:len(got)] and got else f"DIFFERENT {got} {want.tolist()}")
 """
 
