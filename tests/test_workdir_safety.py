@@ -159,3 +159,26 @@ def test_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "makedirs", refuse)
   with pytest.raises(workdir_lib.WorkdirError, match=r"cannot create --workdir .*sub \(Permission denied\)"):
     loop.run(_config(total_steps=1), os.path.join(ro, "sub"))
+
+
+def test_quieting_orbax_keeps_the_callers_log_level():
+  """Reading a checkpoint hides Orbax's INFO / WARNING lines and then gives the "absl" logger back the level the
+  caller set (train.py sets WARNING under absl.app, whose parsed --verbosity flag says INFO): a restore that went
+  through absl's get/set_verbosity turned every later Orbax INFO line back on."""
+  import logging
+
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  logger = logging.getLogger("absl")
+  before, verbosity = logger.level, flags.FLAGS.verbosity
+  try:
+    flags.FLAGS.verbosity = 0  # as absl.app.run leaves it: INFO
+    logger.setLevel(logging.WARNING)  # then train.py's own level
+    with checkpoint._quiet_orbax():
+      assert not logger.isEnabledFor(logging.WARNING)
+    assert logger.level == logging.WARNING
+  finally:
+    flags.FLAGS.verbosity = verbosity
+    logger.setLevel(before)

@@ -19,8 +19,6 @@ import logging
 import os
 import time
 
-from absl import logging as absl_logging
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -115,12 +113,15 @@ class Checkpointer:
 def _quiet_orbax():
   """Hides Orbax's warnings about a read-only manager and the per-item metadata file (a workdir read by eval.py or
   config.init is read-only on purpose; the warnings are noise to a user); errors still show."""
-  level = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)
+  # the "absl" logger's own level, not absl's get/set_verbosity: under absl.app that reads the --verbosity flag
+  # (INFO by default), so restoring it would undo train.py's WARNING level and let Orbax's INFO lines through
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
   try:
     yield
   finally:
-    absl_logging.set_verbosity(level)
+    logger.setLevel(level)
 
 
 def read_params(workdir: str, step: int | None = None, shardings: dict | None = None,
