@@ -27,6 +27,11 @@ from flax import nnx  # noqa: E402
 import internvl_jax  # noqa: F401  (sets the package's Flax defaults)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# The pytest process itself does not write the persistent cache (the CLI subprocesses still share it): in two CI
+# runs of the whole suite the pytest process died inside the cache write (compilation_cache.put_executable_and_time:
+# SIGABRT, then SIGSEGV) at the same test (test_wds_train), which passes alone and in smaller groups; not yet
+# explained, so in-process compiles skip the cache rather than risk it.
+jax.config.update("jax_enable_compilation_cache", False)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
